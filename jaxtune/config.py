@@ -1,0 +1,278 @@
+"""Configuration: frozen dataclass sections loaded as defaults <- YAML file <- `section.key=value`.
+
+Every key has a type; values from YAML or the command line are coerced by that type, and unknown
+keys, wrong types and invalid values raise `ConfigError` naming the key and where it came from.
+Validation runs once, on the final values. Derived values are properties, never stored keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A configuration key is unknown, mistyped, or has an invalid value."""
+
+
+def _check(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A PaLM / Llama-family decoder. `preset` names a starting point in `model/presets.py`."""
+
+  preset: str | None = None
+  vocab_size: int = 512
+  dim: int = 64
+  num_layers: int = 2
+  num_heads: int = 8
+  num_kv_heads: int | None = None  # None: as many as num_heads (MHA); 1: MQA; else GQA.
+  head_dim: int | None = None  # None: dim // num_heads.
+  mlp_dim: int = 256
+  mlp: Literal["swiglu", "geglu", "gelu"] = "swiglu"
+  norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+  norm_eps: float = 1e-5
+  parallel_block: bool = False  # PaLM: x + attn(ln(x)) + mlp(ln(x)).
+  use_bias: bool = False  # Biases on every projection and LayerNorm (GPT-2).
+  qkv_bias: bool = False  # Biases on q, k, v only (Qwen2).
+  position: Literal["rope", "learned"] = "rope"
+  rope_theta: float = 10000.0
+  max_seq_len: int = 2048
+  tie_embeddings: bool = True
+  scale_embeddings: bool = False  # Multiply input embeddings by sqrt(dim) (Gemma).
+  scale_tied_logits: bool = False  # Divide tied logits by sqrt(dim) (PaLM).
+  residual_dropout: float = 0.0  # Rate at the last layer.
+  residual_dropout_schedule: Literal["constant", "linear"] = "constant"  # LIMA: linear from 0.
+  dtype: Literal["float32", "bfloat16"] = "float32"  # Compute dtype.
+  param_dtype: Literal["float32", "bfloat16"] = "float32"
+  remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  @property
+  def head_size(self) -> int:
+    return self.dim // self.num_heads if self.head_dim is None else self.head_dim
+
+  @property
+  def queries_per_kv(self) -> int:
+    return self.num_heads // self.kv_heads
+
+  @property
+  def layer_dropout_rates(self) -> tuple[float, ...]:
+    """Residual dropout rate of each layer, bottom to top."""
+    if self.residual_dropout_schedule == "constant" or self.num_layers == 1:
+      return (self.residual_dropout,) * self.num_layers
+    return tuple(self.residual_dropout * i / (self.num_layers - 1) for i in range(self.num_layers))
+
+  def validate(self) -> None:
+    for key in ("vocab_size", "dim", "num_layers", "num_heads", "mlp_dim", "max_seq_len"):
+      _check(getattr(self, key) > 0, f"model.{key}={getattr(self, key)} must be positive")
+    for key in ("num_kv_heads", "head_dim"):
+      value = getattr(self, key)
+      _check(value is None or value > 0, f"model.{key}={value} must be positive")
+    _check(
+      self.num_heads % self.kv_heads == 0,
+      f"model.num_heads={self.num_heads} is not divisible by model.num_kv_heads={self.kv_heads}",
+    )
+    _check(
+      self.head_dim is not None or self.dim % self.num_heads == 0,
+      f"model.dim={self.dim} is not divisible by model.num_heads={self.num_heads}; "
+      "set model.head_dim",
+    )
+    _check(
+      self.position != "rope" or self.head_size % 2 == 0,
+      f"RoPE needs an even head size, got {self.head_size} (model.head_dim)",
+    )
+    _check(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be positive")
+    _check(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be positive")
+    _check(
+      0.0 <= self.residual_dropout < 1.0,
+      f"model.residual_dropout={self.residual_dropout} must be in [0, 1)",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """A 2D ("data", "model") device mesh. -1 fills the axis with the remaining devices."""
+
+  data: int = -1
+  model: int = 1
+  strategy: Literal["tp", "fsdp"] = "tp"
+
+  def validate(self) -> None:
+    for key in ("data", "model"):
+      value = getattr(self, key)
+      _check(value == -1 or value > 0, f"mesh.{key}={value} must be positive or -1")
+    _check(
+      not (self.data == -1 and self.model == -1),
+      "mesh.data and mesh.model cannot both be -1",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Training data."""
+
+  max_length: int = 128
+
+  def validate(self) -> None:
+    _check(self.max_length > 0, f"data.max_length={self.max_length} must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The training loop."""
+
+  steps: int = 200
+  seed: int = 0
+  batch_size: int = 16
+  learning_rate: float = 3e-3
+  log_every: int = 20
+  output_dir: str = "runs/default"
+
+  def validate(self) -> None:
+    for key in ("steps", "batch_size", "log_every"):
+      _check(getattr(self, key) > 0, f"train.{key}={getattr(self, key)} must be positive")
+    _check(self.learning_rate > 0, f"train.learning_rate={self.learning_rate} must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+  """Parameter-efficient fine-tuning."""
+
+  method: Literal["none"] = "none"
+
+  def validate(self) -> None:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  mesh: MeshConfig = MeshConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  peft: PeftConfig = PeftConfig()
+
+  def to_dict(self) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(self)
+
+
+_SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def load(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+  """Builds a Config from defaults, then the YAML file at `path`, then `section.key=value` items."""
+  raw: dict[str, dict[str, tuple[Any, str]]] = {}  # section -> key -> (value, source)
+  if path is not None:
+    _merge_yaml(raw, path)
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    _check(bool(sep), f"override {item!r} is not of the form section.key=value")
+    section, dot, name = key.strip().partition(".")
+    _check(bool(dot and name), f"override {item!r}: the key must be section.key")
+    _add(raw, section, name, yaml.safe_load(text) if text.strip() else "", "the command line")
+  return from_dict(raw)
+
+
+def from_dict(raw: Mapping[str, Mapping[str, Any]]) -> Config:
+  """Builds a Config from {section: {key: value}}; values may be (value, source) pairs."""
+  sections = {}
+  for section, section_type in _SECTIONS.items():
+    items = {k: v if isinstance(v, tuple) else (v, "") for k, v in raw.get(section, {}).items()}
+    base = section_type()
+    if section == "model" and "preset" in items:
+      base = _preset(items["preset"])
+    hints = typing.get_type_hints(section_type)
+    values = {}
+    for key, (value, source) in items.items():
+      where = f" (from {source})" if source else ""
+      _check(key in hints, _unknown(f"{section}.{key}", hints, where))
+      values[key] = _coerce(f"{section}.{key}", value, hints[key], where)
+    built = dataclasses.replace(base, **values)
+    built.validate()
+    sections[section] = built
+  for section in raw:
+    _check(section in _SECTIONS, _unknown(section, _SECTIONS, ""))
+  return Config(**sections)
+
+
+def _preset(item: tuple[Any, str]) -> ModelConfig:
+  from jaxtune.model import presets  # Plain data; imports nothing heavy.
+
+  name, source = item
+  where = f" (from {source})" if source else ""
+  _check(name in presets.PRESETS, _unknown(f"model.preset={name}", presets.PRESETS, where))
+  return ModelConfig(preset=name, **presets.PRESETS[name])
+
+
+def _merge_yaml(raw: dict, path: str) -> None:
+  try:
+    with open(path) as f:
+      data = yaml.safe_load(f)
+  except OSError as e:
+    raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+  except yaml.YAMLError as e:
+    raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+  data = {} if data is None else data
+  _check(isinstance(data, dict), f"config file {path} must be a mapping of sections")
+  for section, items in data.items():
+    _check(
+      isinstance(items, dict),
+      f"{path}: section {section!r} must be a mapping of keys to values",
+    )
+    for key, value in items.items():
+      _add(raw, str(section), str(key), value, path)
+
+
+def _add(raw: dict, section: str, key: str, value: Any, source: str) -> None:
+  raw.setdefault(section, {})[key] = (value, source)
+
+
+def _unknown(key: str, known: Mapping[str, Any], where: str) -> str:
+  close = difflib.get_close_matches(key.rpartition(".")[2].partition("=")[0], list(known), n=1)
+  hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
+  return f"unknown key {key}{where}{hint}"
+
+
+def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
+  """Converts `value` to the type `hint` or raises a ConfigError naming `key`."""
+  args = typing.get_args(hint)
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+      _check(type(None) in args, f"{key}{where} cannot be None")
+      return None
+    (hint,) = [a for a in args if a is not type(None)]
+    args = typing.get_args(hint)
+  if typing.get_origin(hint) is Literal:
+    _check(value in args, f"{key}={value!r}{where} must be one of {', '.join(map(str, args))}")
+    return value
+  try:
+    if hint is bool:
+      if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+      _check(isinstance(value, bool), f"{key}={value!r}{where} must be true or false")
+      return value
+    if hint is int:
+      _check(not isinstance(value, bool | float), f"{key}={value!r}{where} must be an integer")
+      return int(value)
+    if hint is float:
+      _check(not isinstance(value, bool), f"{key}={value!r}{where} must be a number")
+      return float(value)  # YAML reads "1e-4" as a string.
+    if hint is str:
+      _check(isinstance(value, str | int | float), f"{key}={value!r}{where} must be a string")
+      return str(value)
+  except (TypeError, ValueError):
+    raise ConfigError(f"{key}={value!r}{where} must be of type {hint.__name__}") from None
+  raise TypeError(f"config type {hint} of {key} is not supported")

@@ -1,0 +1,1 @@
+"""Checkpoint import and export: llama2.c (and, later, Hugging Face)."""

@@ -1,0 +1,1 @@
+"""Instruction data: sources, tokenization, loss masks and packing."""

@@ -1,0 +1,1 @@
+"""The decoder model: layers, attention, the scanned transformer, and architecture presets."""

@@ -1,0 +1,136 @@
+"""Building blocks: logical constraints, projections, norms, MLPs, embeddings and dropout.
+
+Shape letters: B batch, T length, D model dim, F mlp dim, V vocab.
+Weights are created in `param_dtype` and computed in `dtype`; norms compute in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxtune.config import ModelConfig
+from jaxtune.sharding import LOGICAL_NAMES
+
+INIT_STDDEV = 0.02
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  """Annotates an activation with logical axis names (a no-op outside a mesh)."""
+  unknown = set(names) - LOGICAL_NAMES - {None}
+  if unknown:  # Unknown names would silently replicate.
+    raise ValueError(f"unknown logical axis names {sorted(unknown)}")
+  return nn.with_logical_constraint(x, names)
+
+
+def dtypes(config: ModelConfig) -> tuple[Any, Any]:
+  """(compute dtype, parameter dtype) of a model."""
+  return jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+
+
+def dropout(x: jax.Array, rate: jax.Array | float, rng: jax.Array) -> jax.Array:
+  """Inverted dropout whose `rate` may be traced (a per-layer rate under `nn.scan`)."""
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Einsum(nn.Module):
+  """`einsum(equation, x, kernel) (+ bias)`; the kernel's axes carry logical names.
+
+  The bias, if any, spans the kernel's last `bias_axes` axes (the output axes).
+  """
+
+  equation: str
+  shape: tuple[int, ...]
+  names: tuple[str, ...]
+  use_bias: bool
+  bias_axes: int
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype, param_dtype = dtypes(self.config)
+    init = nn.with_logical_partitioning(nn.initializers.normal(INIT_STDDEV), self.names)
+    kernel = self.param("kernel", init, self.shape, param_dtype)
+    y = jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype))
+    if self.use_bias:
+      bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.names[-self.bias_axes :])
+      bias = self.param("bias", bias_init, self.shape[-self.bias_axes :], param_dtype)
+      y = y + bias.astype(dtype)
+    return y
+
+
+class Norm(nn.Module):
+  """RMSNorm or LayerNorm over the last axis, computed in float32."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    cfg = self.config
+    dtype, param_dtype = dtypes(cfg)
+    ones = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+    scale = self.param("scale", ones, (cfg.dim,), param_dtype)
+    x = x_btd.astype(jnp.float32)
+    if cfg.norm == "layernorm":
+      x = x - jnp.mean(x, axis=-1, keepdims=True)
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
+    y = y * scale.astype(jnp.float32)
+    if cfg.norm == "layernorm" and cfg.use_bias:
+      zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
+      y = y + self.param("bias", zeros, (cfg.dim,), param_dtype).astype(jnp.float32)
+    return y.astype(dtype)
+
+
+_ACTIVATIONS = {
+  "swiglu": jax.nn.silu,
+  "geglu": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+class Mlp(nn.Module):
+  """SwiGLU / GeGLU (`down(act(gate x) * up x)`) or plain GELU (`down(gelu(up x))`)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    cfg = self.config
+    d, f = cfg.dim, cfg.mlp_dim
+
+    def proj(name, eqn, shape, names):
+      return Einsum(eqn, shape, names, cfg.use_bias, 1, cfg, name=name)
+
+    act = _ACTIVATIONS[cfg.mlp]
+    h_btf = act(
+      proj("up" if cfg.mlp == "gelu" else "gate", "btd,df->btf", (d, f), ("embed", "mlp"))(x_btd)
+    )
+    if cfg.mlp != "gelu":
+      h_btf = h_btf * proj("up", "btd,df->btf", (d, f), ("embed", "mlp"))(x_btd)
+    h_btf = constrain(h_btf, ("act_batch", "act_seq", "act_mlp"))
+    return proj("down", "btf,fd->btd", (f, d), ("mlp", "embed"))(h_btf)
+
+
+class Embed(nn.Module):
+  """Token embedding table [V, D]; `attend` gives logits against it (tied output layer)."""
+
+  num: int
+  config: ModelConfig
+  names: tuple[str, str] = ("vocab", "embed")
+
+  def setup(self) -> None:
+    _, param_dtype = dtypes(self.config)
+    init = nn.with_logical_partitioning(nn.initializers.normal(INIT_STDDEV), self.names)
+    self.embedding = self.param("embedding", init, (self.num, self.config.dim), param_dtype)
+
+  def __call__(self, ids_bt: jax.Array) -> jax.Array:
+    dtype, _ = dtypes(self.config)
+    return jnp.take(self.embedding, ids_bt, axis=0).astype(dtype)
+
+  def attend(self, x_btd: jax.Array) -> jax.Array:
+    dtype, _ = dtypes(self.config)
+    return jnp.einsum("btd,vd->btv", x_btd.astype(dtype), self.embedding.astype(dtype))

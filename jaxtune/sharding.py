@@ -1,0 +1,179 @@
+"""Device mesh, logical axis rules and shardings: the only module that names mesh axes.
+
+Model code labels every weight and activation with logical axis names. A rule preset maps each
+logical name to a mesh axis of the 2D ("data", "model") mesh:
+
+- `tp`: Megatron-style tensor parallelism over `model`, data parallelism over `data`;
+- `fsdp`: PaLM's 2D layout: the same, with every weight's `embed` dimension also sharded over
+  `data`, so no device holds a full copy of any weight.
+
+`resolve_rules` checks the preset against the model's actual sizes once, at startup: a logical
+axis whose dimension does not divide its mesh axis (MQA's single KV head on an 8-way model axis)
+is replicated, with a warning, and the final table is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxtune.config import MeshConfig
+
+log = logging.getLogger(__name__)
+
+DATA, MODEL = "data", "model"
+MESH_AXES = (DATA, MODEL)
+
+_TP: dict[str, str | None] = {
+  # Weights.
+  "vocab": MODEL,
+  "embed": None,
+  "mlp": MODEL,
+  "q_heads": MODEL,
+  "kv_heads": MODEL,
+  "head_dim": None,
+  "layers": None,
+  "position": None,
+  # Activations.
+  "act_batch": DATA,
+  "act_seq": None,
+  "act_embed": None,
+  "act_mlp": MODEL,
+  "act_heads": MODEL,
+  "act_kv_heads": MODEL,
+  "act_head_dim": None,
+  "act_vocab": MODEL,
+}
+RULE_PRESETS: dict[str, dict[str, str | None]] = {"tp": _TP, "fsdp": {**_TP, "embed": DATA}}
+LOGICAL_NAMES = frozenset(_TP)
+
+# An activation axis is sharded only where the weight axis that sizes it is.
+_WEIGHT_OF_ACTIVATION = {
+  "act_mlp": "mlp",
+  "act_heads": "q_heads",
+  "act_kv_heads": "kv_heads",
+  "act_vocab": "vocab",
+  "act_head_dim": "head_dim",
+}
+
+Rules = tuple[tuple[str, str | None], ...]
+
+
+class ShardingError(ValueError):
+  """The mesh does not fit the devices, or a shape does not fit the mesh."""
+
+
+def make_mesh(cfg: MeshConfig, devices: list[jax.Device] | None = None) -> Mesh:
+  """Builds the ("data", "model") mesh; -1 on one axis takes the remaining devices."""
+  devices = jax.devices() if devices is None else devices
+  n = len(devices)
+  data, model = cfg.data, cfg.model
+  if data == -1 or model == -1:
+    known, name = (model, "mesh.model") if data == -1 else (data, "mesh.data")
+    if n % known:
+      raise ShardingError(f"{name}={known} does not divide the {n} available devices")
+    data, model = (n // known, model) if data == -1 else (data, n // known)
+  if data * model != n:
+    raise ShardingError(
+      f"mesh.data={data} x mesh.model={model} = {data * model} devices, but {n} are available; "
+      "set one of them to -1 to fill the rest"
+    )
+  return jax.make_mesh((data, model), MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def resolve_rules(strategy: str, mesh: Mesh, abstract_variables: Any) -> Rules:
+  """Fits the `strategy` preset to the logical axes and sizes of `abstract_variables`.
+
+  `abstract_variables` is what `jax.eval_shape(model.init, ...)` returns: a tree whose leaves are
+  `nn.Partitioned` boxes carrying logical names. Raises on logical names the table lacks (they
+  would silently replicate); replicates, with a warning, axes whose sizes do not divide.
+  """
+  table = dict(RULE_PRESETS[strategy])
+  boxes = jax.tree.leaves(abstract_variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  for box in boxes:
+    if not isinstance(box, nn.Partitioned):
+      continue
+    for name, size in zip(box.names, box.value.shape, strict=True):
+      if name is None:
+        continue
+      if name not in table:
+        raise ShardingError(f"logical axis {name!r} has no sharding rule; known: {sorted(table)}")
+      axis = table[name]
+      if axis is not None and size % mesh.shape[axis]:
+        log.warning(
+          "logical axis %r (size %d) does not divide mesh axis %r (size %d): replicated",
+          name,
+          size,
+          axis,
+          mesh.shape[axis],
+        )
+        table[name] = None  # Warned once: later arrays with this name see None.
+  for activation, weight in _WEIGHT_OF_ACTIVATION.items():
+    if table[weight] is None:
+      table[activation] = None
+  rules = tuple(table.items())
+  log.info(
+    "sharding rules (%s on mesh %s): %s",
+    strategy,
+    dict(mesh.shape),
+    ", ".join(f"{k}->{v}" for k, v in rules if v is not None),
+  )
+  return rules
+
+
+def logical_sharding(mesh: Mesh, rules: Rules, names: tuple[str | None, ...]) -> NamedSharding:
+  """The NamedSharding of an array whose axes carry the logical `names`."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules))
+
+
+def variable_shardings(abstract_variables: Any, mesh: Mesh, rules: Rules) -> Any:
+  """NamedShardings for the (unboxed) tree of `abstract_variables`."""
+  specs = nn.get_partition_spec(abstract_variables)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharded:
+  """Variables created directly in their shards, with their shardings and the rules used."""
+
+  variables: Any
+  shardings: Any
+  rules: Rules
+
+
+def init_sharded(
+  init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, strategy: str
+) -> Sharded:
+  """Abstract-first initialization: shapes, then rules and shardings, then a jitted init that
+  writes every array straight into its shards (no host ever holds a full copy)."""
+  abstract = jax.eval_shape(init_fn, rng)
+  rules = resolve_rules(strategy, mesh, abstract)
+  shardings = variable_shardings(abstract, mesh, rules)
+  with use(mesh, rules):
+    variables = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
+  return Sharded(variables, shardings, rules)
+
+
+def check_batch(batch_size: int, mesh: Mesh) -> None:
+  if batch_size % mesh.shape[DATA]:
+    raise ShardingError(
+      f"batch size {batch_size} is not divisible by the mesh's data axis ({mesh.shape[DATA]})"
+    )
+
+
+@contextlib.contextmanager
+def use(mesh: Mesh, rules: Rules) -> Iterator[None]:
+  """Activates `mesh` and `rules` so the model's logical constraints take effect."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield

@@ -1,0 +1,1 @@
+"""Training: state, loss, the jitted step, and the loop (the only I/O)."""

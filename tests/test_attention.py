@@ -1,0 +1,101 @@
+"""Attention math against independent numpy references: repeated-K/V attention, interleaved RoPE."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtune.model import attention
+
+
+def _reference_attention(q, k, v, mask):
+  """Plain multi-head attention after repeating each KV head for its queries."""
+  n, kv = q.shape[2], k.shape[2]
+  k = np.repeat(k, n // kv, axis=2)
+  v = np.repeat(v, n // kv, axis=2)
+  scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+  scores = np.where(mask[:, None], scores, -1e30)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum("bnts,bsnh->btnh", probs, v)
+
+
+@pytest.mark.parametrize("kv_heads", [8, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_grouped_attention_equals_repeated_kv(kv_heads):
+  rng = np.random.default_rng(0)
+  b, t, n, h = 2, 7, 8, 16
+  q = rng.standard_normal((b, t, n, h)).astype(np.float32)
+  k = rng.standard_normal((b, t, kv_heads, h)).astype(np.float32)
+  v = rng.standard_normal((b, t, kv_heads, h)).astype(np.float32)
+  segments = np.array([[1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1]])
+  mask = np.asarray(attention.attention_mask(jnp.asarray(segments), jnp.asarray(segments)))
+  out = np.asarray(attention.dot_product_attention(q, k, v, jnp.asarray(mask)))
+  ref = _reference_attention(q, k, v, mask)
+  real = segments != 0  # Padding queries see no key; their output is unspecified.
+  np.testing.assert_allclose(out[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+def test_mask_is_causal_within_segments():
+  segments = jnp.array([[1, 1, 2, 2, 0]])
+  mask = np.asarray(attention.attention_mask(segments, segments))[0]
+  expected = np.array(
+    [
+      [1, 0, 0, 0, 0],
+      [1, 1, 0, 0, 0],
+      [0, 0, 1, 0, 0],
+      [0, 0, 1, 1, 0],
+      [0, 0, 0, 0, 0],
+    ],
+    bool,
+  )
+  np.testing.assert_array_equal(mask, expected)
+
+
+def test_mask_with_offset_for_cached_queries():
+  kv_segments = jnp.array([[1, 1, 1, 0]])  # Three cached tokens, one empty slot.
+  mask = np.asarray(attention.attention_mask(jnp.array([[1]]), kv_segments, q_offset=2))
+  np.testing.assert_array_equal(mask[0], [[1, 1, 1, 0]])
+
+
+def test_segment_positions_restart():
+  segments = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(
+    attention.segment_positions(segments),
+    [[0, 1, 2, 0, 1, 0, 0, 0], [0, 1, 2, 3, 4, 5, 6, 7]],
+  )
+
+
+def _interleaved_rope(x, positions, theta):
+  """Meta / llama2.c RoPE: dims (2i, 2i+1) rotate together by position * theta^(-2i/H)."""
+  h = x.shape[-1]
+  freqs = theta ** (-np.arange(0, h, 2) / h)
+  angle = positions[..., None, None] * freqs  # [B, T, 1, H/2]
+  x0, x1 = x[..., 0::2], x[..., 1::2]
+  out = np.empty_like(x)
+  out[..., 0::2] = x0 * np.cos(angle) - x1 * np.sin(angle)
+  out[..., 1::2] = x1 * np.cos(angle) + x0 * np.sin(angle)
+  return out
+
+
+def test_rope_layouts_agree_up_to_the_import_permutation():
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, 5, 3, 16)).astype(np.float32)
+  positions = np.array([[0, 1, 2, 3, 4], [7, 8, 0, 1, 2]])
+  perm = attention.interleaved_to_half(16)
+  half = np.asarray(attention.rope(jnp.asarray(x[..., perm]), jnp.asarray(positions), 10000.0))
+  np.testing.assert_allclose(half, _interleaved_rope(x, positions, 10000.0)[..., perm], atol=1e-5)
+
+
+def test_rope_scores_depend_on_relative_position_only():
+  rng = np.random.default_rng(2)
+  q = jnp.asarray(rng.standard_normal((1, 1, 1, 8)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((1, 1, 1, 8)), jnp.float32)
+
+  def score(pq, pk):
+    return float(
+      jnp.sum(
+        attention.rope(q, jnp.array([[pq]]), 100.0) * attention.rope(k, jnp.array([[pk]]), 100.0)
+      )
+    )
+
+  assert score(5, 2) == pytest.approx(score(13, 10), abs=1e-5)
+  assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)

@@ -1,0 +1,60 @@
+"""The `jaxtune` command, run as a user would: verbs, and bad input as one clear line."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _jaxtune(*args, tmp_path=None):
+  return subprocess.run(
+    [sys.executable, "-m", "jaxtune.cli", *args],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=tmp_path,
+  )
+
+
+def test_help_lists_the_verbs():
+  result = _jaxtune("--help")
+  assert result.returncode == 0
+  for verb in ("train", "generate", "chat", "eval", "convert", "data"):
+    assert verb in result.stdout
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    (
+      ["model.num_heads=6", "model.num_kv_heads=4"],
+      "model.num_heads=6 is not divisible by model.num_kv_heads=4",
+    ),
+    (["model.num_layerz=2"], "unknown key model.num_layerz (from the command line)"),
+    (["model.dim=-64"], "model.dim=-64 must be positive"),
+    (["mesh.data=3"], "mesh.data=3 x mesh.model=1 = 3 devices, but 1 are available"),
+    (["train.batch_size=3", "mesh.data=1", "model.vocab_size=100"], "model.vocab_size=100"),
+  ],
+)
+def test_bad_configuration_is_one_clear_line(overrides, message):
+  result = _jaxtune("train", *overrides)
+  assert result.returncode == 2
+  assert "Traceback" not in result.stderr
+  assert f"jaxtune train: error: {message}" in result.stderr.strip().splitlines()[-1]
+
+
+def test_train_runs_and_lowers_held_out_loss(tmp_path):
+  result = _jaxtune(
+    "train",
+    "train.steps=60",
+    "train.log_every=20",
+    "train.batch_size=8",
+    f"train.output_dir={tmp_path / 'run'}",
+    tmp_path=tmp_path,
+  )
+  assert result.returncode == 0, result.stderr
+  metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+  assert len(metrics) == 3
+  line = [s for s in result.stderr.splitlines() if "held-out loss" in s][-1]
+  start, end = (float(x) for x in line.split("held-out loss ")[1].split(";")[0].split(" -> "))
+  assert end < 0.6 * start

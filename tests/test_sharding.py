@@ -1,0 +1,136 @@
+"""Sharding: the mesh, the rules, and sharded logits equal to single-device logits."""
+
+import dataclasses
+import logging
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtune import sharding
+from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.model import attention, presets, transformer
+
+MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
+BASE = ModelConfig(vocab_size=256, dim=64, num_layers=2, num_heads=8, mlp_dim=128, max_seq_len=64)
+KINDS = {"mha": None, "gqa": 2, "mqa": 1}
+
+
+def test_eight_devices_are_emulated():
+  assert jax.device_count() == 8
+
+
+@pytest.mark.parametrize(
+  "data, model, shape",
+  [
+    (-1, 1, (8, 1)),
+    (-1, 2, (4, 2)),
+    (2, -1, (2, 4)),
+    (1, 8, (1, 8)),
+  ],
+)
+def test_make_mesh_fills_minus_one(data, model, shape):
+  mesh = sharding.make_mesh(MeshConfig(data=data, model=model))
+  assert (mesh.shape["data"], mesh.shape["model"]) == shape
+
+
+@pytest.mark.parametrize(
+  "data, model, message",
+  [
+    (3, 2, "mesh.data=3 x mesh.model=2 = 6 devices, but 8 are available"),
+    (-1, 3, "mesh.model=3 does not divide the 8 available devices"),
+    (16, -1, "mesh.data=16 does not divide the 8 available devices"),
+  ],
+)
+def test_mesh_that_does_not_fit_is_an_error(data, model, message):
+  with pytest.raises(sharding.ShardingError, match=message.replace(".", r"\.")):
+    sharding.make_mesh(MeshConfig(data=data, model=model))
+
+
+def _abstract(cfg):
+  return jax.eval_shape(transformer.init_fn(transformer.Transformer(cfg)), jax.random.key(0))
+
+
+def test_mqa_kv_heads_are_replicated_loudly(caplog):
+  mesh = sharding.make_mesh(MeshConfig(data=1, model=8))
+  with caplog.at_level(logging.WARNING):
+    rules = dict(
+      sharding.resolve_rules("tp", mesh, _abstract(dataclasses.replace(BASE, num_kv_heads=1)))
+    )
+  assert rules["kv_heads"] is None and rules["act_kv_heads"] is None
+  assert rules["q_heads"] == "model"
+  assert "'kv_heads' (size 1) does not divide mesh axis 'model' (size 8): replicated" in caplog.text
+
+
+def test_fsdp_shards_every_weight_matrix_over_both_axes():
+  mesh = sharding.make_mesh(MeshConfig(data=2, model=4))
+  abstract = _abstract(BASE)
+  rules = sharding.resolve_rules("fsdp", mesh, abstract)
+  specs = nn.meta.unbox(sharding.variable_shardings(abstract, mesh, rules))
+  q = specs["params"]["layers"]["attn"]["q"]["kernel"].spec
+  assert tuple(q) == (None, "data", "model", None)
+  tp_rules = sharding.resolve_rules("tp", mesh, abstract)
+  tp_q = sharding.variable_shardings(abstract, mesh, tp_rules)["params"]["layers"]["attn"]["q"][
+    "kernel"
+  ]
+  assert tuple(tp_q.spec) == (None, None, "model", None)
+
+
+def test_unknown_logical_names_are_errors():
+  box = nn.Partitioned(jax.ShapeDtypeStruct((4, 4), jnp.float32), ("embed", "heads_typo"))
+  mesh = sharding.make_mesh(MeshConfig())
+  with pytest.raises(sharding.ShardingError, match="heads_typo"):
+    sharding.resolve_rules("tp", mesh, {"w": box})
+  from jaxtune.model.layers import constrain
+
+  with pytest.raises(ValueError, match="act_typo"):
+    constrain(jnp.zeros(3), ("act_typo",))
+
+
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
+def test_every_logical_name_of_every_preset_has_a_rule(name):
+  cfg = ModelConfig(**presets.PRESETS[name])
+  names = set()
+  for box in jax.tree.leaves(_abstract(cfg), is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+    names.update(box.names)
+  assert names <= sharding.LOGICAL_NAMES
+
+
+def test_batch_must_divide_the_data_axis():
+  mesh = sharding.make_mesh(MeshConfig(data=4, model=2))
+  sharding.check_batch(8, mesh)
+  with pytest.raises(sharding.ShardingError, match="batch size 6"):
+    sharding.check_batch(6, mesh)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sharded_logits_equal_single_device(kind):
+  cfg = dataclasses.replace(BASE, num_kv_heads=KINDS[kind])
+  model = transformer.Transformer(cfg)
+  init = transformer.init_fn(model)
+  reference_vars = nn.meta.unbox(jax.jit(init)(jax.random.key(0)))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 16)), jnp.int32)
+  segments = jnp.asarray(np.repeat([[1] * 9 + [2] * 5 + [0] * 2], 8, axis=0), jnp.int32)
+  positions = attention.segment_positions(segments)
+  reference = jax.jit(model.apply)(reference_vars, tokens, positions, segments)
+
+  for data, model_axis in MESHES:
+    mesh = sharding.make_mesh(MeshConfig(data=data, model=model_axis))
+    for strategy in ("tp", "fsdp"):
+      sharded = sharding.init_sharded(init, jax.random.key(0), mesh, strategy)
+      # Abstract-first init writes the same values, straight into shards.
+      jax.tree.map(np.testing.assert_array_equal, sharded.variables, reference_vars)
+      batch = sharding.logical_sharding(mesh, sharded.rules, ("act_batch", "act_seq"))
+      with sharding.use(mesh, sharded.rules):
+        logits = jax.jit(model.apply, in_shardings=(sharded.shardings, batch, batch, batch))(
+          sharded.variables, tokens, positions, segments
+        )
+      expected = sharding.logical_sharding(
+        mesh, sharded.rules, ("act_batch", "act_seq", "act_vocab")
+      )
+      assert logits.sharding.is_equivalent_to(expected, 3), (logits.sharding, expected)
+      np.testing.assert_allclose(
+        logits, reference, atol=2e-5, rtol=1e-5, err_msg=f"{data}x{model_axis} {strategy}"
+      )
