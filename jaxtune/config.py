@@ -122,12 +122,37 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Training data."""
+  """Instruction data: where it is, how it reads, renders, tokenizes and packs."""
 
-  max_length: int = 128
+  # "": the embedded synthetic mixture; a .json/.jsonl/.tsv file; a TFDS-prepared directory;
+  # or a folder of Flan CoT .tsv files (one task each, mixed Flan-style).
+  path: str = ""
+  format: Literal[
+    "auto", "alpaca", "sharegpt", "messages", "dolly", "gsm8k", "flan_cot", "prompt_completion"
+  ] = "auto"
+  fields: str = ""  # Field renames, e.g. "instruction=query,output=response".
+  tsv_columns: str = "question,answer,rationale"
+  template: Literal["alpaca", "vicuna", "lima", "llama2", "chatml", "raw"] = "alpaca"
+  system_prompt: str | None = None
+  tokenizer: str = ""  # A SentencePiece .model (or folder); "": train one on the data.
+  tokenizer_vocab_size: int = 512
+  max_length: int = 128  # Next-token pairs per row.
+  truncation: Literal["truncate", "drop"] = "truncate"
+  pack: bool = True
+  train_on_prompt: bool = False
+  on_bad_record: Literal["error", "skip"] = "error"
+  shuffle: bool = True
+  eval_path: str = ""
+  eval_size: int = 0  # Records of `path` held out for evaluation when there is no eval_path.
+  mixture_cap: int = 0  # Per-task cap of a mixture (0: none).
+  few_shot: int = 2  # Exemplars in few-shot mixture examples (0: zero-shot only).
+  synthetic_examples: int = 2000  # Records per embedded task.
 
   def validate(self) -> None:
-    _check(self.max_length > 0, f"data.max_length={self.max_length} must be positive")
+    for key in ("max_length", "tokenizer_vocab_size", "synthetic_examples"):
+      _check(getattr(self, key) > 0, f"data.{key}={getattr(self, key)} must be positive")
+    for key in ("eval_size", "mixture_cap", "few_shot"):
+      _check(getattr(self, key) >= 0, f"data.{key}={getattr(self, key)} must not be negative")
 
 
 @dataclasses.dataclass(frozen=True)

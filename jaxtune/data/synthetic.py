@@ -1,97 +1,123 @@
-"""The embedded default dataset: small instruction tasks generated from a seed, byte-tokenized.
+"""The embedded default dataset: a Flan-style mixture of small tasks the package generates itself.
 
-No downloads: every example is made here (arithmetic, sorting, reversing, casing, counting), so
-`jaxtune train` runs anywhere. Responses are short and exactly learnable, so a falling held-out
-loss means the model learned the tasks, not the noise.
+No downloads: arithmetic with worked steps, string transformations, counting and sorting, each a
+task with its own template bank (zero-shot, chain-of-thought, answer options) and a held-out
+template used only for evaluation. Answers are short and exactly learnable, so a small model on a
+CPU learns them in minutes and a falling held-out loss means real learning.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-BYTE_OFFSET = 3  # Token id of byte b is b + 3.
-VOCAB_SIZE = 256 + BYTE_OFFSET
+from jaxtune.data.mixtures import Task, TaskTemplate
 
 _WORDS = (
   "apple river stone cloud garden window purple rocket silver candle forest planet mirror "
-  "ladder pencil orange summer winter button castle dragon marble pepper rabbit tunnel"
+  "ladder pencil orange summer winter button castle dragon marble pepper rabbit tunnel honey "
+  "jacket lemon meadow night ocean pillow quiet robin shadow tiger violet wagon yellow zebra"
 ).split()
 
-TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+def _add(rng: np.random.Generator) -> dict[str, Any]:
+  a, b = (int(x) for x in rng.integers(10, 100, 2))
+  tens, ones = (a // 10 + b // 10) * 10, a % 10 + b % 10
+  rationale = (
+    f"{a} + {b} = {a // 10 * 10} + {b // 10 * 10} + {a % 10} + {b % 10} = {tens} + {ones}."
+  )
+  wrong = sorted({a + b, a + b + 10, a + b - 1, abs(a - b)})
+  return {
+    "question": f"What is {a} plus {b}?",
+    "answer": str(a + b),
+    "rationale": rationale,
+    "options": [str(x) for x in wrong],
+  }
 
 
-def _tasks(rng: np.random.Generator) -> tuple[str, str]:
-  kind = rng.integers(5)
-  if kind == 0:
-    a, b = rng.integers(0, 100, 2)
-    return f"Add {a} and {b}.", str(a + b)
-  if kind == 1:
-    xs = rng.integers(0, 10, rng.integers(3, 7))
-    return f"Sort these digits: {' '.join(map(str, xs))}", " ".join(map(str, sorted(xs)))
+def _reverse(rng: np.random.Generator) -> dict[str, Any]:
   word = _WORDS[rng.integers(len(_WORDS))]
-  if kind == 2:
-    return f"Reverse the word {word}.", word[::-1]
-  if kind == 3:
-    return f"Write {word} in capital letters.", word.upper()
-  return f"How many letters are in {word}?", str(len(word))
+  return {
+    "question": f"Reverse the letters of the word '{word}'.",
+    "answer": word[::-1],
+    "rationale": f"The letters are {' '.join(word)}; backwards they are {' '.join(word[::-1])}.",
+  }
 
 
-def encode(text: str) -> list[int]:
-  return [b + BYTE_OFFSET for b in text.encode("utf-8")]
+def _capitals(rng: np.random.Generator) -> dict[str, Any]:
+  words = [_WORDS[i] for i in rng.integers(len(_WORDS), size=rng.integers(1, 4))]
+  text = " ".join(words)
+  return {"question": f"Write '{text}' in capital letters.", "answer": text.upper()}
 
 
-def decode(ids: list[int]) -> str:
-  return bytes(i - BYTE_OFFSET for i in ids if i >= BYTE_OFFSET).decode("utf-8", "replace")
+def _count(rng: np.random.Generator) -> dict[str, Any]:
+  word = _WORDS[rng.integers(len(_WORDS))]
+  spelled = ", ".join(f"{i} {c}" for i, c in enumerate(word, 1))
+  n = len(word)
+  return {
+    "question": f"How many letters does '{word}' have?",
+    "answer": str(n),
+    "rationale": f"Counting them: {spelled}.",
+    "options": [str(x) for x in range(n - 2, n + 2)],
+  }
 
 
-def examples(seed: int) -> Iterator[tuple[list[int], list[bool]]]:
-  """Endless (tokens, supervised) pairs: BOS prompt response EOS, supervising response and EOS."""
-  rng = np.random.default_rng(seed)
-  while True:
-    instruction, response = _tasks(rng)
-    prompt = [BOS_ID] + encode(TEMPLATE.format(instruction=instruction))
-    answer = encode(response) + [EOS_ID]
-    yield prompt + answer, [False] * len(prompt) + [True] * len(answer)
+def _sort(rng: np.random.Generator) -> dict[str, Any]:
+  digits = [int(x) for x in rng.integers(0, 10, rng.integers(3, 7))]
+  return {
+    "question": f"Sort these numbers from smallest to largest: {', '.join(map(str, digits))}.",
+    "answer": ", ".join(map(str, sorted(digits))),
+  }
 
 
-@dataclasses.dataclass(frozen=True)
-class Batch:
-  """Packed rows [B, T]: inputs, next-token targets, loss weights, segment ids (0 = padding)."""
+_T = TaskTemplate
+_TASKS: dict[str, tuple[Callable[[np.random.Generator], dict[str, Any]], tuple, tuple]] = {
+  "arithmetic": (
+    _add,
+    (
+      _T("{question}", "{answer}"),
+      _T("{question} Show your work.", "{rationale} So the answer is {answer}."),
+      _T("{question}\nOptions:\n{options}", "{answer}"),
+    ),
+    (_T("Compute the sum. {question}", "{rationale} The sum is {answer}."),),
+  ),
+  "reverse": (
+    _reverse,
+    (
+      _T("{question}", "{answer}"),
+      _T("{question} Think step by step.", "{rationale} So the answer is {answer}."),
+    ),
+    (_T("Spell backwards: {question}", "{answer}"),),
+  ),
+  "capitals": (
+    _capitals,
+    (_T("{question}", "{answer}"), _T("Task: {question}\nResult:", "{answer}")),
+    (_T("Please do this. {question}", "{answer}"),),
+  ),
+  "counting": (
+    _count,
+    (
+      _T("{question}", "{answer}"),
+      _T("{question} Count one by one.", "{rationale} So the answer is {answer}."),
+      _T("{question}\nOptions:\n{options}", "{answer}"),
+    ),
+    (_T("Letter count. {question}", "{answer}"),),
+  ),
+  "sorting": (
+    _sort,
+    (_T("{question}", "{answer}"), _T("Task: {question}\nResult:", "{answer}")),
+    (_T("Please do this. {question}", "{answer}"),),
+  ),
+}
 
-  inputs: np.ndarray
-  targets: np.ndarray
-  weights: np.ndarray
-  segment_ids: np.ndarray
 
-
-def packed_batches(seed: int, batch_size: int, length: int) -> Iterator[Batch]:
-  """Greedily packs whole examples into rows of `length` next-token pairs."""
-  source = examples(seed)
-  pending = None
-  while True:
-    rows = {
-      k: np.zeros((batch_size, length), np.int32) for k in ("inputs", "targets", "segment_ids")
-    }
-    weights = np.zeros((batch_size, length), np.float32)
-    for r in range(batch_size):
-      fill, segment = 0, 1
-      while True:
-        tokens, supervised = pending or next(source)
-        n = len(tokens) - 1
-        if n > length:
-          raise ValueError(f"a synthetic example of {n + 1} tokens exceeds the row length {length}")
-        if fill + n > length:
-          pending = (tokens, supervised)
-          break
-        pending = None
-        span = slice(fill, fill + n)
-        rows["inputs"][r, span] = tokens[:-1]
-        rows["targets"][r, span] = tokens[1:]
-        rows["segment_ids"][r, span] = segment
-        weights[r, span] = supervised[1:]
-        fill, segment = fill + n, segment + 1
-    yield Batch(weights=weights, **rows)
+def tasks(seed: int, examples_per_task: int) -> list[Task]:
+  """The embedded tasks, `examples_per_task` records each, generated from `seed`."""
+  out = []
+  for i, (name, (make, templates, eval_templates)) in enumerate(_TASKS.items()):
+    rng = np.random.default_rng([seed, i])
+    records = [make(rng) for _ in range(examples_per_task)]
+    out.append(Task(name, records, templates, eval_templates))
+  return out

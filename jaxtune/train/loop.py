@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from jaxtune import sharding
 from jaxtune.config import Config, ConfigError
-from jaxtune.data import synthetic
+from jaxtune.data import pipeline
 from jaxtune.model import transformer
 from jaxtune.train.step import TrainState, loss_fn, make_train_step
 
@@ -24,12 +25,21 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: Config) -> dict[str, float]:
-  """Trains on the embedded synthetic tasks; returns the first and last held-out losses."""
-  if cfg.model.vocab_size < synthetic.VOCAB_SIZE:
+  """Trains on the configured data; returns the first and last held-out losses."""
+  data = pipeline.load(cfg.data, cfg.train.seed)
+  if cfg.model.vocab_size < data.tokenizer.vocab_size:
     raise ConfigError(
-      f"model.vocab_size={cfg.model.vocab_size} is smaller than the byte vocabulary "
-      f"({synthetic.VOCAB_SIZE}) of the embedded data"
+      f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+      f"{data.tokenizer.vocab_size} tokens (added: {list(data.tokenizer.added)})"
     )
+  log.info(
+    "data: %d examples, %d tokens, %.1f%% supervised, %d truncated, %d dropped",
+    data.stats.examples,
+    data.stats.tokens,
+    100 * data.stats.supervised_fraction,
+    data.stats.truncated,
+    data.stats.dropped_too_long + data.stats.dropped_unsupervised,
+  )
   mesh = sharding.make_mesh(cfg.mesh)
   sharding.check_batch(cfg.train.batch_size, mesh)
   model = transformer.Transformer(cfg.model)
@@ -62,13 +72,28 @@ def run(cfg: Config) -> dict[str, float]:
     def put(batch):
       return {k: jax.device_put(v, batch_sharding) for k, v in vars(batch).items()}
 
-    train_data = synthetic.packed_batches(cfg.train.seed, cfg.train.batch_size, cfg.data.max_length)
-    held_out = put(
-      next(
-        synthetic.packed_batches(cfg.train.seed + 10_000, cfg.train.batch_size, cfg.data.max_length)
-      )
+    train_data = pipeline.Batches(
+      data.train,
+      cfg.train.batch_size,
+      cfg.data.max_length,
+      cfg.data.pack,
+      cfg.train.seed,
+      cfg.data.shuffle,
     )
-    losses = {"eval_loss_start": float(evaluate(state.params, held_out))}
+    eval_source = data.eval or data.train[: cfg.train.batch_size]
+    eval_batches = pipeline.Batches(
+      eval_source, cfg.train.batch_size, cfg.data.max_length, cfg.data.pack, 0, shuffle=False
+    )
+    held_out = [put(b) for b in itertools.islice(eval_batches, eval_batches.batches_per_epoch()[0])]
+
+    def held_out_loss(params):
+      sums = [
+        (float(evaluate(params, b)) * float(b["weights"].sum()), float(b["weights"].sum()))
+        for b in held_out
+      ]
+      return sum(s for s, _ in sums) / sum(n for _, n in sums)
+
+    losses = {"eval_loss_start": held_out_loss(state.params)}
 
     os.makedirs(cfg.train.output_dir, exist_ok=True)
     with open(os.path.join(cfg.train.output_dir, "config.yaml"), "w") as f:
@@ -96,7 +121,7 @@ def run(cfg: Config) -> dict[str, float]:
             tok_s=f"{record['tokens_per_s']:.0f}",
           )
         bar.update()
-    losses["eval_loss_end"] = float(evaluate(state.params, held_out))
+    losses["eval_loss_end"] = held_out_loss(state.params)
   log.info(
     "held-out loss %.4f -> %.4f; metrics in %s",
     losses["eval_loss_start"],

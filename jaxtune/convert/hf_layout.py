@@ -1,0 +1,404 @@
+"""Hugging Face model families: config.json <-> ModelConfig, and each tensor's name and layout.
+
+Shape letters: D model dim, F mlp dim, V vocab, P positions, N query heads, K KV heads, H head dim.
+
+A `Tensor` is one named Hugging Face tensor and the jaxtune arrays it holds (GPT-2's fused `c_attn`
+holds q, k and v). Names with `{i}` are per layer: their jaxtune arrays are stacked on a leading
+layers axis and the transforms act on one layer. PyTorch `nn.Linear` weights are [out, in]; GPT-2's
+`Conv1D` weights are [in, out]. Hugging Face RoPE is rotate-half, as in jaxtune: no q/k permutation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxtune.config import ModelConfig
+from jaxtune.convert.llama2c import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+_REQUIRED = object()
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+# Fields that do not change the function the model computes.
+_NOT_ARCHITECTURE = (
+  "preset",
+  "dtype",
+  "param_dtype",
+  "remat",
+  "residual_dropout",
+  "residual_dropout_schedule",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+  """A Hugging Face tensor (`name`, `shape`) and the jaxtune arrays at `paths` ('a/b/c')."""
+
+  name: str
+  paths: tuple[str, ...]
+  shape: tuple[int, ...]
+  from_hf: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+  to_hf: Callable[..., np.ndarray]
+
+  @property
+  def per_layer(self) -> bool:
+    return "{i}" in self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One `model_type`: its architectures (the first is written at export), the prefix of its base
+  model's tensor names (absent in checkpoints of the bare base model) and its three mappings."""
+
+  architectures: tuple[str, ...]
+  prefix: str
+  to_config: Callable[[Mapping[str, Any]], dict[str, Any]]  # config.json -> ModelConfig fields.
+  to_hf: Callable[[ModelConfig], dict[str, Any]]  # ModelConfig -> config.json fields.
+  tensors: Callable[[ModelConfig], list[Tensor]]
+
+
+# Tensor layouts. Each builder returns the pair of per-layer transforms.
+
+
+def _copy(name: str, path: str, shape: tuple[int, ...]) -> Tensor:
+  return Tensor(name, (path,), shape, lambda w: (w,), lambda x: x)
+
+
+def _norm(name: str, path: str, d: int, offset: float) -> Tensor:
+  """An RMSNorm weight; Gemma stores `scale - 1` (its norm multiplies by `1 + w`)."""
+  if offset == 0.0:
+    return _copy(name, path, (d,))
+  return Tensor(
+    name,
+    (path,),
+    (d,),
+    lambda w: (w.astype(np.float32) + np.float32(offset),),
+    lambda s: s.astype(np.float32) - np.float32(offset),
+  )
+
+
+def _linear(name: str, path: str, out: int, inp: int) -> Tensor:
+  """nn.Linear [out, in] <-> kernel [in, out]."""
+  return Tensor(name, (path,), (out, inp), lambda w: (w.T,), lambda x: x.T)
+
+
+def _heads_in(name: str, path: str, n: int, h: int, d: int) -> Tensor:
+  """q/k/v nn.Linear [N*H, D] <-> kernel [D, N, H]."""
+  return Tensor(
+    name,
+    (path,),
+    (n * h, d),
+    lambda w: (w.reshape(n, h, d).transpose(2, 0, 1),),
+    lambda x_dnh: x_dnh.transpose(1, 2, 0).reshape(n * h, d),
+  )
+
+
+def _heads_out(name: str, path: str, n: int, h: int, d: int) -> Tensor:
+  """o nn.Linear [D, N*H] <-> kernel [N, H, D]."""
+  return Tensor(
+    name,
+    (path,),
+    (d, n * h),
+    lambda w: (w.reshape(d, n, h).transpose(1, 2, 0),),
+    lambda x_nhd: x_nhd.transpose(2, 0, 1).reshape(d, n * h),
+  )
+
+
+def _head_bias(name: str, path: str, n: int, h: int) -> Tensor:
+  """q/k/v bias [N*H] <-> [N, H]."""
+  return Tensor(name, (path,), (n * h,), lambda b: (b.reshape(n, h),), lambda x: x.reshape(n * h))
+
+
+def _fused_qkv(name: str, kind: str, n: int, h: int, d: int) -> Tensor:
+  """GPT-2 `c_attn`: Conv1D weight [D, 3*N*H] or bias [3*N*H] <-> q, k, v [D, N, H] or [N, H]."""
+  lead = (d,) if kind == "kernel" else ()
+  return Tensor(
+    name,
+    tuple(f"layers/attn/{x}/{kind}" for x in "qkv"),
+    (*lead, 3 * n * h),
+    lambda w: tuple(x.reshape(*lead, n, h) for x in np.split(w, 3, axis=-1)),
+    lambda *qkv: np.concatenate([x.reshape(*lead, n * h) for x in qkv], axis=-1),
+  )
+
+
+def _decoder_tensors(cfg: ModelConfig, norm_offset: float = 0.0) -> list[Tensor]:
+  """Llama, Mistral, Qwen2 and Gemma: `model.layers.{i}.*`, RMSNorms, an optional `lm_head`."""
+  d, f, v = cfg.dim, cfg.mlp_dim, cfg.vocab_size
+  n, k, h = cfg.num_heads, cfg.kv_heads, cfg.head_size
+  attn, mlp = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
+  tensors = [
+    _copy("model.embed_tokens.weight", "embed/embedding", (v, d)),
+    _norm("model.layers.{i}.input_layernorm.weight", "layers/attn_norm/scale", d, norm_offset),
+    _heads_in(attn + "q_proj.weight", "layers/attn/q/kernel", n, h, d),
+    _heads_in(attn + "k_proj.weight", "layers/attn/k/kernel", k, h, d),
+    _heads_in(attn + "v_proj.weight", "layers/attn/v/kernel", k, h, d),
+    _heads_out(attn + "o_proj.weight", "layers/attn/o/kernel", n, h, d),
+    _norm(
+      "model.layers.{i}.post_attention_layernorm.weight", "layers/mlp_norm/scale", d, norm_offset
+    ),
+    _linear(mlp + "gate_proj.weight", "layers/mlp/gate/kernel", f, d),
+    _linear(mlp + "up_proj.weight", "layers/mlp/up/kernel", f, d),
+    _linear(mlp + "down_proj.weight", "layers/mlp/down/kernel", d, f),
+    _norm("model.norm.weight", "final_norm/scale", d, norm_offset),
+  ]
+  if cfg.qkv_bias:
+    for x, heads in (("q", n), ("k", k), ("v", k)):
+      tensors.append(_head_bias(attn + f"{x}_proj.bias", f"layers/attn/{x}/bias", heads, h))
+  if not cfg.tie_embeddings:
+    tensors.append(_copy("lm_head.weight", "lm_head/embedding", (v, d)))
+  return tensors
+
+
+def _gpt2_tensors(cfg: ModelConfig) -> list[Tensor]:
+  d, f, v, p, n, h = (
+    cfg.dim,
+    cfg.mlp_dim,
+    cfg.vocab_size,
+    cfg.max_seq_len,
+    cfg.num_heads,
+    cfg.head_size,
+  )
+  block = "transformer.h.{i}."
+  tensors = [
+    _copy("transformer.wte.weight", "embed/embedding", (v, d)),
+    _copy("transformer.wpe.weight", "position/embedding", (p, d)),
+    _fused_qkv(block + "attn.c_attn.weight", "kernel", n, h, d),
+    _fused_qkv(block + "attn.c_attn.bias", "bias", n, h, d),
+    Tensor(
+      block + "attn.c_proj.weight",
+      ("layers/attn/o/kernel",),
+      (n * h, d),
+      lambda w: (w.reshape(n, h, d),),
+      lambda x_nhd: x_nhd.reshape(n * h, d),
+    ),
+    _copy(block + "attn.c_proj.bias", "layers/attn/o/bias", (d,)),
+    _copy(block + "mlp.c_fc.weight", "layers/mlp/up/kernel", (d, f)),
+    _copy(block + "mlp.c_fc.bias", "layers/mlp/up/bias", (f,)),
+    _copy(block + "mlp.c_proj.weight", "layers/mlp/down/kernel", (f, d)),
+    _copy(block + "mlp.c_proj.bias", "layers/mlp/down/bias", (d,)),
+  ]
+  for hf_name, ours in (
+    (block + "ln_1", "layers/attn_norm"),
+    (block + "ln_2", "layers/mlp_norm"),
+    ("transformer.ln_f", "final_norm"),
+  ):
+    tensors.append(_copy(hf_name + ".weight", ours + "/scale", (d,)))
+    tensors.append(_copy(hf_name + ".bias", ours + "/bias", (d,)))
+  if not cfg.tie_embeddings:
+    tensors.append(_copy("lm_head.weight", "lm_head/embedding", (v, d)))
+  return tensors
+
+
+# config.json <-> ModelConfig.
+
+
+def _get(hf: Mapping[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+  if hf.get(key) is not None:
+    return hf[key]
+  if default is _REQUIRED:
+    raise CheckpointError(f"config.json has no {key!r}")
+  return default
+
+
+def _require(hf: Mapping[str, Any], key: str, allowed: tuple[Any, ...], default: Any) -> None:
+  _check_value(key, _get(hf, key, default), allowed)
+
+
+def _check_value(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
+  if value not in allowed:
+    raise CheckpointError(
+      f"config.json: {key}={value!r} has no jaxtune equivalent (supported: "
+      f"{', '.join(map(repr, allowed))})"
+    )
+
+
+def _rope_theta(hf: Mapping[str, Any]) -> float:
+  """`rope_theta`, top-level (transformers 4) or in `rope_parameters` (5); no RoPE scaling."""
+  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind != "default":
+    raise CheckpointError(f"config.json: RoPE scaling {kind!r} is not supported")
+  if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+    raise CheckpointError("config.json: partial rotary embeddings are not supported")
+  return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _decoder_config(hf: Mapping[str, Any], tie_default: bool) -> dict[str, Any]:
+  """The fields shared by Llama, Mistral, Qwen2 and Gemma."""
+  dim, heads = _get(hf, "hidden_size"), _get(hf, "num_attention_heads")
+  kv_heads = _get(hf, "num_key_value_heads", heads)
+  head_dim = _get(hf, "head_dim", dim // heads)
+  max_len = _get(hf, "max_position_embeddings")
+  window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+  if window is not None and window < max_len:
+    logger.warning(
+      "sliding-window attention (%d tokens) is not implemented: the model is exact up to %d "
+      "tokens, so max_seq_len is set to %d instead of %d",
+      window,
+      window,
+      window,
+      max_len,
+    )
+    max_len = window
+  return dict(
+    vocab_size=_get(hf, "vocab_size"),
+    dim=dim,
+    num_layers=_get(hf, "num_hidden_layers"),
+    num_heads=heads,
+    num_kv_heads=None if kv_heads == heads else kv_heads,
+    head_dim=None if head_dim * heads == dim else head_dim,
+    mlp_dim=_get(hf, "intermediate_size"),
+    norm="rmsnorm",
+    norm_eps=float(_get(hf, "rms_norm_eps")),
+    position="rope",
+    rope_theta=_rope_theta(hf),
+    max_seq_len=max_len,
+    tie_embeddings=bool(_get(hf, "tie_word_embeddings", tie_default)),
+  )
+
+
+def _llama_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+  _require(hf, "hidden_act", ("silu",), "silu")
+  _require(hf, "attention_bias", (False,), False)
+  _require(hf, "mlp_bias", (False,), False)
+  return _decoder_config(hf, tie_default=False) | dict(mlp="swiglu")
+
+
+def _qwen2_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+  return _llama_config(hf) | dict(qkv_bias=True)
+
+
+def _gemma_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+  # Gemma's legacy `hidden_act="gelu"` means the tanh approximation (as in transformers).
+  act = hf.get("hidden_activation") or _get(hf, "hidden_act", "gelu_pytorch_tanh")
+  _check_value("hidden_act", act, ("gelu", *_TANH_GELUS))
+  _require(hf, "attention_bias", (False,), False)
+  return _decoder_config(hf, tie_default=True) | dict(mlp="geglu", scale_embeddings=True)
+
+
+def _gpt2_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+  _require(hf, "activation_function", _TANH_GELUS, "gelu_new")
+  _require(hf, "scale_attn_weights", (True,), True)
+  _require(hf, "scale_attn_by_inverse_layer_idx", (False,), False)
+  _require(hf, "add_cross_attention", (False,), False)
+  dim = _get(hf, "n_embd")
+  return dict(
+    vocab_size=_get(hf, "vocab_size"),
+    dim=dim,
+    num_layers=_get(hf, "n_layer"),
+    num_heads=_get(hf, "n_head"),
+    mlp_dim=_get(hf, "n_inner", 4 * dim),
+    mlp="gelu",
+    norm="layernorm",
+    norm_eps=float(_get(hf, "layer_norm_epsilon")),
+    use_bias=True,
+    position="learned",
+    max_seq_len=_get(hf, "n_positions"),
+    tie_embeddings=bool(_get(hf, "tie_word_embeddings", True)),
+  )
+
+
+def _decoder_hf(cfg: ModelConfig, act: str) -> dict[str, Any]:
+  return dict(
+    vocab_size=cfg.vocab_size,
+    hidden_size=cfg.dim,
+    intermediate_size=cfg.mlp_dim,
+    num_hidden_layers=cfg.num_layers,
+    num_attention_heads=cfg.num_heads,
+    num_key_value_heads=cfg.kv_heads,
+    head_dim=cfg.head_size,
+    hidden_act=act,
+    max_position_embeddings=cfg.max_seq_len,
+    rms_norm_eps=cfg.norm_eps,
+    rope_theta=cfg.rope_theta,  # transformers 4; 5 reads rope_parameters.
+    rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta),
+    tie_word_embeddings=cfg.tie_embeddings,
+  )
+
+
+def _llama_hf(cfg: ModelConfig) -> dict[str, Any]:
+  return _decoder_hf(cfg, "silu") | dict(attention_bias=False, mlp_bias=False)
+
+
+def _qwen2_hf(cfg: ModelConfig) -> dict[str, Any]:
+  return _decoder_hf(cfg, "silu") | dict(use_sliding_window=False, sliding_window=None)
+
+
+def _gemma_hf(cfg: ModelConfig) -> dict[str, Any]:
+  return _decoder_hf(cfg, "gelu_pytorch_tanh") | dict(attention_bias=False)
+
+
+def _gpt2_hf(cfg: ModelConfig) -> dict[str, Any]:
+  return dict(
+    vocab_size=cfg.vocab_size,
+    n_embd=cfg.dim,
+    n_layer=cfg.num_layers,
+    n_head=cfg.num_heads,
+    n_inner=cfg.mlp_dim,
+    n_positions=cfg.max_seq_len,
+    activation_function="gelu_new",
+    layer_norm_epsilon=cfg.norm_eps,
+    tie_word_embeddings=cfg.tie_embeddings,
+  )
+
+
+FAMILIES: dict[str, Family] = {
+  "llama": Family(
+    ("LlamaForCausalLM", "LlamaModel"), "model.", _llama_config, _llama_hf, _decoder_tensors
+  ),
+  "mistral": Family(
+    ("MistralForCausalLM", "MistralModel"), "model.", _llama_config, _llama_hf, _decoder_tensors
+  ),
+  "qwen2": Family(
+    ("Qwen2ForCausalLM", "Qwen2Model"), "model.", _qwen2_config, _qwen2_hf, _decoder_tensors
+  ),
+  "gemma": Family(
+    ("GemmaForCausalLM", "GemmaModel"),
+    "model.",
+    _gemma_config,
+    _gemma_hf,
+    functools.partial(_decoder_tensors, norm_offset=1.0),
+  ),
+  "gpt2": Family(
+    ("GPT2LMHeadModel", "GPT2Model"), "transformer.", _gpt2_config, _gpt2_hf, _gpt2_tensors
+  ),
+}
+
+
+def _architecture(cfg: ModelConfig) -> dict[str, Any]:
+  """The fields that define the function a model computes, with derived head counts and sizes."""
+  fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+  for name in _NOT_ARCHITECTURE:
+    del fields[name]
+  fields.update(num_kv_heads=cfg.kv_heads, head_dim=cfg.head_size)
+  if cfg.position != "rope":
+    del fields["rope_theta"]
+  return fields
+
+
+def family_for(cfg: ModelConfig) -> str:
+  """The `model_type` to export `cfg` as; a CheckpointError if no family computes the same model."""
+  if cfg.position == "learned" and cfg.use_bias:
+    model_type = "gpt2"
+  elif cfg.qkv_bias:
+    model_type = "qwen2"
+  elif cfg.scale_embeddings and cfg.mlp == "geglu":
+    model_type = "gemma"
+  else:
+    model_type = "llama"
+  family = FAMILIES[model_type]
+  ours = _architecture(cfg)
+  theirs = _architecture(ModelConfig(**family.to_config(family.to_hf(cfg))))
+  lost = [f"model.{k}={v!r}" for k, v in ours.items() if theirs.get(k) != v]
+  if lost:
+    raise CheckpointError(
+      f"this model has no Hugging Face equivalent: the closest, {family.architectures[0]}, "
+      f"cannot express {', '.join(lost)}"
+    )
+  return model_type

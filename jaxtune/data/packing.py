@@ -1,0 +1,151 @@
+"""Tokenized examples, loss masks, truncation and packing into rows with segment ids.
+
+An `Example` is a token sequence with a supervised flag per token. It is trained on as
+next-token pairs (inputs = ids[:-1], targets = ids[1:], weights = supervised[1:]), so a row of
+length T holds examples of up to T + 1 tokens.
+
+Truncation policy (`data.truncation`): `truncate` keeps the first max_length + 1 tokens of a long
+example (the prompt and the start of the response) and drops it only if no supervised token is
+left; `drop` drops every long example. Both are counted in `Stats`.
+
+Packing puts whole examples into rows, first fit within the rows of one batch, each with its own
+segment id (1, 2, ...; 0 is padding), so attention never crosses examples and positions restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from jaxtune.data.templates import BOS, EOS, Chunk
+
+
+class TokenizerLike(Protocol):
+  bos_id: int
+  eos_id: int
+
+  def encode(self, text: str, first: bool = False) -> list[int]: ...
+
+  def special_id(self, token: str) -> int | None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  ids: np.ndarray  # int32 [n]
+  supervised: np.ndarray  # bool [n]
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+
+def tokenize(chunks: Sequence[Chunk], tokenizer: TokenizerLike, train_on_prompt: bool) -> Example:
+  """Encodes rendered chunks; assistant chunks (or, with `train_on_prompt`, all) supervised."""
+  ids: list[int] = []
+  supervised: list[bool] = []
+  for chunk in chunks:
+    if chunk.special:
+      special = {BOS: tokenizer.bos_id, EOS: tokenizer.eos_id}.get(chunk.text)
+      piece = [special if special is not None else tokenizer.special_id(chunk.text)]
+      if piece[0] is None:
+        raise ValueError(f"the tokenizer has no special token {chunk.text!r}; add it first")
+    else:
+      piece = tokenizer.encode(chunk.text, first=not ids)
+    ids += piece
+    supervised += [chunk.supervised or train_on_prompt] * len(piece)
+  return Example(np.asarray(ids, np.int32), np.asarray(supervised, bool))
+
+
+@dataclasses.dataclass
+class Stats:
+  """What happened to the data, for `data inspect` and the training log."""
+
+  records: int = 0
+  skipped: int = 0
+  skipped_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
+  examples: int = 0
+  truncated: int = 0
+  dropped_too_long: int = 0
+  dropped_unsupervised: int = 0
+  tokens: int = 0
+  supervised_tokens: int = 0
+  max_tokens: int = 0
+
+  def add(self, example: Example) -> None:
+    self.examples += 1
+    self.tokens += len(example)
+    self.supervised_tokens += int(example.supervised[1:].sum())
+    self.max_tokens = max(self.max_tokens, len(example))
+
+  @property
+  def supervised_fraction(self) -> float:
+    return self.supervised_tokens / max(self.tokens, 1)
+
+
+def fit(example: Example, max_length: int, policy: str, stats: Stats) -> Example | None:
+  """Applies the truncation policy to an example of next-token pairs; None if it is dropped."""
+  if len(example) - 1 > max_length:
+    if policy == "drop":
+      stats.dropped_too_long += 1
+      return None
+    stats.truncated += 1
+    example = Example(example.ids[: max_length + 1], example.supervised[: max_length + 1])
+  if not example.supervised[1:].any():
+    stats.dropped_unsupervised += 1
+    return None
+  stats.add(example)
+  return example
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  """Rows [B, T]: inputs, next-token targets, loss weights, segment ids (0 = padding) and
+  positions restarting at each segment."""
+
+  inputs: np.ndarray
+  targets: np.ndarray
+  weights: np.ndarray
+  segment_ids: np.ndarray
+  positions: np.ndarray
+
+  @property
+  def efficiency(self) -> float:
+    """Fraction of slots holding real tokens."""
+    return float(np.count_nonzero(self.segment_ids)) / self.segment_ids.size
+
+
+def assign_rows(lengths: Sequence[int], rows: int, length: int, pack: bool) -> list[list[int]]:
+  """Places examples (their pair counts, in order) into `rows` rows: first fit when packing, one
+  per row otherwise. Stops at the first example that fits nowhere; returns the indices per row."""
+  fill = [0] * rows
+  placed: list[list[int]] = [[] for _ in range(rows)]
+  for i, n in enumerate(lengths):
+    row = next((r for r in range(rows) if fill[r] + n <= length and (pack or not placed[r])), None)
+    if row is None:
+      break
+    placed[row].append(i)
+    fill[row] += n
+  return placed
+
+
+def make_batch(examples: Sequence[Example], placed: list[list[int]], length: int) -> Batch:
+  rows = len(placed)
+  arrays = {
+    k: np.zeros((rows, length), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")
+  }
+  weights = np.zeros((rows, length), np.float32)
+  for r, indices in enumerate(placed):
+    start = 0
+    for segment, i in enumerate(indices, 1):
+      ex = examples[i]
+      n = len(ex) - 1
+      span = slice(start, start + n)
+      arrays["inputs"][r, span] = ex.ids[:-1]
+      arrays["targets"][r, span] = ex.ids[1:]
+      arrays["segment_ids"][r, span] = segment
+      arrays["positions"][r, span] = np.arange(n)
+      weights[r, span] = ex.supervised[1:]
+      start += n
+  return Batch(weights=weights, **arrays)
