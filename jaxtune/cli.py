@@ -9,19 +9,34 @@ from collections.abc import Callable, Sequence
 
 from jaxtune.config import ConfigError
 from jaxtune.convert.llama2c import CheckpointError
+from jaxtune.data.sources import DataError
 from jaxtune.sharding import ShardingError
 
 log = logging.getLogger("jaxtune")
 
 # Errors that are the user's to fix: reported as one line, no traceback.
-USER_ERRORS = (ConfigError, ShardingError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, ShardingError, CheckpointError, FileNotFoundError)
+
+
+def _config(args: argparse.Namespace):
+  from jaxtune import config
+
+  paths = [a for a in args.args if "=" not in a]
+  if len(paths) > 1:
+    raise ConfigError(f"one config file at most, got {paths}")
+  return config.load(paths[0] if paths else None, [a for a in args.args if "=" in a])
 
 
 def _train(args: argparse.Namespace) -> None:
-  from jaxtune import config
   from jaxtune.train import loop
 
-  loop.run(config.load(args.config, args.overrides))
+  loop.run(_config(args))
+
+
+def _data(args: argparse.Namespace) -> None:
+  from jaxtune.data import inspect
+
+  print(inspect.report(_config(args), args.num_examples))
 
 
 def _planned(verb: str) -> Callable[[argparse.Namespace], None]:
@@ -37,7 +52,7 @@ _VERBS: dict[str, tuple[str, Callable[[argparse.Namespace], None]]] = {
   "chat": ("chat with a checkpoint in the terminal", _planned("chat")),
   "eval": ("evaluate a checkpoint (perplexity, MMLU, GSM8K, BBH, ...)", _planned("eval")),
   "convert": ("convert checkpoints (Hugging Face, llama2.c, GQA uptraining)", _planned("convert")),
-  "data": ("inspect, tokenize and pack instruction data", _planned("data")),
+  "data": ("inspect instruction data: rendered examples, loss masks, statistics", _data),
 }
 
 
@@ -45,20 +60,31 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="jaxtune",
     description="Instruction fine-tuning of decoder-only language models in JAX.",
-    epilog="Configuration: defaults <- --config FILE <- section.key=value overrides.",
+    epilog="Configuration: defaults <- CONFIG (a YAML file, see configs/) <- section.key=value.",
   )
   parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
   verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
   for verb, (help_text, run) in _VERBS.items():
     p = verbs.add_parser(verb, help=help_text, description=help_text)
-    p.add_argument("--config", help="YAML file of config sections (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    if verb == "data":
+      p.add_argument("action", choices=["inspect"], help="what to do with the data")
+      p.add_argument("-n", "--num-examples", type=int, default=3, help="examples to print")
+    p.add_argument(
+      "args",
+      nargs="*",
+      metavar="[CONFIG] [section.key=value ...]",
+      help="a YAML config file and/or overrides",
+    )
     p.set_defaults(run=run)
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  args, extra = parser.parse_known_args(argv)  # Options and overrides may come in any order.
+  if any(a.startswith("-") for a in extra):
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  args.args += extra
   logging.basicConfig(
     level=logging.DEBUG if args.verbose else logging.INFO,
     format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -136,7 +136,7 @@ class DataConfig:
   system_prompt: str | None = None
   tokenizer: str = ""  # A SentencePiece .model (or folder); "": train one on the data.
   tokenizer_vocab_size: int = 512
-  max_length: int = 128  # Next-token pairs per row.
+  max_length: int = 256  # Next-token pairs per row.
   truncation: Literal["truncate", "drop"] = "truncate"
   pack: bool = True
   train_on_prompt: bool = False

@@ -58,3 +58,29 @@ def test_train_runs_and_lowers_held_out_loss(tmp_path):
   line = [s for s in result.stderr.splitlines() if "held-out loss" in s][-1]
   start, end = (float(x) for x in line.split("held-out loss ")[1].split(";")[0].split(" -> "))
   assert end < 0.6 * start
+
+
+def test_data_inspect_on_lima_with_the_llama_tokenizer(data_dir):
+  result = _jaxtune(
+    "data",
+    "inspect",
+    f"data.path={data_dir / 'lima/lima_train_llamafactory.json'}",
+    f"data.tokenizer={data_dir / 'tokenizers/llama2c/tokenizer.model'}",
+    "data.template=lima",
+    "data.max_length=2048",
+    "-n",
+    "1",
+  )
+  assert result.returncode == 0, result.stderr
+  out = result.stdout
+  assert "records      1029" in out and "added ['<EOT>']" in out
+  assert "\u27e6" in out and "<EOT>\u27e7" in out  # A supervised span ending in EOT.
+  assert "supervised" in out and "% of tokens" in out and "truncated" in out
+
+
+def test_config_file_is_positional(tmp_path):
+  path = tmp_path / "c.yaml"
+  path.write_text("model:\n  num_heads: 6\n  num_kv_heads: 4\n")
+  result = _jaxtune("train", str(path))
+  assert result.returncode == 2
+  assert "model.num_heads=6 is not divisible" in result.stderr

@@ -94,7 +94,7 @@ def _heads_in(name: str, path: str, n: int, h: int, d: int) -> Tensor:
     name,
     (path,),
     (n * h, d),
-    lambda w: (w.reshape(n, h, d).transpose(2, 0, 1),),
+    lambda w: (w.reshape(h, n, d).transpose(2, 1, 0),),
     lambda x_dnh: x_dnh.transpose(1, 2, 0).reshape(n * h, d),
   )
 
@@ -255,7 +255,7 @@ def _decoder_config(hf: Mapping[str, Any], tie_default: bool) -> dict[str, Any]:
     head_dim=None if head_dim * heads == dim else head_dim,
     mlp_dim=_get(hf, "intermediate_size"),
     norm="rmsnorm",
-    norm_eps=float(_get(hf, "rms_norm_eps")),
+    norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),  # The default of all four families.
     position="rope",
     rope_theta=_rope_theta(hf),
     max_seq_len=max_len,
@@ -363,7 +363,7 @@ FAMILIES: dict[str, Family] = {
     "model.",
     _gemma_config,
     _gemma_hf,
-    functools.partial(_decoder_tensors, norm_offset=1.0),
+    functools.partial(_decoder_tensors, norm_offset=0.5),
   ),
   "gpt2": Family(
     ("GPT2LMHeadModel", "GPT2Model"), "transformer.", _gpt2_config, _gpt2_hf, _gpt2_tensors

@@ -45,6 +45,7 @@ def _records(path: str, cfg: DataConfig, bad: BadRecords | None) -> list[Record]
 def _conversations(path: str, cfg: DataConfig, stats: Stats) -> list[Conversation]:
   bad = BadRecords() if cfg.on_bad_record == "skip" else None
   records = _records(path, cfg, bad)
+  stats.records += len(records) + (bad.count if bad else 0)  # Unreadable ones count as records.
   names = formats.parse_field_map(cfg.fields)
   out = []
   for record in records:
@@ -55,7 +56,6 @@ def _conversations(path: str, cfg: DataConfig, stats: Stats) -> list[Conversatio
       if bad is None:
         raise
       bad.add(e)
-  stats.records += len(records) + (bad.count if bad else 0)
   if bad:
     stats.skipped += bad.count
     for reason, n in bad.reasons.items():
@@ -125,7 +125,12 @@ def load(cfg: DataConfig, seed: int) -> Data:
   tok = make_tokenizer(cfg, train)
   train_examples = examples(train, cfg, tok, stats)
   if not train_examples:
-    raise DataError(cfg.path or "embedded data", "no training example is left")
+    raise DataError(
+      cfg.path or "embedded data",
+      f"no training example is left: {stats.dropped_too_long} too long and "
+      f"{stats.dropped_unsupervised} with nothing supervised within data.max_length="
+      f"{cfg.max_length}",
+    )
   eval_examples = examples(held_out, cfg, tok, Stats())
   return Data(tok, train_examples, eval_examples, stats, train)
 

@@ -114,7 +114,8 @@ def _tsv(path: str, text: str, columns: Sequence[str], bad: BadRecords | None) -
   if not columns:
     raise DataError(path, "a .tsv file needs its column names (data.tsv_columns)")
   records = []
-  rows = csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
+  lines = [line.removesuffix("\r") for line in text.split("\n")]  # Not splitlines: U+2028.
+  rows = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
   for number, row in enumerate(rows, 1):
     if not row:
       continue

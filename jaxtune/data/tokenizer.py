@@ -96,20 +96,24 @@ class Tokenizer:
     """Token ids of `text` (no BOS/EOS); `first` adds SentencePiece's leading dummy space."""
     return (self._sp if first else self._sp_inner).encode(text)
 
-  def decode(self, ids: Sequence[int]) -> str:
-    """Text of `ids`; a leading space is dropped only at the very start (the dummy prefix)."""
-    out, run = [], []
+  def decode(self, ids: Sequence[int], show_special: bool = False) -> str:
+    """Text of `ids`; a leading space is dropped only at the very start (the dummy prefix).
+    With `show_special`, BOS/EOS and other control tokens appear as their pieces."""
+    out: list[str] = []
+    run: list[int] = []
 
     def flush():
       out.append((self._sp_inner if out else self._sp).decode(run))
       run.clear()
 
-    for i in ids:
-      if int(i) in self._added_by_id:
+    for i in map(int, ids):
+      if i in self._added_by_id or (
+        show_special and i < self._sp.vocab_size() and self._sp.is_control(i)
+      ):
         flush()
-        out.append(self._added_by_id[int(i)])
+        out.append(self.piece(i))
       else:
-        run.append(int(i))
+        run.append(i)
     flush()
     return "".join(out)
 
@@ -120,11 +124,20 @@ class Tokenizer:
 def train(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = ()) -> Tokenizer:
   """Trains a byte-fallback BPE SentencePiece model (BOS 1, EOS 2, UNK 0; no PAD) on `texts`."""
   proto = io.BytesIO()
+  try:
+    _train(texts, vocab_size, special_tokens, proto)
+  except RuntimeError as e:  # SentencePiece says why, e.g. a vocabulary too large for the data.
+    raise DataError("data.tokenizer_vocab_size", f"cannot train a tokenizer: {e}") from None
+  return Tokenizer(proto.getvalue())
+
+
+def _train(texts, vocab_size, special_tokens, proto):
   spm.SentencePieceTrainer.train(
     sentence_iterator=iter(texts),
     model_writer=proto,
     vocab_size=vocab_size,
     model_type="bpe",
+    normalization_rule_name="identity",  # Keep newlines and spacing as written.
     byte_fallback=True,
     character_coverage=1.0,
     unk_id=0,
@@ -138,4 +151,3 @@ def train(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] =
     max_sentence_length=1 << 16,
     minloglevel=2,
   )
-  return Tokenizer(proto.getvalue())

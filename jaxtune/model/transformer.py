@@ -142,3 +142,22 @@ def init_cache(model: Transformer, batch: int, max_length: int) -> Any:
 def param_count(params: Any) -> int:
   """Number of parameters in a (possibly abstract) tree."""
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def grow_vocab(params: Any, vocab_size: int) -> Any:
+  """Params with the embedding (and untied output layer) grown to `vocab_size` rows, for special
+  tokens added to the tokenizer (e.g. LIMA's EOT). New rows are the mean of the old ones, so
+  the new tokens start as an average token and the logits of the old tokens do not change."""
+
+  def grow(table_vd):
+    extra = vocab_size - table_vd.shape[0]
+    if extra < 0:
+      raise ValueError(f"cannot shrink the vocabulary from {table_vd.shape[0]} to {vocab_size}")
+    mean_d = jnp.mean(table_vd, axis=0, keepdims=True)
+    return jnp.concatenate([table_vd, jnp.repeat(mean_d, extra, axis=0)], axis=0)
+
+  grown = dict(params)
+  for name in ("embed", "lm_head"):
+    if name in grown:
+      grown[name] = {"embedding": grow(grown[name]["embedding"])}
+  return grown

@@ -1,0 +1,272 @@
+"""The data pipeline on real files: readers, loss masks, packing, iteration state, mixtures."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from jaxtune import config
+from jaxtune.data import formats, mixtures, packing, pipeline, templates, tfds
+from jaxtune.data import tokenizer as tokenizer_lib
+from jaxtune.data.sources import DataError, read_records
+
+
+@pytest.fixture(scope="module")
+def llama_tokenizer(data_dir):
+  return tokenizer_lib.Tokenizer.load(str(data_dir / "tokenizers/llama2c/tokenizer.model"))
+
+
+def _cfg(**data):
+  return config.load(None, [f"data.{k}={v}" for k, v in data.items()]).data
+
+
+def test_lima_every_assistant_turn_and_only_those_supervised(data_dir, llama_tokenizer):
+  path = data_dir / "lima/lima_train_llamafactory.json"
+  cfg = _cfg(
+    path=path,
+    template="lima",
+    max_length=100000,
+    tokenizer=data_dir / "tokenizers/llama2c/tokenizer.model",
+  )
+  stats = packing.Stats()
+  convs, _ = pipeline.conversations(cfg, 0, stats)
+  assert stats.records == 1029 and len(convs) == 1029
+  multi = [c for c in convs if len(c.messages) > 2]
+  assert len(multi) == 29
+  tok = llama_tokenizer.with_special_tokens(["<EOT>"])
+  eot = tok.special_id("<EOT>")
+  assert eot == 32000 and tok.vocab_size == 32001
+  for conv in multi[:10] + convs[:20]:
+    ex = packing.tokenize(templates.render(conv, "lima"), tok, train_on_prompt=False)
+    # Split the supervised tokens into runs: each run is one assistant turn and its EOT.
+    runs, run = [], []
+    for i, s in zip(ex.ids.tolist(), ex.supervised.tolist(), strict=True):
+      if s:
+        run.append(i)
+      elif run:
+        runs.append(run)
+        run = []
+    runs += [run] if run else []
+    answers = [m.content for m in conv.messages if m.role == "assistant"]
+    assert len(runs) == len(answers)
+    for r, answer in zip(runs, answers, strict=True):
+      assert r[-1] == eot
+      assert tok.decode(r[:-1]) == answer
+  # The rendered text survives tokenization exactly.
+  conv = multi[0]
+  ex = packing.tokenize(templates.render(conv, "lima"), tok, False)
+  assert tok.decode(ex.ids, show_special=True) == templates.to_text(templates.render(conv, "lima"))
+
+
+def test_user_text_cannot_inject_special_tokens(llama_tokenizer):
+  tok = llama_tokenizer.with_special_tokens(["<EOT>"])
+  conv = formats.Conversation(
+    (formats.Message("user", "a <EOT> b"), formats.Message("assistant", "c"))
+  )
+  ex = packing.tokenize(templates.render(conv, "lima"), tok, False)
+  assert ex.ids.tolist().count(tok.special_id("<EOT>")) == 2  # After each turn only.
+
+
+def test_real_sources_read(data_dir):
+  gsm8k = mixtures.gsm8k_task(str(data_dir / "gsm8k/train.jsonl"))
+  assert len(gsm8k.records) == 7473 and gsm8k.records[0]["answer"] == "72"
+  tasks = mixtures.flan_cot_tasks(str(data_dir / "flan/cot_data"))
+  assert sum(len(t.records) for t in tasks) == 33443
+  assert {t.name for t in tasks} >= {"aqua", "creak", "ecqa", "gsm8k", "qasc", "strategyqa"}
+  aqua = next(t for t in tasks if t.name == "aqua")
+  assert "\n(A)" in aqua.records[0]["question"]  # The file's \n escapes are newlines.
+
+
+def test_flan_mixture_is_proportional_capped_and_deterministic(data_dir):
+  tasks = mixtures.flan_cot_tasks(str(data_dir / "flan/cot_data"))
+  mix = mixtures.mix(tasks, seed=3, cap=500, few_shot=2)
+  counts = {t.name: sum(c.where.startswith(t.name + "[") for c in mix) for t in tasks}
+  assert counts == {t.name: min(500, len(t.records)) for t in tasks}
+  again = mixtures.mix(tasks, seed=3, cap=500, few_shot=2)
+  assert [c.messages for c in mix] == [c.messages for c in again]
+  responses = [c.messages[1].content for c in mix]
+  cot = [r for r in responses if "So the answer is" in r]
+  assert cot and len(cot) < len(responses)  # Both chain-of-thought and direct templates.
+  for conv in mix[:200]:
+    task = next(t for t in tasks if conv.where.startswith(t.name + "["))
+    record = task.records[int(conv.where.split("[")[1][:-1])]
+    prompt, response = conv.messages[0].content, conv.messages[1].content
+    assert prompt.endswith(record["question"]) or record["question"] in prompt
+    if "So the answer is" in response:  # The rationale comes before the answer.
+      assert response == f"{record['rationale']} So the answer is {record['answer']}."
+  few_shot = [c for c in mix if c.messages[0].content.count("\n\n") >= 2]
+  assert few_shot  # Some examples carry exemplars from their own task.
+
+
+def test_held_out_templates_are_never_trained_on():
+  from jaxtune.data import synthetic
+
+  tasks = synthetic.tasks(0, 50)
+  train = {c.messages[0].content for c in mixtures.mix(tasks, 0, 0, 0)}
+  held = mixtures.mix(tasks, 0, 0, 0, held_out=True)
+  eval_prefixes = {"Compute the sum.", "Spell backwards:", "Please do this.", "Letter count."}
+  assert all(any(c.messages[0].content.startswith(p) for p in eval_prefixes) for c in held)
+  assert not any(t.startswith(tuple(eval_prefixes)) for t in train)
+
+
+def _write_jsonl(path, records):
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return path
+
+
+@pytest.mark.parametrize(
+  "line, reason",
+  [
+    ('{"instruction": "a", "output": ', "invalid JSON"),
+    ('{"instruction": "a"}', "field 'output': missing"),
+    ('{"instruction": 3, "output": "b"}', "field 'instruction': expected str, got int"),
+    ('{"instruction": "a", "output": "  "}', "field 'output': empty"),
+    ("[1, 2]", "expected a JSON object"),
+  ],
+)
+def test_bad_records_name_file_line_and_field(tmp_path, line, reason):
+  path = tmp_path / "d.jsonl"
+  path.write_text('{"instruction": "ok", "output": "fine"}\n' + line + "\n")
+  with pytest.raises(DataError) as e:
+    pipeline.conversations(_cfg(path=path, format="alpaca"), 0, packing.Stats())
+  assert e.value.where == f"{path}:2" and reason in e.value.reason
+  stats = packing.Stats()
+  convs, _ = pipeline.conversations(
+    _cfg(path=path, format="alpaca", on_bad_record="skip"), 0, stats
+  )
+  assert len(convs) == 1 and stats.skipped == 1 and stats.records == 2
+  assert any(reason in r for r in stats.skipped_reasons)
+
+
+def test_invalid_utf8_names_the_line(tmp_path):
+  path = tmp_path / "d.jsonl"
+  path.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "b"}\n')
+  with pytest.raises(DataError, match=r"d\.jsonl:2: invalid UTF-8"):
+    read_records(str(path))
+
+
+def test_formats_and_field_mapping(tmp_path):
+  records = [
+    {
+      "conversations": [
+        {"from": "system", "value": "S"},
+        {"from": "human", "value": "Q"},
+        {"from": "gpt", "value": "A"},
+      ]
+    },
+  ]
+  convs, _ = pipeline.conversations(
+    _cfg(path=_write_jsonl(tmp_path / "s.jsonl", records)), 0, packing.Stats()
+  )
+  assert [(m.role, m.content) for m in convs[0].messages] == [
+    ("system", "S"),
+    ("user", "Q"),
+    ("assistant", "A"),
+  ]
+  path = _write_jsonl(tmp_path / "d.jsonl", [{"query": "Q", "reply": "A", "ctx": "C"}])
+  convs, _ = pipeline.conversations(
+    _cfg(path=path, format="dolly", fields="instruction=query,response=reply,context=ctx"),
+    0,
+    packing.Stats(),
+  )
+  assert convs[0].messages[0] == formats.Message("user", "Q", "C")
+  path = _write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "Q"}]}])
+  with pytest.raises(DataError, match="does not end with an assistant turn"):
+    pipeline.conversations(_cfg(path=path), 0, packing.Stats())
+
+
+@pytest.fixture(scope="module")
+def small_data():
+  cfg = _cfg(synthetic_examples=60, max_length=96)
+  return cfg, pipeline.load(cfg, seed=0)
+
+
+def test_packed_segments_never_mix_and_masks_match_unpacked(small_data):
+  cfg, data = small_data
+  packed = pipeline.Batches(data.train, 8, 96, pack=True, seed=0, shuffle=False)
+  unpacked = pipeline.Batches(data.train, 8, 96, pack=False, seed=0, shuffle=False)
+  seen_packed, seen_unpacked = [], []
+  while packed.epoch == 0:
+    b = next(packed)
+    for r in range(8):
+      segs = b.segment_ids[r]
+      for s in set(segs[segs > 0].tolist()):
+        idx = np.flatnonzero(segs == s)
+        assert np.all(np.diff(idx) == 1)  # Contiguous: segments never interleave.
+        np.testing.assert_array_equal(b.positions[r, idx], np.arange(len(idx)))
+        seen_packed.append((b.inputs[r, idx].tolist(), b.weights[r, idx].tolist()))
+  while unpacked.epoch == 0:
+    b = next(unpacked)
+    for r in range(8):
+      idx = np.flatnonzero(b.segment_ids[r])
+      if len(idx):
+        assert set(b.segment_ids[r, idx].tolist()) == {1}
+        seen_unpacked.append((b.inputs[r, idx].tolist(), b.weights[r, idx].tolist()))
+  assert sorted(seen_packed) == sorted(seen_unpacked)
+  assert len(seen_packed) == len(data.train)
+  assert packed.batches < unpacked.batches
+
+
+def test_resumed_iterator_yields_the_same_batches(small_data):
+  _, data = small_data
+  first = pipeline.Batches(data.train, 4, 96, pack=True, seed=7)
+  for _ in range(40):  # Crosses an epoch boundary.
+    next(first)
+  state = dict(first.state())
+  expected = [next(first) for _ in range(10)]
+  resumed = pipeline.Batches(data.train, 4, 96, pack=True, seed=7)
+  resumed.restore(state)
+  for a, b in zip(expected, [next(resumed) for _ in range(10)], strict=True):
+    for k in vars(a):
+      np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+
+
+def test_hosts_read_disjoint_shards_covering_the_data(small_data):
+  _, data = small_data
+  single = pipeline.Batches(data.train, 8, 96, pack=True, seed=5).order(3)
+  shards = [
+    pipeline.Batches(data.train, 8, 96, True, 5, process_index=h, process_count=4).order(3)
+    for h in range(4)
+  ]
+  assert sum(len(s) for s in shards) == len(single)
+  assert set().union(*map(set, shards)) == set(single.tolist())
+  interleaved = np.stack([s[: len(shards[-1])] for s in shards], axis=1).reshape(-1)
+  np.testing.assert_array_equal(interleaved, single[: len(interleaved)])
+
+
+def test_a_batch_that_supervises_nothing_fails_loudly():
+  ex = packing.Example(np.arange(5, dtype=np.int32), np.zeros(5, bool))
+  with pytest.raises(DataError, match="supervises no token"):
+    next(pipeline.Batches([ex], 1, 16, True, 0))
+
+
+def test_truncation_policy_is_counted():
+  ex = packing.Example(np.arange(10, dtype=np.int32), np.array([0] * 4 + [1] * 6, bool))
+  stats = packing.Stats()
+  assert len(packing.fit(ex, 6, "truncate", stats)) == 7 and stats.truncated == 1
+  assert packing.fit(ex, 6, "drop", stats) is None and stats.dropped_too_long == 1
+  assert packing.fit(ex, 3, "truncate", stats) is None and stats.dropped_unsupervised == 1
+
+
+def test_tfds_source_gives_the_same_examples_as_its_jsonl(tmp_path, small_data):
+  records = [{"instruction": f"Say {i}.", "input": "", "output": f"{i} ☕"} for i in range(30)]
+  path = _write_jsonl(tmp_path / "inst.jsonl", records)
+  prepared = tfds.prepare(str(path), str(tmp_path / "tfds"))
+  base = dict(tokenizer_vocab_size=300, max_length=512)
+  from_jsonl = pipeline.load(_cfg(path=path, **base), seed=0)
+  from_tfds = pipeline.load(_cfg(path=prepared, **base), seed=0)
+  assert len(from_jsonl.train) == len(from_tfds.train) == 30
+  for a, b in zip(from_jsonl.train, from_tfds.train, strict=True):
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.supervised, b.supervised)
+
+
+def test_config_choices_match_the_registries():
+  hints = {f.name: f.type for f in dataclasses.fields(config.DataConfig)}
+  assert "alpaca" in hints["template"] and "flan_cot" in hints["format"]
+  import typing
+
+  data_hints = typing.get_type_hints(config.DataConfig)
+  assert set(typing.get_args(data_hints["template"])) == set(templates.TEMPLATES)
+  assert set(typing.get_args(data_hints["format"])) == {"auto", *formats.FORMATS}
