@@ -7,15 +7,25 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from jaxtune.checkpoint import CheckpointError as RestoreError
 from jaxtune.config import ConfigError
 from jaxtune.convert.llama2c import CheckpointError
 from jaxtune.data.sources import DataError
 from jaxtune.sharding import ShardingError
+from jaxtune.train.loop import TrainingError
 
 log = logging.getLogger("jaxtune")
 
 # Errors that are the user's to fix: reported as one line, no traceback.
-USER_ERRORS = (ConfigError, DataError, ShardingError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (
+  ConfigError,
+  DataError,
+  ShardingError,
+  CheckpointError,
+  RestoreError,
+  TrainingError,
+  FileNotFoundError,
+)
 
 
 def _config(args: argparse.Namespace):

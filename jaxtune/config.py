@@ -157,19 +157,63 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """The training loop."""
+  """The training loop, optimizer, schedule, checkpoints and metrics."""
 
-  steps: int = 200
+  steps: int = 600  # Used when `epochs` is 0.
+  epochs: int = 0  # If > 0, the run is this many passes over the training data.
   seed: int = 0
-  batch_size: int = 16
+  batch_size: int = 16  # Global, in rows of data.max_length.
+  micro_batches: int = 1  # Gradient accumulation: the batch is split into this many parts.
+  optimizer: Literal["adamw", "adafactor"] = "adamw"
   learning_rate: float = 3e-3
+  end_learning_rate: float = 3e-4
+  schedule: Literal["constant", "cosine", "linear", "rsqrt"] = "cosine"
+  warmup_steps: int = 30
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  clip_norm: float = 1.0  # 0: no clipping.
+  z_loss: float = 0.0  # PaLM's auxiliary loss on log(Z)^2 (1e-4 in PaLM).
+  neftune_alpha: float = 0.0  # 0: off; the paper uses 5, 10, 15.
+  nonfinite: Literal["stop", "skip"] = "stop"  # What a non-finite loss or gradient does.
   log_every: int = 20
+  eval_every: int = 100
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 2
+  resume: bool = False  # Continue from the latest checkpoint in output_dir.
+  init_from: str = ""  # Pretrained weights: a llama2.c .bin or a jaxtune checkpoint directory.
+  peak_flops: float = 0.0  # Per device, for MFU; 0: known accelerators only.
   output_dir: str = "runs/default"
 
   def validate(self) -> None:
-    for key in ("steps", "batch_size", "log_every"):
+    for key in (
+      "steps",
+      "batch_size",
+      "micro_batches",
+      "log_every",
+      "eval_every",
+      "checkpoint_every",
+      "keep_checkpoints",
+    ):
       _check(getattr(self, key) > 0, f"train.{key}={getattr(self, key)} must be positive")
+    for key in (
+      "epochs",
+      "warmup_steps",
+      "weight_decay",
+      "clip_norm",
+      "z_loss",
+      "neftune_alpha",
+      "end_learning_rate",
+      "peak_flops",
+    ):
+      _check(getattr(self, key) >= 0, f"train.{key}={getattr(self, key)} must not be negative")
     _check(self.learning_rate > 0, f"train.learning_rate={self.learning_rate} must be positive")
+    _check(
+      self.batch_size % self.micro_batches == 0,
+      f"train.batch_size={self.batch_size} is not divisible by "
+      f"train.micro_batches={self.micro_batches}",
+    )
 
 
 @dataclasses.dataclass(frozen=True)

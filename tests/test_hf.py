@@ -15,6 +15,7 @@ import shutil
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -45,7 +46,18 @@ CASES = {
   "mistral": ("mistral", dict(_SMALL, num_key_value_heads=2, sliding_window=64)),
   "qwen2": ("qwen2", dict(_SMALL, num_key_value_heads=2)),
   "gemma": ("gemma", dict(_SMALL, num_key_value_heads=1, head_dim=16)),
-  "gpt2": ("gpt2", dict(vocab_size=256, n_embd=64, n_layer=2, n_head=8, n_positions=128)),
+  "gpt2": (
+    "gpt2",
+    dict(
+      vocab_size=256,
+      n_embd=64,
+      n_layer=2,
+      n_head=8,
+      n_positions=128,
+      bos_token_id=0,
+      eos_token_id=0,
+    ),
+  ),
 }
 TOKENS_BT = np.random.default_rng(0).integers(0, 256, (2, 16))
 TOLERANCE = 1e-4
@@ -69,7 +81,11 @@ def _torch_logits(model: torch.nn.Module, tokens_bt: np.ndarray) -> np.ndarray:
 
 @contextlib.contextmanager
 def _transformers_warnings():
-  """Collects the warnings transformers logs (its loggers do not propagate to the root)."""
+  """Collects the warnings transformers logs (its loggers do not propagate to the root).
+
+  Forgets the warnings it logs only once, so that one logged by an earlier test is seen again.
+  """
+  transformers.utils.logging.warning_once.cache_clear()
   records = []
   handler = logging.Handler(logging.WARNING)
   handler.emit = records.append
@@ -79,6 +95,14 @@ def _transformers_warnings():
     yield records
   finally:
     log.removeHandler(handler)
+
+
+def _random_variables(cfg: ModelConfig, seed: int):
+  """Variables shaped and boxed as `Transformer(cfg).init` makes them (jax arrays), without
+  compiling the initializer."""
+  abstract = jax.eval_shape(transformer.init_fn(transformer.Transformer(cfg)), jax.random.key(0))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, s.dtype)), abstract)
 
 
 def _assert_trees_equal(a, b):
@@ -156,18 +180,35 @@ def test_sharded_checkpoint_matches_single_file(tmp_path):
   _assert_trees_equal(sharded, one)
 
 
+def test_bare_base_model_names_and_stored_buffers(tmp_path):
+  """GPT-2 as on the Hub: `h.0.attn.c_attn.weight` (no `transformer.`) and causal-mask buffers."""
+  _hf_model("gpt2").save_pretrained(tmp_path)
+  cfg, expected = hf.load_hf(tmp_path)
+  path = tmp_path / "model.safetensors"
+  tensors = {
+    k.removeprefix("transformer."): v for k, v in safetensors.numpy.load_file(path).items()
+  }
+  tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 128, 128), np.float32))
+  safetensors.numpy.save_file(tensors, path, metadata={"format": "pt"})
+  cfg_bare, bare = hf.load_hf(tmp_path)
+  assert cfg_bare == cfg
+  _assert_trees_equal(bare, expected)
+
+
 def test_jaxtune_params_export_in_bfloat16(tmp_path):
   cfg = ModelConfig(
     vocab_size=256, dim=64, num_heads=8, num_kv_heads=2, mlp_dim=128, tie_embeddings=False
   )
-  boxed = transformer.Transformer(cfg).init(jax.random.key(1), TOKENS_BT)  # jax arrays, boxed.
+  boxed = _random_variables(cfg, seed=1)
   hf.save_hf(cfg, boxed, tmp_path, dtype="bfloat16")
   written = json.loads((tmp_path / "config.json").read_text())
   assert (written["model_type"], written["architectures"]) == ("llama", ["LlamaForCausalLM"])
   cfg_again, loaded = hf.load_hf(tmp_path, param_dtype="bfloat16")
   assert cfg_again == dataclasses.replace(cfg, param_dtype="bfloat16")
-  expected = jax.tree.map(lambda x: np.asarray(x).astype(jax.numpy.bfloat16), nn.meta.unbox(boxed))
+  expected = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), nn.meta.unbox(boxed))
   _assert_trees_equal(loaded, expected)
+  _, widened = hf.load_hf(tmp_path)  # float32 by default: bfloat16 widens exactly.
+  _assert_trees_equal(widened, jax.tree.map(lambda x: x.astype(np.float32), expected))
 
 
 @pytest.mark.parametrize(
@@ -188,7 +229,7 @@ def test_save_hf_refuses_models_without_hf_equivalent(overrides, field, tmp_path
 
 def test_save_hf_refuses_params_that_do_not_match_the_config(tmp_path):
   cfg = ModelConfig(vocab_size=256, dim=64, num_heads=8, mlp_dim=128)
-  variables = transformer.Transformer(cfg).init(jax.random.key(0), TOKENS_BT)
+  variables = _random_variables(cfg, seed=0)
   with pytest.raises(CheckpointError, match="layers/mlp/up/kernel is"):
     hf.save_hf(ModelConfig(vocab_size=256, dim=64, num_heads=8, mlp_dim=96), variables, tmp_path)
 

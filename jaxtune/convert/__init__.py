@@ -1,1 +1,1 @@
-"""Checkpoint import and export: llama2.c (and, later, Hugging Face)."""
+"""Checkpoint import and export: llama2.c, Hugging Face (safetensors), GQA/MQA uptraining."""

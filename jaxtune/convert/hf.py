@@ -44,6 +44,8 @@ def load_hf(
 
   The arrays are cast to `param_dtype` ("float32" or "bfloat16"), which the config records.
   """
+  if param_dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"param_dtype={param_dtype!r} must be float32 or bfloat16")
   folder = pathlib.Path(folder)
   hf_config = _read_config(folder / "config.json")
   model_type, family = _family(hf_config, folder / "config.json")
@@ -89,8 +91,11 @@ def save_hf(
   (fully addressable) jax arrays, boxed or not. `dtype` ("float32", "bfloat16" or "float16") is
   that of the stored tensors. The family follows from the config: GPT-2 (learned positions and
   biases), Qwen2 (q/k/v biases), Gemma (scaled embeddings and GeGLU), else Llama; a model no family
-  computes exactly (e.g. the PaLM parallel block) is a CheckpointError.
+  computes exactly (e.g. the PaLM parallel block) is a CheckpointError. Mistral is written as
+  Llama, which is the same model (jaxtune has no sliding window).
   """
+  if dtype not in ("float32", "bfloat16", "float16"):
+    raise ValueError(f"dtype={dtype!r} must be float32, bfloat16 or float16")
   model_type = family_for(config)
   family = FAMILIES[model_type]
   params = _flatten(_numpy_params(variables))

@@ -94,7 +94,7 @@ def _heads_in(name: str, path: str, n: int, h: int, d: int) -> Tensor:
     name,
     (path,),
     (n * h, d),
-    lambda w: (w.reshape(h, n, d).transpose(2, 1, 0),),
+    lambda w: (w.reshape(n, h, d).transpose(2, 0, 1),),
     lambda x_dnh: x_dnh.transpose(1, 2, 0).reshape(n * h, d),
   )
 
@@ -156,14 +156,8 @@ def _decoder_tensors(cfg: ModelConfig, norm_offset: float = 0.0) -> list[Tensor]
 
 
 def _gpt2_tensors(cfg: ModelConfig) -> list[Tensor]:
-  d, f, v, p, n, h = (
-    cfg.dim,
-    cfg.mlp_dim,
-    cfg.vocab_size,
-    cfg.max_seq_len,
-    cfg.num_heads,
-    cfg.head_size,
-  )
+  d, f, v, p = cfg.dim, cfg.mlp_dim, cfg.vocab_size, cfg.max_seq_len
+  n, h = cfg.num_heads, cfg.head_size
   block = "transformer.h.{i}."
   tensors = [
     _copy("transformer.wte.weight", "embed/embedding", (v, d)),
@@ -335,7 +329,11 @@ def _gemma_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _gpt2_hf(cfg: ModelConfig) -> dict[str, Any]:
+  # GPT-2's <|endoftext|> (transformers' default) only where the vocabulary has it.
+  end_of_text = 50256 if cfg.vocab_size > 50256 else None
   return dict(
+    bos_token_id=end_of_text,
+    eos_token_id=end_of_text,
     vocab_size=cfg.vocab_size,
     n_embd=cfg.dim,
     n_layer=cfg.num_layers,
@@ -363,7 +361,7 @@ FAMILIES: dict[str, Family] = {
     "model.",
     _gemma_config,
     _gemma_hf,
-    functools.partial(_decoder_tensors, norm_offset=0.5),
+    functools.partial(_decoder_tensors, norm_offset=1.0),
   ),
   "gpt2": Family(
     ("GPT2LMHeadModel", "GPT2Model"), "transformer.", _gpt2_config, _gpt2_hf, _gpt2_tensors

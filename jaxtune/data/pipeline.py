@@ -32,6 +32,7 @@ class Data:
   eval: list[Example]
   stats: Stats
   conversations: list[Conversation]  # Training conversations, in source order.
+  held_out: list[Conversation]
 
 
 def _records(path: str, cfg: DataConfig, bad: BadRecords | None) -> list[Record]:
@@ -132,7 +133,7 @@ def load(cfg: DataConfig, seed: int) -> Data:
       f"{cfg.max_length}",
     )
   eval_examples = examples(held_out, cfg, tok, Stats())
-  return Data(tok, train_examples, eval_examples, stats, train)
+  return Data(tok, train_examples, eval_examples, stats, train, held_out)
 
 
 class Batches(Iterator[Batch]):

@@ -18,6 +18,7 @@ import numpy as np
 from jaxtune.config import ModelConfig
 from jaxtune.model.attention import Attention, segment_positions
 from jaxtune.model.layers import Embed, Mlp, Norm, constrain, dropout
+from jaxtune.peft import neftune
 
 _REMAT_POLICIES = {
   "full": None,  # Save nothing: recompute the whole block.
@@ -65,7 +66,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """A decoder-only language model returning float32 logits [B, T, V]."""
+  """A decoder-only language model returning float32 logits [B, T, V].
+
+  `deterministic=False` turns on residual dropout ('dropout' rng) and, with `neftune_alpha` > 0,
+  NEFTune noise on the token embeddings ('neftune' rng).
+  """
 
   config: ModelConfig
 
@@ -78,6 +83,7 @@ class Transformer(nn.Module):
     *,
     deterministic: bool = True,
     decode: bool = False,
+    neftune_alpha: float = 0.0,
   ) -> jax.Array:
     cfg = self.config
     if segment_ids_bt is None:
@@ -91,6 +97,9 @@ class Transformer(nn.Module):
     x_btd = embed(tokens_bt)
     if cfg.scale_embeddings:
       x_btd = x_btd * jnp.asarray(np.sqrt(cfg.dim), x_btd.dtype)
+    if neftune_alpha and not deterministic:  # Training-time noise on the token embeddings.
+      noise_btd = neftune.noise(self.make_rng("neftune"), segment_ids_bt, cfg.dim, neftune_alpha)
+      x_btd = x_btd + noise_btd.astype(x_btd.dtype)
     if cfg.position == "learned":
       x_btd = x_btd + Embed(cfg.max_seq_len, cfg, ("position", "embed"), name="position")(
         positions_bt

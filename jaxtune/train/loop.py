@@ -1,131 +1,265 @@
-"""The training loop: config -> mesh, rules -> model -> sharded state -> jitted step -> metrics."""
+"""The training loop, the only place with I/O:
+config -> data -> mesh, rules -> model -> sharded state -> jitted step -> metrics, checkpoints.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import json
 import logging
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import yaml
 from tqdm import tqdm
 
-from jaxtune import sharding
+from jaxtune import checkpoint, generate, sharding
 from jaxtune.config import Config, ConfigError
-from jaxtune.data import pipeline
+from jaxtune.convert import llama2c
+from jaxtune.data import packing, pipeline, templates
 from jaxtune.model import transformer
-from jaxtune.train.step import TrainState, loss_fn, make_train_step
+from jaxtune.train import metrics, optim
+from jaxtune.train.step import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config) -> dict[str, float]:
-  """Trains on the configured data; returns the first and last held-out losses."""
-  data = pipeline.load(cfg.data, cfg.train.seed)
-  if cfg.model.vocab_size < data.tokenizer.vocab_size:
+class TrainingError(RuntimeError):
+  """Training cannot go on (a non-finite loss or gradient)."""
+
+
+def _check_fits(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh) -> None:
+  """Fails before compiling on a configuration that cannot work."""
+  if cfg.model.vocab_size < vocab_size:
     raise ConfigError(
-      f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-      f"{data.tokenizer.vocab_size} tokens (added: {list(data.tokenizer.added)})"
+      f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab_size} tokens"
     )
+  if cfg.data.max_length > cfg.model.max_seq_len:
+    raise ConfigError(
+      f"data.max_length={cfg.data.max_length} is longer than the model's "
+      f"positions (model.max_seq_len={cfg.model.max_seq_len})"
+    )
+  sharding.check_batch(cfg.train.batch_size // cfg.train.micro_batches, mesh)
+
+
+def _initial_params(cfg: Config, model, mesh, rng) -> sharding.Sharded:
+  """Random (abstract-first, sharded) parameters, or pretrained ones from `train.init_from`."""
+  sharded = sharding.init_sharded(transformer.init_fn(model), rng, mesh, cfg.mesh.strategy)
+  path = cfg.train.init_from
+  if not path:
+    return sharded
+  shardings = sharded.shardings["params"]
+  if path.endswith(".bin"):
+    _, variables = llama2c.load_model(path)  # Its architecture is checked by the shapes below.
+    loaded = transformer.grow_vocab(variables["params"], cfg.model.vocab_size)
+  else:
+    abstract = checkpoint.abstract(sharded.variables["params"], shardings)
+    loaded = checkpoint.restore_params(path, abstract)
+  got = jax.tree.map(lambda x: x.shape, loaded)
+  want = jax.tree.map(lambda x: x.shape, sharded.variables["params"])
+  if got != want:
+    raise ConfigError(f"train.init_from={path}: parameter shapes {got} do not fit the model {want}")
+  params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), loaded, shardings)
+  return dataclasses.replace(sharded, variables={"params": params})
+
+
+def run(cfg: Config) -> dict[str, Any]:
+  """Trains as configured; returns a summary (losses, steps, throughput)."""
+  chief = jax.process_index() == 0
+  data = pipeline.load(cfg.data, cfg.train.seed)
+  mesh = sharding.make_mesh(cfg.mesh)
+  _check_fits(cfg, data.tokenizer.vocab_size, mesh)
+  stats = data.stats
   log.info(
     "data: %d examples, %d tokens, %.1f%% supervised, %d truncated, %d dropped",
-    data.stats.examples,
-    data.stats.tokens,
-    100 * data.stats.supervised_fraction,
-    data.stats.truncated,
-    data.stats.dropped_too_long + data.stats.dropped_unsupervised,
+    stats.examples,
+    stats.tokens,
+    100 * stats.supervised_fraction,
+    stats.truncated,
+    stats.dropped_too_long + stats.dropped_unsupervised,
   )
-  mesh = sharding.make_mesh(cfg.mesh)
-  sharding.check_batch(cfg.train.batch_size, mesh)
-  model = transformer.Transformer(cfg.model)
-  root = jax.random.key(cfg.train.seed)
-  init_rng, dropout_rng = jax.random.split(root)
-  sharded = sharding.init_sharded(transformer.init_fn(model), init_rng, mesh, cfg.mesh.strategy)
-  params = sharded.variables["params"]
+  batches = pipeline.Batches(
+    data.train,
+    cfg.train.batch_size,
+    cfg.data.max_length,
+    cfg.data.pack,
+    cfg.train.seed,
+    cfg.data.shuffle,
+    jax.process_index(),
+    jax.process_count(),
+  )
+  per_epoch, efficiency = batches.batches_per_epoch()
+  steps = cfg.train.epochs * per_epoch if cfg.train.epochs else cfg.train.steps
   log.info(
-    "model: %s parameters on mesh %s", f"{transformer.param_count(params):,}", dict(mesh.shape)
+    "%d steps (%d batches per epoch, packing efficiency %.1f%%)", steps, per_epoch, 100 * efficiency
   )
 
-  schedule = optax.warmup_cosine_decay_schedule(
-    0.0, cfg.train.learning_rate, min(100, cfg.train.steps // 10), cfg.train.steps
-  )
-  optimizer = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.0)
+  model = transformer.Transformer(cfg.model)
+  init_rng, step_rng = jax.random.split(jax.random.key(cfg.train.seed))
+  sharded = _initial_params(cfg, model, mesh, init_rng)
+  n_params = transformer.param_count(sharded.variables["params"])
+  log.info("model: %s parameters on mesh %s", f"{n_params:,}", dict(mesh.shape))
+  optimizer = optim.optimizer(cfg.train, steps)
+  lr = optim.schedule(cfg.train, steps)
   batch_sharding = sharding.logical_sharding(mesh, sharded.rules, ("act_batch", "act_seq"))
+
   with sharding.use(mesh, sharded.rules):
-    state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)))(params)
+    init_state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)))
+    state = init_state(sharded.variables["params"])
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    step = jax.jit(
-      make_train_step(model, optimizer, dropout_rng),
+    train_step = jax.jit(
+      make_train_step(
+        model,
+        optimizer,
+        step_rng,
+        micro_batches=cfg.train.micro_batches,
+        z_loss=cfg.train.z_loss,
+        neftune_alpha=cfg.train.neftune_alpha,
+      ),
       in_shardings=(state_sharding, batch_sharding),
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       donate_argnums=0,
     )
-    evaluate = jax.jit(
-      lambda p, b: loss_fn(model, p, b, None), in_shardings=(state_sharding.params, batch_sharding)
+    eval_step = jax.jit(make_eval_step(model), in_shardings=(state_sharding.params, batch_sharding))
+
+    ckpt = checkpoint.Checkpointer(
+      os.path.join(cfg.train.output_dir, "checkpoints"), cfg.train.keep_checkpoints
     )
+    latest = ckpt.latest_step()
+    if latest is not None and not cfg.train.resume:
+      raise ConfigError(
+        f"{cfg.train.output_dir} already has checkpoints (step {latest}); set "
+        "train.resume=true to continue, or choose another train.output_dir"
+      )
+    if latest is not None:
+      state, data_state = ckpt.restore(latest, checkpoint.abstract(state, state_sharding))
+      batches.restore(data_state)
+      log.info("resumed from step %d of %s", latest, ckpt.directory)
+    if chief:
+      os.makedirs(cfg.train.output_dir, exist_ok=True)
+      with open(os.path.join(cfg.train.output_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+      data.tokenizer.save(os.path.join(cfg.train.output_dir, "tokenizer"))
 
-    def put(batch):
-      return {k: jax.device_put(v, batch_sharding) for k, v in vars(batch).items()}
+    def put(batch: pipeline.Batch) -> dict[str, jax.Array]:
+      local = {k: v for k, v in vars(batch).items()}
+      return {
+        k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()
+      }
 
-    train_data = pipeline.Batches(
-      data.train,
+    eval_source = data.eval or data.train[: cfg.train.batch_size]
+    eval_iter = pipeline.Batches(
+      eval_source,
       cfg.train.batch_size,
       cfg.data.max_length,
       cfg.data.pack,
-      cfg.train.seed,
-      cfg.data.shuffle,
+      0,
+      False,
+      jax.process_index(),
+      jax.process_count(),
     )
-    eval_source = data.eval or data.train[: cfg.train.batch_size]
-    eval_batches = pipeline.Batches(
-      eval_source, cfg.train.batch_size, cfg.data.max_length, cfg.data.pack, 0, shuffle=False
-    )
-    held_out = [put(b) for b in itertools.islice(eval_batches, eval_batches.batches_per_epoch()[0])]
+    held_out = [put(b) for b in itertools.islice(eval_iter, eval_iter.batches_per_epoch()[0])]
 
-    def held_out_loss(params):
-      sums = [
-        (float(evaluate(params, b)) * float(b["weights"].sum()), float(b["weights"].sum()))
-        for b in held_out
-      ]
-      return sum(s for s, _ in sums) / sum(n for _, n in sums)
+    def held_out_loss(params) -> float:
+      sums = [eval_step(params, b) for b in held_out]
+      return float(sum(s for s, _ in sums) / sum(n for _, n in sums))
 
-    losses = {"eval_loss_start": held_out_loss(state.params)}
-
-    os.makedirs(cfg.train.output_dir, exist_ok=True)
-    with open(os.path.join(cfg.train.output_dir, "config.yaml"), "w") as f:
-      yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    metrics_path = os.path.join(cfg.train.output_dir, "metrics.jsonl")
-    with open(metrics_path, "w") as metrics_file, tqdm(total=cfg.train.steps, unit="step") as bar:
-      tokens, start = 0, time.perf_counter()
-      for i in range(1, cfg.train.steps + 1):
-        batch = next(train_data)
-        tokens += int(np.count_nonzero(batch.segment_ids))
-        state, metrics = step(state, put(batch))
-        if i % cfg.train.log_every == 0 or i == cfg.train.steps:
-          metrics = {k: float(v) for k, v in metrics.items()}
-          elapsed = time.perf_counter() - start
-          record = {
-            "step": i,
-            **metrics,
-            "lr": float(schedule(i)),
-            "tokens_per_s": tokens / elapsed,
-          }
-          metrics_file.write(json.dumps(record) + "\n")
-          bar.set_postfix(
-            loss=f"{metrics['loss']:.3f}",
-            gnorm=f"{metrics['grad_norm']:.2f}",
-            tok_s=f"{record['tokens_per_s']:.0f}",
-          )
-        bar.update()
-    losses["eval_loss_end"] = held_out_loss(state.params)
+    writer = metrics.Writer(cfg.train.output_dir, enabled=chief)
+    flops = metrics.flops_per_token(cfg.model, n_params, cfg.data.max_length)
+    peak = metrics.peak_flops(cfg.train.peak_flops)
+    first = int(state.step)
+    summary = {"eval_loss_start": held_out_loss(state.params), "steps": steps, "start_step": first}
+    writer.write(first, {"eval_loss": summary["eval_loss_start"]})
+    bar = tqdm(total=steps, initial=first, unit="step", disable=not chief, mininterval=1.0)
+    pending, real_tokens, t0 = None, 0, time.perf_counter()
+    try:
+      for step in range(first + 1, steps + 1):
+        batch = next(batches)
+        real_tokens += int(np.count_nonzero(batch.segment_ids)) * jax.process_count()
+        state, step_metrics = train_step(state, put(batch))
+        if pending is not None:  # The previous step's metrics: fetching them does not stall.
+          _report(*pending, cfg, lr, writer, bar, real_tokens, t0, flops, peak)
+        pending = (step, step_metrics)
+        if step % cfg.train.eval_every == 0 and step != steps:
+          writer.write(step, {"eval_loss": held_out_loss(state.params)})
+        if step % cfg.train.checkpoint_every == 0 and step != steps:
+          _check_finite(*pending, cfg)
+          ckpt.save(step, state, batches.state())
+      if pending is not None:
+        _report(*pending, cfg, lr, writer, bar, real_tokens, t0, flops, peak)
+      ckpt.save(steps, state, batches.state())
+      summary["eval_loss_end"] = held_out_loss(state.params)
+      writer.write(steps, {"eval_loss": summary["eval_loss_end"]})
+    finally:
+      bar.close()
+      ckpt.close()
+      writer.close()
+  elapsed = time.perf_counter() - t0
+  summary["tokens_per_s"] = real_tokens / elapsed if steps > first else 0.0
   log.info(
-    "held-out loss %.4f -> %.4f; metrics in %s",
-    losses["eval_loss_start"],
-    losses["eval_loss_end"],
-    metrics_path,
+    "held-out loss %.4f -> %.4f; checkpoints in %s",
+    summary["eval_loss_start"],
+    summary["eval_loss_end"],
+    ckpt.directory,
   )
-  return losses
+  if chief and data.held_out:
+    _answer(model, state.params, data, cfg)
+  return summary
+
+
+def _check_finite(step: int, step_metrics: dict[str, jax.Array], cfg: Config) -> None:
+  if not bool(step_metrics["finite"]) and cfg.train.nonfinite == "stop":
+    raise TrainingError(
+      f"step {step}: non-finite loss ({float(step_metrics['loss'])}) or gradient "
+      f"norm ({float(step_metrics['grad_norm'])}); the step was not applied and "
+      "no checkpoint holds it. Set train.nonfinite=skip to skip such steps"
+    )
+
+
+def _report(step, step_metrics, cfg, lr, writer, bar, real_tokens, t0, flops, peak) -> None:
+  _check_finite(step, step_metrics, cfg)
+  values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+  if not values["finite"]:
+    log.warning("step %d: non-finite loss or gradient; step skipped", step)
+  bar.update(step - bar.n)
+  if step % cfg.train.log_every and step != bar.total:
+    return
+  elapsed = time.perf_counter() - t0
+  record = {
+    "loss": values["loss"],
+    "grad_norm": values["grad_norm"],
+    "lr": float(lr(step - 1)),
+    "tokens_per_s": real_tokens / elapsed,
+    "step_time_s": elapsed / max(bar.n - bar.initial, 1),
+  }
+  if peak:
+    record["mfu"] = record["tokens_per_s"] * flops / (peak * jax.device_count())
+  writer.write(step, record)
+  bar.set_postfix(
+    loss=f"{record['loss']:.3f}",
+    lr=f"{record['lr']:.1e}",
+    gnorm=f"{record['grad_norm']:.2f}",
+    tok_s=f"{record['tokens_per_s']:.0f}",
+    **({"mfu": f"{100 * record['mfu']:.1f}%"} if peak else {}),
+  )
+
+
+def _answer(model, params, data: pipeline.Data, cfg: Config, count: int = 4) -> None:
+  """Greedy answers to a few held-out prompts, to see what the model learned."""
+  tok = data.tokenizer
+  end = (
+    tok.special_id(templates.TEMPLATES[cfg.data.template].special_tokens[-1])
+    if (templates.TEMPLATES[cfg.data.template].special_tokens)
+    else tok.eos_id
+  )
+  for conv in data.held_out[:count]:
+    prompt_conv = dataclasses.replace(conv, messages=conv.messages[:-1])
+    chunks = templates.render(prompt_conv, cfg.data.template)
+    ids = packing.tokenize(chunks, tok, False).ids.tolist()
+    out = generate.greedy(model, params, ids, 48, stop_ids=(end, tok.eos_id))
+    answer = tok.decode([i for i in out if i not in (end, tok.eos_id)])
+    print(f"\n> {conv.messages[-2].content}\n{answer}\n(reference: {conv.messages[-1].content})")

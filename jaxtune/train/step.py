@@ -1,6 +1,11 @@
-"""The train step: masked token-mean cross-entropy, one `jax.jit` with explicit shardings.
+"""The train and eval steps: pure functions, jitted once by the loop with explicit shardings.
 
-Shape letters: B batch, T length, V vocab.
+Loss: token-mean cross-entropy over the supervised tokens of the whole global batch (a sum over
+tokens divided by the batch's supervised-token count, so k micro-batches accumulate to exactly
+the loss of one batch), plus optional PaLM z-loss `z * log(Z)^2`. A step whose loss or gradient
+is not finite leaves the state as it was (the loop stops or goes on, per `train.nonfinite`).
+
+Shape letters: B batch, T length, V vocab, K micro-batches.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import optax
 
 from jaxtune.model.transformer import Transformer
 
+Batch = dict[str, jax.Array]
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -23,35 +30,102 @@ class TrainState:
   opt_state: Any
 
 
-def masked_xent(logits_btv: jax.Array, targets_bt: jax.Array, weights_bt: jax.Array) -> jax.Array:
-  """Mean cross-entropy over the weighted (supervised) tokens of the whole batch."""
-  logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32))
-  nll_bt = -jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
-  return jnp.sum(nll_bt * weights_bt) / jnp.maximum(jnp.sum(weights_bt), 1.0)
+def token_losses(
+  logits_btv: jax.Array, targets_bt: jax.Array, weights_bt: jax.Array, z_loss: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
+  """(weighted sum of nll + z-loss, weighted sum of nll) over the batch, in float32."""
+  logits_btv = logits_btv.astype(jnp.float32)
+  log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+  target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+  nll_bt = log_z_bt - target_logit_bt
+  nll = jnp.sum(nll_bt * weights_bt)
+  return nll + z_loss * jnp.sum(jnp.square(log_z_bt) * weights_bt), nll
 
 
-def loss_fn(model: Transformer, params: Any, batch: dict[str, jax.Array], rng: jax.Array | None):
-  logits = model.apply(
+def _forward(model: Transformer, params: Any, batch: Batch, rng: jax.Array | None, alpha: float):
+  rngs = (
+    None if rng is None else dict(zip(("dropout", "neftune"), jax.random.split(rng), strict=True))
+  )
+  return model.apply(
     {"params": params},
     batch["inputs"],
-    segment_ids_bt=batch["segment_ids"],
+    batch["positions"],
+    batch["segment_ids"],
     deterministic=rng is None,
-    rngs=None if rng is None else {"dropout": rng},
+    neftune_alpha=alpha,
+    rngs=rngs,
   )
-  return masked_xent(logits, batch["targets"], batch["weights"])
+
+
+def _micro_batches(batch: Batch, k: int) -> Batch:
+  """[B, ...] -> [K, B/K, ...]; micro-batch i takes rows i, i + K, ... (each device keeps its
+  own rows)."""
+  return {
+    key: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1) for key, x in batch.items()
+  }
 
 
 def make_train_step(
-  model: Transformer, optimizer: optax.GradientTransformation, rng: jax.Array
-) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-  """`(state, batch) -> (state, metrics)`; dropout noise is `fold_in(rng, step)`."""
+  model: Transformer,
+  optimizer: optax.GradientTransformation,
+  rng: jax.Array,
+  *,
+  micro_batches: int = 1,
+  z_loss: float = 0.0,
+  neftune_alpha: float = 0.0,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """`(state, batch) -> (state, metrics)`. Noise (dropout, NEFTune) is `fold_in(rng, step)`."""
 
-  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+  def train_step(state: TrainState, batch: Batch):
     step_rng = jax.random.fold_in(rng, state.step)
-    loss, grads = jax.value_and_grad(lambda p: loss_fn(model, p, batch, step_rng))(state.params)
+    total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+
+    def loss_sum(params, micro, i):
+      logits = _forward(model, params, micro, jax.random.fold_in(step_rng, i), neftune_alpha)
+      return token_losses(logits, micro["targets"], micro["weights"], z_loss)
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+    if micro_batches == 1:
+      (loss, nll), grads = grad_fn(state.params, batch, 0)
+    else:
+
+      def accumulate(acc, xs):
+        (loss, nll), grads = grad_fn(state.params, *xs)
+        return jax.tree.map(jnp.add, acc, (grads, loss, nll)), None
+
+      zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+      xs = (_micro_batches(batch, micro_batches), jnp.arange(micro_batches))
+      (grads, loss, nll), _ = jax.lax.scan(accumulate, zeros, xs)
+    grads = jax.tree.map(lambda g: g / total, grads)
+    loss, nll = loss / total, nll / total
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return TrainState(state.step + 1, params, opt_state), metrics
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    new_state = TrainState(
+      state.step + 1,
+      jax.tree.map(keep, params, state.params),
+      jax.tree.map(keep, opt_state, state.opt_state),
+    )
+    metrics = {
+      "loss": loss,
+      "nll": nll,
+      "grad_norm": grad_norm,
+      "finite": finite,
+      "supervised_tokens": jnp.sum(batch["weights"]),
+    }
+    return new_state, metrics
 
   return train_step
+
+
+def make_eval_step(model: Transformer) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
+  """`(params, batch) -> (sum of nll, supervised tokens)`; no dropout, no noise."""
+
+  def eval_step(params: Any, batch: Batch):
+    logits = _forward(model, params, batch, None, 0.0)
+    _, nll = token_losses(logits, batch["targets"], batch["weights"])
+    return nll, jnp.sum(batch["weights"])
+
+  return eval_step

@@ -1,0 +1,83 @@
+"""Throughput, FLOPs and MFU, and the metric files (JSONL and TensorBoard events).
+
+FLOP convention (PaLM, Chowdhery et al. 2022, appendix B): a token costs 6N + 12*L*H*Q*T FLOPs
+for a forward and backward pass, where N is the number of matmul parameters (everything but the
+input embedding lookup; a tied table counts once, as the output layer), L layers, H query heads,
+Q head dim and T the row length (attention over the whole row, not halved for causality). Only
+real (non-padding) tokens are counted, so packing shows up as throughput, and MFU is that rate
+over the devices' peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+
+from jaxtune.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
+PEAK_FLOPS = {
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v6 lite": 918e12,
+  "NVIDIA H100 80GB HBM3": 989e12,
+  "NVIDIA H200": 989e12,
+  "NVIDIA A100-SXM4-80GB": 312e12,
+  "NVIDIA A100-SXM4-40GB": 312e12,
+}
+
+
+def matmul_params(cfg: ModelConfig, total_params: int) -> int:
+  """Parameters that take part in matmuls: all but the input embedding lookup (and learned
+  positions); a tied embedding is the output layer's matmul."""
+  lookup = cfg.vocab_size * cfg.dim if not cfg.tie_embeddings else 0
+  if cfg.position == "learned":
+    lookup += cfg.max_seq_len * cfg.dim
+  return total_params - lookup
+
+
+def flops_per_token(cfg: ModelConfig, total_params: int, row_length: int) -> float:
+  """Training FLOPs per token: 6N + 12*L*H*Q*T."""
+  attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * row_length
+  return 6 * matmul_params(cfg, total_params) + attention
+
+
+def peak_flops(configured: float) -> float | None:
+  """Per-device peak: the configured one, else the table's for this device kind, else None."""
+  if configured:
+    return configured
+  return PEAK_FLOPS.get(jax.devices()[0].device_kind)
+
+
+class Writer:
+  """Appends metric records to `metrics.jsonl` and TensorBoard event files in `directory`."""
+
+  def __init__(self, directory: str, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter  # Light: no TensorFlow.
+
+    os.makedirs(directory, exist_ok=True)
+    self.jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+    self.tensorboard = SummaryWriter(os.path.join(directory, "tensorboard"))
+
+  def write(self, step: int, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+    self.jsonl.flush()
+    for key, value in record.items():
+      if isinstance(value, int | float):
+        self.tensorboard.add_scalar(key, value, step)
+    self.tensorboard.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self.jsonl.close()
+      self.tensorboard.close()
