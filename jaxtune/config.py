@@ -32,12 +32,12 @@ class ModelConfig:
 
   preset: str | None = None
   vocab_size: int = 512
-  dim: int = 64
-  num_layers: int = 2
+  dim: int = 128
+  num_layers: int = 4
   num_heads: int = 8
-  num_kv_heads: int | None = None  # None: as many as num_heads (MHA); 1: MQA; else GQA.
+  num_kv_heads: int | None = 2  # None: as many as num_heads (MHA); 1: MQA; else GQA.
   head_dim: int | None = None  # None: dim // num_heads.
-  mlp_dim: int = 256
+  mlp_dim: int = 384
   mlp: Literal["swiglu", "geglu", "gelu"] = "swiglu"
   norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
   norm_eps: float = 1e-5
@@ -136,7 +136,7 @@ class DataConfig:
   system_prompt: str | None = None
   tokenizer: str = ""  # A SentencePiece .model (or folder); "": train one on the data.
   tokenizer_vocab_size: int = 512
-  max_length: int = 256  # Next-token pairs per row.
+  max_length: int = 128  # Next-token pairs per row.
   truncation: Literal["truncate", "drop"] = "truncate"
   pack: bool = True
   train_on_prompt: bool = False
@@ -145,7 +145,7 @@ class DataConfig:
   eval_path: str = ""
   eval_size: int = 0  # Records of `path` held out for evaluation when there is no eval_path.
   mixture_cap: int = 0  # Per-task cap of a mixture (0: none).
-  few_shot: int = 2  # Exemplars in few-shot mixture examples (0: zero-shot only).
+  few_shot: int = 1  # Exemplars in few-shot mixture examples (0: zero-shot only).
   synthetic_examples: int = 2000  # Records per embedded task.
 
   def validate(self) -> None:
@@ -159,7 +159,7 @@ class DataConfig:
 class TrainConfig:
   """The training loop, optimizer, schedule, checkpoints and metrics."""
 
-  steps: int = 600  # Used when `epochs` is 0.
+  steps: int = 400  # Used when `epochs` is 0.
   epochs: int = 0  # If > 0, the run is this many passes over the training data.
   seed: int = 0
   batch_size: int = 16  # Global, in rows of data.max_length.
@@ -175,7 +175,7 @@ class TrainConfig:
   weight_decay: float = 0.0
   clip_norm: float = 1.0  # 0: no clipping.
   z_loss: float = 0.0  # PaLM's auxiliary loss on log(Z)^2 (1e-4 in PaLM).
-  neftune_alpha: float = 0.0  # 0: off; the paper uses 5, 10, 15.
+  neftune_alpha: float = 5.0  # 0: off; the paper uses 5, 10, 15.
   nonfinite: Literal["stop", "skip"] = "stop"  # What a non-finite loss or gradient does.
   log_every: int = 20
   eval_every: int = 100

@@ -31,6 +31,11 @@ def greedy(
   stop_ids: Sequence[int] = (),
 ) -> list[int]:
   """The greedy continuation of `prompt` (ids), up to `max_new_tokens` or a stop id (kept)."""
+  if len(prompt) >= model.config.max_seq_len:
+    raise ValueError(
+      f"a prompt of {len(prompt)} tokens leaves no room in the model's "
+      f"{model.config.max_seq_len} positions"
+    )
   length = min(len(prompt) + max_new_tokens, model.config.max_seq_len)
   cache = transformer.init_cache(model, 1, length)
   step = _step(model)

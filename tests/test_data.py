@@ -105,7 +105,7 @@ def test_held_out_templates_are_never_trained_on():
   tasks = synthetic.tasks(0, 50)
   train = {c.messages[0].content for c in mixtures.mix(tasks, 0, 0, 0)}
   held = mixtures.mix(tasks, 0, 0, 0, held_out=True)
-  eval_prefixes = {"Compute the sum.", "Spell backwards:", "Please do this.", "Letter count."}
+  eval_prefixes = {"Compute the sum.", "Spell backwards.", "Please do this.", "Letter count."}
   assert all(any(c.messages[0].content.startswith(p) for p in eval_prefixes) for c in held)
   assert not any(t.startswith(tuple(eval_prefixes)) for t in train)
 

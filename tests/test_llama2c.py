@@ -40,7 +40,7 @@ def test_golden_greedy_decode(stories):
   assert (cfg.dim, cfg.num_layers, cfg.num_heads, cfg.kv_heads, cfg.mlp_dim) == (64, 5, 8, 4, 172)
   assert transformer.param_count(variables) == 260_032
   model = transformer.Transformer(cfg)
-  ids = _greedy_with_cache(model, variables, steps=len(tok.encode(PUBLISHED)) + 2)
+  ids = _greedy_with_cache(model, variables, steps=len(tok.encode(PUBLISHED, first=True)) + 2)
   assert ids[1:11] == FIRST_IDS
   assert tok.decode(ids).startswith(PUBLISHED)
   # Full recomputation agrees with the cached decode at every position.
@@ -50,10 +50,31 @@ def test_golden_greedy_decode(stories):
 
 def test_tokenizer_round_trip(stories):
   *_, tok = stories
-  ids = tok.encode(PUBLISHED)
-  assert ids[0] == tok.bos_id and ids[1:11] == FIRST_IDS
+  ids = [tok.bos_id] + tok.encode(PUBLISHED, first=True)
+  assert ids[1:11] == FIRST_IDS
   assert tok.decode(ids) == PUBLISHED
-  assert tok.decode(tok.encode("naïve café ☕", bos=False)) == "naïve café ☕"  # Byte fallback.
+  assert tok.decode(tok.encode("naïve café ☕", first=True)) == "naïve café ☕"  # Byte fallback.
+
+
+def test_word_by_word_encoding_equals_whole_text_bpe(stories):
+  *_, tok = stories
+  rng = np.random.default_rng(0)
+  words = ["Once", "upon", " a", "time", "Lily", "the", "  ", "\n", "ball,", "red", "x", "é"]
+  for _ in range(100):
+    text = "".join(str(rng.choice(["", " "])) + str(rng.choice(words)) for _ in range(12))
+    assert tok.encode(text, first=True) == list(tok._bpe(" " + text)), text
+
+
+def test_added_special_tokens_round_trip(stories, tmp_path):
+  *_, tok = stories
+  tok = tok.with_special_tokens(["<EOT>"])
+  assert tok.special_id("<EOT>") == 512 and tok.vocab_size == 513
+  ids = tok.encode("Hi there", first=True) + [512] + tok.encode(" ok")
+  assert tok.decode(ids) == "Hi there<EOT> ok"
+  tok.save(str(tmp_path))
+  again = llama2c.Tokenizer.load(str(tmp_path / llama2c.TOKENIZER_FILE))
+  assert again.encode(PUBLISHED, first=True) == tok.encode(PUBLISHED, first=True)
+  assert again.special_id("<EOT>") == 512
 
 
 def test_corrupt_checkpoints_are_clear_errors(stories, data_dir, tmp_path):

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from jaxtune.config import DataConfig
+from jaxtune.convert import llama2c
 from jaxtune.data import formats, mixtures, packing, synthetic, templates
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.data.formats import Conversation
@@ -98,9 +99,13 @@ def conversations(cfg: DataConfig, seed: int, stats: Stats) -> tuple[list, list]
   return train, []
 
 
-def make_tokenizer(cfg: DataConfig, train: Sequence[Conversation]) -> tokenizer_lib.Tokenizer:
+def make_tokenizer(
+  cfg: DataConfig, train: Sequence[Conversation]
+) -> tokenizer_lib.Tokenizer | llama2c.Tokenizer:
   specials = templates.TEMPLATES[cfg.template].special_tokens
-  if cfg.tokenizer:
+  if cfg.tokenizer.endswith(".bin"):  # A llama2.c tokenizer (stories260K's tok512.bin).
+    tok = llama2c.Tokenizer.load(cfg.tokenizer)
+  elif cfg.tokenizer:
     tok = tokenizer_lib.Tokenizer.load(cfg.tokenizer)
   else:  # Trained on the rendered training text, so template words become pieces.
     texts = (templates.to_text(templates.render(c, cfg.template), "", "") for c in train)

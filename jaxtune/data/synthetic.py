@@ -2,8 +2,9 @@
 
 No downloads: arithmetic with worked steps, string transformations, counting and sorting, each a
 task with its own template bank (zero-shot, chain-of-thought, answer options) and a held-out
-template used only for evaluation. Answers are short and exactly learnable, so a small model on a
-CPU learns them in minutes and a falling held-out loss means real learning.
+template used only for evaluation (new wording of the prompt, answered in a trained format).
+Answers are short and exactly learnable, so a small model on a CPU learns them in minutes and a
+falling held-out loss means real learning.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ _TASKS: dict[str, tuple[Callable[[np.random.Generator], dict[str, Any]], tuple, 
       _T("{question} Show your work.", "{rationale} So the answer is {answer}."),
       _T("{question}\nOptions:\n{options}", "{answer}"),
     ),
-    (_T("Compute the sum. {question}", "{rationale} The sum is {answer}."),),
+    (_T("Compute the sum. {question}", "{rationale} So the answer is {answer}."),),
   ),
   "reverse": (
     _reverse,
@@ -89,7 +90,7 @@ _TASKS: dict[str, tuple[Callable[[np.random.Generator], dict[str, Any]], tuple, 
       _T("{question}", "{answer}"),
       _T("{question} Think step by step.", "{rationale} So the answer is {answer}."),
     ),
-    (_T("Spell backwards: {question}", "{answer}"),),
+    (_T("Spell backwards. {question}", "{answer}"),),
   ),
   "capitals": (
     _capitals,

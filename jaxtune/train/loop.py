@@ -256,10 +256,14 @@ def _answer(model, params, data: pipeline.Data, cfg: Config, count: int = 4) -> 
     if (templates.TEMPLATES[cfg.data.template].special_tokens)
     else tok.eos_id
   )
-  for conv in data.held_out[:count]:
+  shown = 0
+  for conv in data.held_out[:: max(len(data.held_out) // count, 1)]:
     prompt_conv = dataclasses.replace(conv, messages=conv.messages[:-1])
     chunks = templates.render(prompt_conv, cfg.data.template)
     ids = packing.tokenize(chunks, tok, False).ids.tolist()
+    if len(ids) + 16 > cfg.model.max_seq_len or shown == count:
+      continue
+    shown += 1
     out = generate.greedy(model, params, ids, 48, stop_ids=(end, tok.eos_id))
     answer = tok.decode([i for i in out if i not in (end, tok.eos_id)])
     print(f"\n> {conv.messages[-2].content}\n{answer}\n(reference: {conv.messages[-1].content})")
