@@ -182,7 +182,8 @@ class TrainConfig:
   checkpoint_every: int = 200
   keep_checkpoints: int = 2
   resume: bool = False  # Continue from the latest checkpoint in output_dir.
-  init_from: str = ""  # Pretrained weights: a llama2.c .bin or a jaxtune checkpoint directory.
+  # Pretrained weights: a llama2.c .bin, a Hugging Face folder or a jaxtune run directory.
+  init_from: str = ""
   peak_flops: float = 0.0  # Per device, for MFU; 0: known accelerators only.
   output_dir: str = "runs/default"
 

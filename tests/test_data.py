@@ -270,3 +270,15 @@ def test_config_choices_match_the_registries():
   data_hints = typing.get_type_hints(config.DataConfig)
   assert set(typing.get_args(data_hints["template"])) == set(templates.TEMPLATES)
   assert set(typing.get_args(data_hints["format"])) == {"auto", *formats.FORMATS}
+
+
+def test_train_on_prompt_supervises_everything_but_the_first_token(small_data):
+  cfg, data = small_data
+  conv = data.conversations[0]
+  chunks = templates.render(conv, cfg.template)
+  default = packing.tokenize(chunks, data.tokenizer, train_on_prompt=False)
+  everything = packing.tokenize(chunks, data.tokenizer, train_on_prompt=True)
+  np.testing.assert_array_equal(default.ids, everything.ids)
+  assert everything.supervised.all() and 0 < default.supervised.sum() < len(default)
+  answer = conv.messages[-1].content
+  assert data.tokenizer.decode(default.ids[default.supervised]).startswith(answer)

@@ -168,3 +168,19 @@ def test_variants_have_the_expected_parameters():
   assert {"layers/attn/q/bias", "lm_head/embedding"} <= names(VARIANTS["qwen2"])
   assert "layers/attn/o/bias" not in names(VARIANTS["qwen2"])
   assert not any("bias" in n for n in names(VARIANTS["gqa"]))
+
+
+def test_growing_the_vocabulary_keeps_old_logits():
+  cfg = VARIANTS["qwen2"]  # Untied: the embedding and the output layer both grow.
+  model, variables = _init(cfg)
+  grown = transformer.grow_vocab(variables["params"], cfg.vocab_size + 3)
+  bigger = transformer.Transformer(dataclasses.replace(cfg, vocab_size=cfg.vocab_size + 3))
+  tokens = _tokens(2, 7)
+  old = _jit(model)(variables, tokens)
+  new = _jit(bigger)({"params": grown}, tokens)
+  np.testing.assert_allclose(new[..., : cfg.vocab_size], old, atol=1e-6)
+  np.testing.assert_allclose(
+    grown["embed"]["embedding"][-1],
+    np.mean(variables["params"]["embed"]["embedding"], 0),
+    atol=1e-6,
+  )

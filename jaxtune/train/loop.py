@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from jaxtune import checkpoint, generate, sharding
 from jaxtune.config import Config, ConfigError
-from jaxtune.convert import llama2c
+from jaxtune.convert import hf, llama2c
 from jaxtune.data import packing, pipeline, templates
 from jaxtune.model import transformer
 from jaxtune.train import metrics, optim
@@ -53,8 +53,9 @@ def _initial_params(cfg: Config, model, mesh, rng) -> sharding.Sharded:
   if not path:
     return sharded
   shardings = sharded.shardings["params"]
-  if path.endswith(".bin"):
-    _, variables = llama2c.load_model(path)  # Its architecture is checked by the shapes below.
+  if path.endswith(".bin") or os.path.exists(os.path.join(path, "config.json")):
+    # llama2.c or Hugging Face; the architecture is checked by the shapes below.
+    _, variables = (llama2c.load_model if path.endswith(".bin") else hf.load_hf)(path)
     loaded = transformer.grow_vocab(variables["params"], cfg.model.vocab_size)
   else:
     abstract = checkpoint.abstract(sharded.variables["params"], shardings)
