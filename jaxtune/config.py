@@ -35,7 +35,7 @@ class ModelConfig:
   dim: int = 128
   num_layers: int = 4
   num_heads: int = 8
-  num_kv_heads: int | None = 2  # None: as many as num_heads (MHA); 1: MQA; else GQA.
+  num_kv_heads: int | None = None  # None: as many as num_heads (MHA); 1: MQA; else GQA.
   head_dim: int | None = None  # None: dim // num_heads.
   mlp_dim: int = 384
   mlp: Literal["swiglu", "geglu", "gelu"] = "swiglu"

@@ -1,7 +1,8 @@
 """Published architectures as `ModelConfig` keyword arguments, selected by `model.preset`.
 
 Parameter counts are checked in tests against the published figures with `jax.eval_shape`.
-Plain data: this module imports nothing, so the config loader can read it cheaply.
+Plain data: this module imports nothing, so the config loader can read it cheaply. A preset is
+applied over the `ModelConfig` defaults, so each one names every architectural key.
 """
 
 _LLAMA = dict(mlp="swiglu", norm="rmsnorm", position="rope", tie_embeddings=False)
@@ -14,6 +15,7 @@ PRESETS: dict[str, dict] = {
     dim=4096,
     num_layers=32,
     num_heads=32,
+    num_kv_heads=None,
     mlp_dim=11008,
     max_seq_len=4096,
   ),
@@ -79,6 +81,7 @@ PRESETS: dict[str, dict] = {
     dim=768,
     num_layers=12,
     num_heads=12,
+    num_kv_heads=None,
     mlp_dim=3072,
     mlp="gelu",
     norm="layernorm",
