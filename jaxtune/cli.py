@@ -99,8 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     level=logging.DEBUG if args.verbose else logging.INFO,
     format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     datefmt="%H:%M:%S",
+    force=True,  # absl (imported by orbax) may already have configured the root logger.
   )
   logging.getLogger("jax").setLevel(logging.WARNING)  # Not the absent-TPU notice on CPU and GPU.
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO lines.
   try:
     args.run(args)
   except USER_ERRORS as e:

@@ -4,7 +4,8 @@ Schedules (warmup is linear from 0 over `warmup_steps`):
 - `constant`;
 - `cosine`: cosine decay to `end_learning_rate`;
 - `linear`: linear decay to `end_learning_rate` (LIMA: 1e-5 to 1e-6 with no warmup);
-- `rsqrt`: PaLM's reciprocal square root, lr * min(1, sqrt(warmup / step)).
+- `rsqrt`: PaLM's reciprocal square root after a linear warmup,
+  lr * min(step / warmup, sqrt(warmup / step)) (step counted from 1).
 
 Weight decay leaves norms and biases alone: only kernels and embedding tables (2+ dims per
 layer) decay.
