@@ -75,15 +75,16 @@ def abstract(tree: Any, shardings: Any) -> Any:
 
 
 def restore_params(directory: str, abstract_params: Any) -> Any:
-  """The parameters of the latest checkpoint of a jaxtune run directory, placed by the shardings
-  of `abstract_params`."""
-  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data"))
-  step = manager.latest_step()
+  """The parameters of the latest checkpoint under `directory` (a run's `checkpoints/`),
+  placed by the shardings of `abstract_params`; the rest of the state is not kept."""
+  step = ocp.CheckpointManager(os.path.abspath(directory)).latest_step()
   if step is None:
     raise CheckpointError(f"{directory}: no checkpoint found")
-  metadata = manager.item_metadata(step)["state"]
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
-  target = {**target, "params": abstract_params}
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  manager.close()
-  return state["state"]["params"]
+  path = os.path.join(os.path.abspath(directory), str(step), "state")
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  if "params" not in tree:
+    raise CheckpointError(f"{path}: not a jaxtune train state (no params)")
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+  target["params"] = abstract_params
+  return checkpointer.restore(path, target)["params"]

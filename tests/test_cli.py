@@ -1,8 +1,10 @@
 """The `jaxtune` command, run as a user would: verbs, and bad input as one clear line."""
 
+import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -34,6 +36,7 @@ def test_help_lists_the_verbs():
     (["model.dim=-64"], "model.dim=-64 must be positive"),
     (["mesh.data=3"], "mesh.data=3 x mesh.model=1 = 3 devices, but 1 are available"),
     (["train.batch_size=3", "mesh.data=1", "model.vocab_size=100"], "model.vocab_size=100"),
+    (["data.max_length=4096", "model.max_seq_len=2048"], "data.max_length=4096 is longer"),
   ],
 )
 def test_bad_configuration_is_one_clear_line(overrides, message):
@@ -44,20 +47,26 @@ def test_bad_configuration_is_one_clear_line(overrides, message):
 
 
 def test_train_runs_and_lowers_held_out_loss(tmp_path):
+  run = tmp_path / "run"
   result = _jaxtune(
     "train",
     "train.steps=60",
     "train.log_every=20",
     "train.batch_size=8",
-    f"train.output_dir={tmp_path / 'run'}",
+    f"train.output_dir={run}",
     tmp_path=tmp_path,
   )
   assert result.returncode == 0, result.stderr
-  metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-  assert len(metrics) == 3
-  line = [s for s in result.stderr.splitlines() if "held-out loss" in s][-1]
-  start, end = (float(x) for x in line.split("held-out loss ")[1].split(";")[0].split(" -> "))
-  assert end < 0.6 * start
+  records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "loss" in r] == [20, 40, 60]
+  evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+  assert evals[-1] < 0.6 * evals[0]
+  assert all(r["tokens_per_s"] > 0 and np.isfinite(r["loss"]) for r in records if "loss" in r)
+  assert (run / "checkpoints" / "60").is_dir() and (run / "config.yaml").is_file()
+  assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+  assert (run / "tokenizer" / "tokenizer.model").is_file()
+  assert "held-out loss" in result.stderr
+  assert result.stdout.count("(reference: ") == 4  # Held-out prompts answered at the end.
 
 
 def test_data_inspect_on_lima_with_the_llama_tokenizer(data_dir):

@@ -59,7 +59,7 @@ def _initial_params(cfg: Config, model, mesh, rng) -> sharding.Sharded:
     loaded = transformer.grow_vocab(variables["params"], cfg.model.vocab_size)
   else:
     abstract = checkpoint.abstract(sharded.variables["params"], shardings)
-    loaded = checkpoint.restore_params(path, abstract)
+    loaded = checkpoint.restore_params(os.path.join(path, "checkpoints"), abstract)
   got = jax.tree.map(lambda x: x.shape, loaded)
   want = jax.tree.map(lambda x: x.shape, sharded.variables["params"])
   if got != want:
