@@ -166,8 +166,11 @@ def run(cfg: Config) -> dict[str, Any]:
     held_out = [put(b) for b in itertools.islice(eval_iter, eval_iter.batches_per_epoch()[0])]
 
     def held_out_loss(params) -> float:
-      sums = [eval_step(params, b) for b in held_out]
-      return float(sum(s for s, _ in sums) / sum(n for _, n in sums))
+      total, count = 0.0, 0.0
+      for b in held_out:  # One at a time: see `serialize` below.
+        nll, n = eval_step(params, b)
+        total, count = total + float(nll), count + float(n)
+      return total / count
 
     writer = metrics.Writer(cfg.train.output_dir, enabled=chief)
     flops = metrics.flops_per_token(cfg.model, n_params, cfg.data.max_length)
@@ -176,12 +179,17 @@ def run(cfg: Config) -> dict[str, Any]:
     summary = {"eval_loss_start": held_out_loss(state.params), "steps": steps, "start_step": first}
     writer.write(first, {"eval_loss": summary["eval_loss_start"]})
     bar = tqdm(total=steps, initial=first, unit="step", disable=not chief, mininterval=1.0)
+    # XLA's CPU client can deadlock when programs with collectives overlap on emulated devices,
+    # so there each step finishes before the next is dispatched. Accelerators overlap them.
+    serialize = jax.default_backend() == "cpu" and jax.device_count() > 1
     pending, real_tokens, t0 = None, 0, time.perf_counter()
     try:
       for step in range(first + 1, steps + 1):
         batch = next(batches)
         real_tokens += int(np.count_nonzero(batch.segment_ids)) * jax.process_count()
         state, step_metrics = train_step(state, put(batch))
+        if serialize:
+          jax.block_until_ready(state)
         if pending is not None:  # The previous step's metrics: fetching them does not stall.
           _report(*pending, cfg, lr, writer, bar, real_tokens, t0, flops, peak)
         pending = (step, step_metrics)
