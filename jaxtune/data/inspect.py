@@ -30,14 +30,7 @@ def report(cfg: Config, num_examples: int = 3) -> str:
   lines = []
   for i, example in enumerate(data.train[:num_examples]):
     lines += [f"=== example {i + 1} ({len(example)} tokens) ===", marked(tok, example), ""]
-  batches = pipeline.Batches(
-    data.train,
-    cfg.train.batch_size,
-    cfg.data.max_length,
-    cfg.data.pack,
-    cfg.train.seed,
-    cfg.data.shuffle,
-  )
+  batches = pipeline.training_batches(data.train, cfg)
   count, efficiency = batches.batches_per_epoch()
   rows = [
     ("source", cfg.data.path or "embedded synthetic mixture"),

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from jaxtune.config import DataConfig
+from jaxtune.config import Config, DataConfig
 from jaxtune.convert import llama2c
 from jaxtune.data import formats, mixtures, packing, synthetic, templates
 from jaxtune.data import tokenizer as tokenizer_lib
@@ -214,3 +214,19 @@ class Batches(Iterator[Batch]):
 
   def restore(self, state: dict[str, int]) -> None:
     self.epoch, self.index, self.batches = state["epoch"], state["index"], state["batches"]
+
+
+def training_batches(
+  examples: Sequence[Example], cfg: Config, process_index: int = 0, process_count: int = 1
+) -> Batches:
+  """The training iterator as `cfg` (data and train sections) configures it."""
+  return Batches(
+    examples,
+    cfg.train.batch_size,
+    cfg.data.max_length,
+    cfg.data.pack,
+    cfg.train.seed,
+    cfg.data.shuffle,
+    process_index,
+    process_count,
+  )

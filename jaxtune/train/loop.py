@@ -83,16 +83,7 @@ def run(cfg: Config) -> dict[str, Any]:
     stats.truncated,
     stats.dropped_too_long + stats.dropped_unsupervised,
   )
-  batches = pipeline.Batches(
-    data.train,
-    cfg.train.batch_size,
-    cfg.data.max_length,
-    cfg.data.pack,
-    cfg.train.seed,
-    cfg.data.shuffle,
-    jax.process_index(),
-    jax.process_count(),
-  )
+  batches = pipeline.training_batches(data.train, cfg, jax.process_index(), jax.process_count())
   per_epoch, efficiency = batches.batches_per_epoch()
   steps = cfg.train.epochs * per_epoch if cfg.train.epochs else cfg.train.steps
   log.info(
