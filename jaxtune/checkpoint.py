@@ -59,9 +59,6 @@ class Checkpointer:
       raise CheckpointError(f"{self.directory}/{step}: cannot restore: {e}") from None
     return restored["state"], restored["data"]
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()

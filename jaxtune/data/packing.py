@@ -110,11 +110,6 @@ class Batch:
   segment_ids: np.ndarray
   positions: np.ndarray
 
-  @property
-  def efficiency(self) -> float:
-    """Fraction of slots holding real tokens."""
-    return float(np.count_nonzero(self.segment_ids)) / self.segment_ids.size
-
 
 def assign_rows(lengths: Sequence[int], rows: int, length: int, pack: bool) -> list[list[int]]:
   """Places examples (their pair counts, in order) into `rows` rows: first fit when packing, one

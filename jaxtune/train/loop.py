@@ -71,6 +71,10 @@ def _initial_params(cfg: Config, model, mesh, rng) -> sharding.Sharded:
 def run(cfg: Config) -> dict[str, Any]:
   """Trains as configured; returns a summary (losses, steps, throughput)."""
   chief = jax.process_index() == 0
+  saved_tokenizer = os.path.join(cfg.train.output_dir, "tokenizer")
+  if cfg.train.resume and not cfg.data.tokenizer and os.path.isdir(saved_tokenizer):
+    # A resumed run keeps the tokenizer it trained, rather than training it again.
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=saved_tokenizer))
   data = pipeline.load(cfg.data, cfg.train.seed)
   mesh = sharding.make_mesh(cfg.mesh)
   _check_fits(cfg, data.tokenizer.vocab_size, mesh)
@@ -135,12 +139,11 @@ def run(cfg: Config) -> dict[str, Any]:
       os.makedirs(cfg.train.output_dir, exist_ok=True)
       with open(os.path.join(cfg.train.output_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-      data.tokenizer.save(os.path.join(cfg.train.output_dir, "tokenizer"))
+      data.tokenizer.save(saved_tokenizer)
 
     def put(batch: pipeline.Batch) -> dict[str, jax.Array]:
-      local = {k: v for k, v in vars(batch).items()}
       return {
-        k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()
+        k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in vars(batch).items()
       }
 
     eval_source = data.eval or data.train[: cfg.train.batch_size]
@@ -251,19 +254,18 @@ def _report(step, step_metrics, cfg, lr, writer, bar, real_tokens, t0, flops, pe
 def _answer(model, params, data: pipeline.Data, cfg: Config, count: int = 4) -> None:
   """Greedy answers to a few held-out prompts, to see what the model learned."""
   tok = data.tokenizer
-  end = (
-    tok.special_id(templates.TEMPLATES[cfg.data.template].special_tokens[-1])
-    if (templates.TEMPLATES[cfg.data.template].special_tokens)
-    else tok.eos_id
-  )
+  # A turn ends at EOS or at any of the template's special tokens (LIMA's EOT, ChatML's end).
+  stop = {tok.eos_id, *map(tok.special_id, templates.TEMPLATES[cfg.data.template].special_tokens)}
   shown = 0
   for conv in data.held_out[:: max(len(data.held_out) // count, 1)]:
     prompt_conv = dataclasses.replace(conv, messages=conv.messages[:-1])
     chunks = templates.render(prompt_conv, cfg.data.template)
     ids = packing.tokenize(chunks, tok, False).ids.tolist()
-    if len(ids) + 16 > cfg.model.max_seq_len or shown == count:
+    if len(ids) + 16 > cfg.model.max_seq_len:
       continue
-    shown += 1
-    out = generate.greedy(model, params, ids, 48, stop_ids=(end, tok.eos_id))
-    answer = tok.decode([i for i in out if i not in (end, tok.eos_id)])
+    out = generate.greedy(model, params, ids, 48, stop_ids=tuple(stop))
+    answer = tok.decode([i for i in out if i not in stop])
     print(f"\n> {conv.messages[-2].content}\n{answer}\n(reference: {conv.messages[-1].content})")
+    shown += 1
+    if shown == count:
+      break
