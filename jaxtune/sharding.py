@@ -22,6 +22,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxtune.config import MeshConfig
@@ -177,3 +178,11 @@ def use(mesh: Mesh, rules: Rules) -> Iterator[None]:
   """Activates `mesh` and `rules` so the model's logical constraints take effect."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
+
+
+def put_global(x: np.ndarray, mesh: Mesh, rules: Rules, names: tuple[str | None, ...]) -> jax.Array:
+  """A host array that every process holds in full (an evaluation batch), placed on the mesh as
+  its logical axis `names` say."""
+  return jax.make_array_from_callback(
+    x.shape, logical_sharding(mesh, rules, names), lambda index: x[index]
+  )
