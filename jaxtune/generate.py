@@ -22,7 +22,6 @@ every row has stopped. Stop strings are looked for in the decoded text on the ho
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
@@ -259,32 +258,22 @@ class _Run:
     for b, prompt in enumerate(prompts):
       n = len(prompt)
       tokens_bp[b, -n:], segments_bp[b, -n:], positions_bp[b, -n:] = prompt, 1, np.arange(n)
-    with self._context():
+    with sharding.use(mesh, rules):
       arrays = [
-        self._put(x, ("act_batch", "act_seq")) for x in (tokens_bp, positions_bp, segments_bp)
+        sharding.put_global(x, mesh, rules, ("act_batch", "act_seq"))
+        for x in (tokens_bp, positions_bp, segments_bp)
       ]
       self.state = self.prefill(
         params,
         *arrays,
-        self._put(rows, ("act_batch",)),
+        sharding.put_global(rows, mesh, rules, ("act_batch",)),
         np.uint32(seed),
         cache_len=self.plan.cache_len,
       )
-    self.tokens_bn = None
-
-  def _context(self):
-    return (
-      sharding.use(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
-    )
-
-  def _put(self, x: np.ndarray, names: tuple[str, ...]) -> jax.Array:
-    if self.mesh is None:
-      return jnp.asarray(x)
-    return sharding.put_global(x, self.mesh, self.rules, names)
 
   def advance(self, limit: int) -> np.ndarray:
     """Decodes up to `limit` tokens in all; returns the tokens [count, produced]."""
-    with self._context():
+    with sharding.use(self.mesh, self.rules):
       self.state, tokens_bn = self.decode(self.params, self.state, np.int32(limit))
     return np.asarray(tokens_bn)[: self.count, : int(self.state.step)]
 
