@@ -89,4 +89,7 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
     raise CheckpointError(f"{path}: not a jaxtune train state (no params)")
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
   target["params"] = abstract_params
-  return checkpointer.restore(path, target)["params"]
+  try:
+    return checkpointer.restore(path, target)["params"]
+  except (ValueError, KeyError) as e:
+    raise CheckpointError(f"{path}: the params do not fit the model: {e}") from None
