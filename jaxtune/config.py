@@ -262,7 +262,7 @@ def from_dict(raw: Mapping[str, Mapping[str, Any]]) -> Config:
   for section, section_type in _SECTIONS.items():
     items = {k: v if isinstance(v, tuple) else (v, "") for k, v in raw.get(section, {}).items()}
     base = section_type()
-    if section == "model" and "preset" in items:
+    if section == "model" and items.get("preset", (None,))[0] is not None:  # null: no preset.
       base = _preset(items["preset"])
     hints = typing.get_type_hints(section_type)
     values = {}

@@ -99,14 +99,23 @@ def conversations(cfg: DataConfig, seed: int, stats: Stats) -> tuple[list, list]
   return train, []
 
 
+def load_tokenizer(path: str) -> tokenizer_lib.Tokenizer | llama2c.Tokenizer:
+  """A saved tokenizer: a llama2.c `.bin` (stories260K's tok512.bin), a SentencePiece `.model`,
+  or a folder holding either (as a run's `tokenizer/` does)."""
+  saved_llama2c = os.path.join(path, llama2c.TOKENIZER_FILE)
+  if os.path.isdir(path) and os.path.isfile(saved_llama2c):
+    return llama2c.Tokenizer.load(saved_llama2c)
+  if path.endswith(".bin"):
+    return llama2c.Tokenizer.load(path)
+  return tokenizer_lib.Tokenizer.load(path)
+
+
 def make_tokenizer(
   cfg: DataConfig, train: Sequence[Conversation]
 ) -> tokenizer_lib.Tokenizer | llama2c.Tokenizer:
   specials = templates.TEMPLATES[cfg.template].special_tokens
-  if cfg.tokenizer.endswith(".bin"):  # A llama2.c tokenizer (stories260K's tok512.bin).
-    tok = llama2c.Tokenizer.load(cfg.tokenizer)
-  elif cfg.tokenizer:
-    tok = tokenizer_lib.Tokenizer.load(cfg.tokenizer)
+  if cfg.tokenizer:
+    tok = load_tokenizer(cfg.tokenizer)
   else:  # Trained on the rendered training text, so template words become pieces.
     texts = (templates.to_text(templates.render(c, cfg.template), "", "") for c in train)
     tok = tokenizer_lib.train(texts, cfg.tokenizer_vocab_size, specials)
