@@ -89,8 +89,11 @@ def read_prompt(path: str) -> tuple[str, list[str]]:
 
 
 def extract_answer(text: str) -> str:
-  found = re.findall(r"the answer is (.*)", text, flags=re.IGNORECASE)
-  return found[-1].strip().removesuffix(".").strip() if found else ""
+  """What follows the last "the answer is", to the end of its line, without a final period."""
+  found = list(re.finditer(r"the answer is ", text, flags=re.IGNORECASE))
+  if not found:
+    return ""
+  return text[found[-1].end() :].split("\n", 1)[0].strip().removesuffix(".").strip()
 
 
 def _tasks(data: str) -> list[str]:
