@@ -48,6 +48,10 @@ _CACHE_AXES = {
 }
 
 
+class GenerationError(ValueError):
+  """A prompt the model cannot continue: empty, or filling all of its positions."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
   """How each new token is chosen. `temperature` 0 is greedy; `top_k` 0 and `top_p` 1 are off;
@@ -227,9 +231,9 @@ class _Plan:
 def _plan(lengths: Sequence[int], max_new_tokens: int, max_seq_len: int) -> _Plan:
   longest = max(lengths)
   if min(lengths) == 0:
-    raise ValueError("an empty prompt: it needs at least one token (e.g. BOS)")
+    raise GenerationError("an empty prompt: it needs at least one token (e.g. BOS)")
   if longest >= max_seq_len:
-    raise ValueError(
+    raise GenerationError(
       f"a prompt of {longest} tokens leaves no room in the model's {max_seq_len} positions"
     )
   slots = -(-longest // _SLOT_BUCKET) * _SLOT_BUCKET
