@@ -224,10 +224,14 @@ def _stream_reply(model: Any, ids: list[int], sampling: Any, seed: int) -> str:
 
 
 def chat(args: argparse.Namespace) -> None:
+  from jaxtune.data import templates
   from jaxtune.data.formats import Message
 
   sampling = _sampling(args)
   model = _load(args)
+  template = templates.TEMPLATES[model.template]
+  if args.system and not (template.system or template.first_user):
+    raise ConfigError(f"--system: the {model.template!r} template has no place for a system prompt")
   system = [Message("system", args.system)] if args.system else []
   history: list = []
   print("Chat: an empty line or end of input quits; /reset starts over.", file=sys.stderr)
