@@ -35,11 +35,12 @@ from jaxtune.convert import hf, llama2c
 from jaxtune.convert.llama2c import CheckpointError
 from jaxtune.data import pipeline
 from jaxtune.data import tokenizer as tokenizer_lib
+from jaxtune.data.hf_tokenizer import TOKENIZER_JSON
 from jaxtune.model import transformer
 
 log = logging.getLogger(__name__)
 
-Tokenizer = tokenizer_lib.Tokenizer | llama2c.Tokenizer
+Tokenizer = pipeline.Tokenizer
 RUN_CONFIG, RUN_TOKENIZER, RUN_CHECKPOINTS = "config.yaml", "tokenizer", "checkpoints"
 
 
@@ -189,9 +190,9 @@ def _load_hf(path, mesh, param_dtype, strategy) -> Model:
 
 
 def _hf_tokenizer(path: pathlib.Path) -> Tokenizer | None:
-  """tokenizer.model (SentencePiece), with the special_tokens.json jaxtune writes beside it."""
-  has_model = (path / tokenizer_lib.MODEL_FILE).is_file()
-  return tokenizer_lib.Tokenizer.load(str(path)) if has_model else None
+  """tokenizer.model (SentencePiece, exact where both are there), else tokenizer.json."""
+  has_one = (path / tokenizer_lib.MODEL_FILE).is_file() or (path / TOKENIZER_JSON).is_file()
+  return pipeline.load_tokenizer(str(path)) if has_one else None
 
 
 def _load_llama2c(path, mesh, param_dtype, strategy) -> Model:
