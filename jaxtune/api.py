@@ -5,7 +5,7 @@ Shape letters: B batch, T length, V vocab.
 Three formats, told apart by `detect`:
 - "jaxtune": a training run directory (`train.output_dir`: config.yaml, tokenizer/,
   checkpoints/<step>/), at its latest checkpoint, or one of its `checkpoints/<step>` directories;
-- "hf": a Hugging Face folder (config.json and safetensors; tokenizer.model if any);
+- "hf": a Hugging Face folder (config.json and safetensors; tokenizer.model, else tokenizer.json);
 - "llama2c": a llama2.c model file (`.bin`), with the llama2.c tokenizer beside it if there is one
   (`tokenizer.bin`, else a single `tok*.bin`).
 
