@@ -5,7 +5,7 @@ Shape letters: B batch, T length, V vocab.
 Three formats, told apart by `detect`:
 - "jaxtune": a training run directory (`train.output_dir`: config.yaml, tokenizer/,
   checkpoints/<step>/), at its latest checkpoint, or one of its `checkpoints/<step>` directories;
-- "hf": a Hugging Face folder (config.json and safetensors; tokenizer.model if any);
+- "hf": a Hugging Face folder (config.json and safetensors; tokenizer.model, else tokenizer.json);
 - "llama2c": a llama2.c model file (`.bin`), with the llama2.c tokenizer beside it if there is one
   (`tokenizer.bin`, else a single `tok*.bin`).
 
@@ -35,11 +35,12 @@ from jaxtune.convert import hf, llama2c
 from jaxtune.convert.llama2c import CheckpointError
 from jaxtune.data import pipeline
 from jaxtune.data import tokenizer as tokenizer_lib
+from jaxtune.data.hf_tokenizer import TOKENIZER_JSON
 from jaxtune.model import transformer
 
 log = logging.getLogger(__name__)
 
-Tokenizer = tokenizer_lib.Tokenizer | llama2c.Tokenizer
+Tokenizer = pipeline.Tokenizer
 RUN_CONFIG, RUN_TOKENIZER, RUN_CHECKPOINTS = "config.yaml", "tokenizer", "checkpoints"
 
 
@@ -212,9 +213,9 @@ def _load_hf(path, mesh, param_dtype, strategy) -> Model:
 
 
 def _hf_tokenizer(path: pathlib.Path) -> Tokenizer | None:
-  """tokenizer.model (SentencePiece), with the special_tokens.json jaxtune writes beside it."""
-  has_model = (path / tokenizer_lib.MODEL_FILE).is_file()
-  return tokenizer_lib.Tokenizer.load(str(path)) if has_model else None
+  """tokenizer.model (SentencePiece, exact where both are there), else tokenizer.json."""
+  has_one = (path / tokenizer_lib.MODEL_FILE).is_file() or (path / TOKENIZER_JSON).is_file()
+  return pipeline.load_tokenizer(str(path)) if has_one else None
 
 
 def _load_llama2c(path, mesh, param_dtype, strategy) -> Model:

@@ -134,7 +134,7 @@ class DataConfig:
   tsv_columns: str = "question,answer,rationale"
   template: Literal["alpaca", "vicuna", "lima", "llama2", "chatml", "raw"] = "alpaca"
   system_prompt: str | None = None
-  tokenizer: str = ""  # A SentencePiece .model (or folder); "": train one on the data.
+  tokenizer: str = ""  # A .model (SentencePiece), .bin (llama2.c), .json, or folder; "": train.
   tokenizer_vocab_size: int = 512
   max_length: int = 128  # Next-token pairs per row.
   truncation: Literal["truncate", "drop"] = "truncate"

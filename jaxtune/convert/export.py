@@ -22,6 +22,7 @@ from jaxtune import api, checkpoint
 from jaxtune.config import Config, ConfigError, DataConfig, TrainConfig
 from jaxtune.convert import hf, uptrain
 from jaxtune.convert.llama2c import CheckpointError
+from jaxtune.data import hf_tokenizer
 from jaxtune.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ def _write_hf(model: api.Model, folder: pathlib.Path, dtype: str) -> None:
   if isinstance(tok, tokenizer_lib.Tokenizer):
     tok.save(str(folder))  # tokenizer.model, and special_tokens.json for jaxtune.
     _write_tokenizer_config(tok, folder, hf.family_for(model.config))
+  elif isinstance(tok, hf_tokenizer.HFTokenizer):
+    tok.save(str(folder))  # tokenizer.json and tokenizer_config.json.
   elif tok is not None:
     log.warning("the llama2.c tokenizer has no Hugging Face form: %s has no tokenizer", folder)
 

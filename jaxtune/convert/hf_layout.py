@@ -63,7 +63,7 @@ class View:
 
   def read(
     self, stored: Any, stored_shape: tuple[int, ...], index: tuple[slice, ...] | None = None
-  ):
+  ) -> np.ndarray:
     """The box `index` (slices of `self.shape`; None: all of it) of the jaxtune array, as numpy.
 
     `stored` is the stored tensor (`stored_shape`) or anything sliced like it: a safetensors
@@ -111,7 +111,7 @@ def _groups(stored_shape: tuple[int, ...], split: tuple[int, ...]) -> list[list[
   groups, a = [], 0
   for n in stored_shape:
     group, size = [], 1
-    while size < n or (group and a < len(split) and split[a] == 1):
+    while a < len(split) and (size < n or (group and split[a] == 1)):
       group.append(a)
       size *= split[a]
       a += 1
