@@ -37,10 +37,21 @@ def _config(args: argparse.Namespace):
   return config.load(paths[0] if paths else None, [a for a in args.args if "=" in a])
 
 
+def _join_processes(cfg) -> None:
+  """Joins the other processes of a multi-process run; every verb that runs a model calls this
+  first, before any other JAX use. Only process 0 logs below WARNING."""
+  from jaxtune import distributed
+
+  if distributed.initialize(cfg.distributed).index:
+    logging.getLogger().setLevel(logging.WARNING)
+
+
 def _train(args: argparse.Namespace) -> None:
   from jaxtune.train import loop
 
-  loop.run(_config(args))
+  cfg = _config(args)
+  _join_processes(cfg)
+  loop.run(cfg)
 
 
 def _data(args: argparse.Namespace) -> None:
