@@ -68,13 +68,12 @@ def initialize(cfg: DistributedConfig) -> Process:
   given = (address, count, index) != (None, None, None)
   if given:
     log.info(
-      "joining a multi-process run as process %s of %s through %s (each waits up to %d s for "
-      "the others to join, and stops %d s after losing one)",
+      "joining a multi-process run as process %s of %s through %s (waiting up to %d s for the "
+      "others)",
       "?" if index is None else index,
       "?" if count is None else count,
       address or "a detected coordinator",
       cfg.initialization_timeout_s,
-      cfg.heartbeat_timeout_s,
     )
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
@@ -96,11 +95,13 @@ def initialize(cfg: DistributedConfig) -> Process:
     ) from None
   process = Process(jax.process_index(), jax.process_count())
   log.info(
-    "process %d of %d: %d local of %d devices (%s)",
+    "process %d of %d: %d local of %d devices (%s); if a process is lost, the others stop "
+    "after %d s (distributed.heartbeat_timeout_s)",
     process.index,
     process.count,
     jax.local_device_count(),
     jax.device_count(),
     jax.default_backend(),
+    cfg.heartbeat_timeout_s,
   )
   return process
