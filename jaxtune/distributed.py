@@ -15,8 +15,8 @@ dies (killed, out of memory, its host lost) is declared lost after
 tasks are unhealthy (stopped sending heartbeats): <ids>"; if process 0 dies, the others stop at
 once ("Either the leader task was preempted/died/restarted"). A process that fails with an error
 waits for the others at the shutdown barrier for at most `distributed.shutdown_timeout_s`, after
-which all stop. Those messages come from XLA (a process that aborts cannot run Python), so each
-process logs here, before joining, who it is and how long the others would wait for it.
+which all stop. Those messages come from XLA (a process that aborts runs no more Python), so each
+process logs here which one it is and the heartbeat timeout.
 """
 
 from __future__ import annotations
