@@ -41,9 +41,12 @@ def _config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> None:
+  from jaxtune import distributed
   from jaxtune.train import loop
 
-  loop.run(_config(args))
+  cfg = _config(args)
+  distributed.join(cfg.distributed)
+  loop.run(cfg)
 
 
 def _data(args: argparse.Namespace) -> None:
@@ -112,7 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
       "args",
       nargs="*",
-      metavar="[mesh.key=value ...]" if mesh_only else "[CONFIG] [section.key=value ...]",
+      metavar="[mesh.key=value | distributed.key=value ...]"
+      if mesh_only
+      else "[CONFIG] [section.key=value ...]",
       help="the device mesh, as for training"
       if mesh_only
       else "a YAML config file and/or overrides",

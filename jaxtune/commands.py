@@ -96,14 +96,19 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
-  """The checkpoint on the mesh that `mesh.*` overrides describe; no other override."""
+  """The checkpoint on the mesh that `mesh.*` overrides describe, in the multi-process run that
+  `distributed.*` overrides (or the environment) describe; no other override."""
   import jaxtune
-  from jaxtune import config, sharding
+  from jaxtune import config, distributed, sharding
 
   for item in args.args:
-    if not item.startswith("mesh."):
-      raise ConfigError(f"'jaxtune {args.verb}' takes only mesh.* overrides, got {item!r}")
-  mesh_cfg = config.load(None, args.args).mesh
+    if not item.startswith(("mesh.", "distributed.")):
+      raise ConfigError(
+        f"'jaxtune {args.verb}' takes only mesh.* and distributed.* overrides, got {item!r}"
+      )
+  cfg = config.load(None, args.args)
+  distributed.join(cfg.distributed)
+  mesh_cfg = cfg.mesh
   given = {item.partition("=")[0] for item in args.args}
   strategy = mesh_cfg.strategy if "mesh.strategy" in given else None  # Else a run's own.
   model = jaxtune.load(

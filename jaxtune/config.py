@@ -228,12 +228,50 @@ class PeftConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """Multi-process runs (`jaxtune/distributed.py`). A key set here wins over its environment
+  variable (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), which wins over what
+  JAX detects on Cloud TPU VMs and under SLURM or Open MPI."""
+
+  # auto: multi-process when set or detected; required: fail if not; disabled: one process.
+  mode: Literal["auto", "required", "disabled"] = "auto"
+  coordinator_address: str = ""  # host:port of process 0.
+  num_processes: int = 0  # 0: from the environment or detected.
+  process_id: int = -1  # -1: from the environment or detected.
+  initialization_timeout_s: int = 300  # How long to wait for every process to join.
+  heartbeat_timeout_s: int = 100  # A process silent this long is lost: the others stop.
+  shutdown_timeout_s: int = 300  # How long a finished or failed process waits for the others.
+
+  def validate(self) -> None:
+    host, colon, port = self.coordinator_address.rpartition(":")
+    _check(
+      not self.coordinator_address or (bool(host and colon) and port.isdigit()),
+      f"distributed.coordinator_address={self.coordinator_address!r} must be host:port",
+    )
+    _check(
+      self.num_processes >= 0,
+      f"distributed.num_processes={self.num_processes} must not be negative",
+    )
+    _check(
+      self.process_id >= -1, f"distributed.process_id={self.process_id} must be -1 or an index"
+    )
+    _check(
+      not self.num_processes or self.process_id < self.num_processes,
+      f"distributed.process_id={self.process_id} must be below "
+      f"distributed.num_processes={self.num_processes}",
+    )
+    for key in ("initialization_timeout_s", "heartbeat_timeout_s", "shutdown_timeout_s"):
+      _check(getattr(self, key) > 0, f"distributed.{key}={getattr(self, key)} must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = ModelConfig()
   mesh: MeshConfig = MeshConfig()
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
   peft: PeftConfig = PeftConfig()
+  distributed: DistributedConfig = DistributedConfig()
 
   def to_dict(self) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(self)

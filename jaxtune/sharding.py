@@ -173,6 +173,17 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
     )
 
 
+def process_rows(mesh: Mesh, batch_size: int) -> list[int]:
+  """The rows of a global batch (sharded by the `act_batch` rule) that this process's devices
+  hold, in order: the part of every batch that its data pipeline builds, as
+  `jax.make_array_from_process_local_data` expects it. Process p of P holds rows
+  [p*B/P, (p+1)*B/P) when its devices are adjacent on the data axis (as `make_mesh` lays out CPU
+  and GPU devices), and all rows when the data axis does not span the processes."""
+  batch_sharding = logical_sharding(mesh, tuple(_TP.items()), ("act_batch", "act_seq"))
+  held = batch_sharding.addressable_devices_indices_map((batch_size, 1)).values()
+  return sorted(set().union(*(range(*rows.indices(batch_size)) for rows, _ in held)))
+
+
 @contextlib.contextmanager
 def use(mesh: Mesh | None, rules: Rules) -> Iterator[None]:
   """Activates `mesh` and `rules` so the model's logical constraints take effect (no mesh:

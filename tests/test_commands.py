@@ -112,4 +112,4 @@ def test_bad_input_is_one_clear_line(checkpoint, tmp_path):
   assert "leaves no room in the model's 512 positions" in result.stderr.strip().splitlines()[-1]
   result = _jaxtune("chat", checkpoint, "train.steps=3")
   assert result.returncode == 2
-  assert "takes only mesh.* overrides, got 'train.steps=3'" in result.stderr
+  assert "takes only mesh.* and distributed.* overrides, got 'train.steps=3'" in result.stderr

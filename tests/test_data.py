@@ -222,17 +222,23 @@ def test_resumed_iterator_yields_the_same_batches(small_data):
       np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
 
 
-def test_hosts_read_disjoint_shards_covering_the_data(small_data):
+def test_processes_build_disjoint_rows_that_stack_into_the_single_process_batch(small_data):
   _, data = small_data
-  single = pipeline.Batches(data.train, 8, 96, pack=True, seed=5).order(3)
-  shards = [
-    pipeline.Batches(data.train, 8, 96, True, 5, process_index=h, process_count=4).order(3)
-    for h in range(4)
-  ]
-  assert sum(len(s) for s in shards) == len(single)
-  assert set().union(*map(set, shards)) == set(single.tolist())
-  interleaved = np.stack([s[: len(shards[-1])] for s in shards], axis=1).reshape(-1)
-  np.testing.assert_array_equal(interleaved, single[: len(interleaved)])
+  single = pipeline.Batches(data.train, 8, 96, True, 5)
+  parts = [pipeline.Batches(data.train, 8, 96, True, 5, rows=[2 * p, 2 * p + 1]) for p in range(4)]
+  seen = []  # The examples in the processes' rows during epoch 0.
+  while single.epoch < 2:
+    epoch = single.epoch
+    want, got = next(single), [next(p) for p in parts]
+    for key in vars(want):
+      np.testing.assert_array_equal(np.concatenate([vars(g)[key] for g in got]), vars(want)[key])
+    assert all(p.state() == single.state() and p.tokens == single.tokens for p in parts)
+    for b in got if epoch == 0 else []:
+      for r in range(len(b.inputs)):
+        segs = b.segment_ids[r]
+        seen += [b.inputs[r, segs == s].tolist() for s in set(segs[segs > 0].tolist())]
+  # Disjoint and complete: every example exactly once in an epoch, across the processes.
+  assert sorted(seen) == sorted(ex.ids[:-1].tolist() for ex in data.train)
 
 
 def test_a_batch_that_supervises_nothing_fails_loudly():

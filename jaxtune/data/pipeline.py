@@ -1,9 +1,10 @@
 """From `DataConfig` to batches: source -> conversations -> template -> tokens -> packed rows.
 
 `load` reads and tokenizes everything once (with statistics); `Batches` iterates over the
-examples deterministically: shuffled by (seed, epoch), host h of N taking every N-th example, with
-a small state (epoch, index) that can be saved and restored so that a resumed run sees exactly the
-batches it would have seen.
+examples deterministically: shuffled by (seed, epoch), packed into global batches that every process
+plans alike and of which each builds only its own rows, with a small state (epoch, index) that can
+be saved and restored so that a resumed run, on any number of processes, sees exactly the batches it
+would have seen.
 """
 
 from __future__ import annotations
@@ -157,7 +158,11 @@ def load(cfg: DataConfig, seed: int) -> Data:
 
 
 class Batches(Iterator[Batch]):
-  """Endless batches of this host's rows (`batch_size // process_count`), epoch after epoch."""
+  """Endless global batches of `batch_size` rows, epoch after epoch, of which this process
+  builds only `rows` (`sharding.process_rows`; None: all). Every process plans the same global
+  batch from the example lengths, so the batches, the steps per epoch and the state do not depend
+  on how many processes share the work: their rows are disjoint and, stacked, are the batch that
+  a single process builds."""
 
   def __init__(
     self,
@@ -167,25 +172,22 @@ class Batches(Iterator[Batch]):
     pack: bool,
     seed: int,
     shuffle: bool = True,
-    process_index: int = 0,
-    process_count: int = 1,
+    rows: Sequence[int] | None = None,
   ):
-    if batch_size % process_count:
-      raise DataError("train.batch_size", f"{batch_size} is not divisible by {process_count} hosts")
-    self.data, self.rows, self.length, self.pack = data, batch_size // process_count, length, pack
-    self.seed, self.shuffle = seed, shuffle
-    self.process_index, self.process_count = process_index, process_count
+    self.data, self.rows, self.length, self.pack = data, batch_size, length, pack
+    self.seed, self.shuffle, self.process_rows = seed, shuffle, rows
     self.epoch, self.index, self.batches = 0, 0, 0
+    self.tokens = 0  # Real (non-padding) tokens of the last global batch.
     self._order_epoch, self._order = -1, np.zeros(0, np.int64)
 
   def order(self, epoch: int) -> np.ndarray:
-    """This host's example indices for `epoch`."""
+    """The example indices of `epoch`, in the order the batches take them."""
     if epoch != self._order_epoch:
       n = len(self.data)
       perm = (
         np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
       )
-      self._order_epoch, self._order = epoch, perm[self.process_index :: self.process_count]
+      self._order_epoch, self._order = epoch, perm
     return self._order
 
   def _plan(self, order: np.ndarray, index: int) -> list[list[int]]:
@@ -200,22 +202,22 @@ class Batches(Iterator[Batch]):
   def __next__(self) -> Batch:
     order = self.order(self.epoch)
     placed = self._plan(order, self.index)
-    picked = order[self.index :]
-    batch = packing.make_batch(
-      [self.data[i] for i in picked[: sum(map(len, placed))]], placed, self.length
-    )
-    self.index += sum(map(len, placed))
+    picked = [self.data[i] for i in order[self.index : self.index + sum(map(len, placed))]]
+    mine = placed if self.process_rows is None else [placed[r] for r in self.process_rows]
+    batch = packing.make_batch(picked, mine, self.length)
+    self.index += len(picked)
     if self.index >= len(order):
       self.epoch, self.index = self.epoch + 1, 0
     self.batches += 1
-    if not batch.weights.any():
+    self.tokens = sum(len(ex) - 1 for ex in picked)
+    if not any(ex.supervised[1:].any() for ex in picked):  # Decided by all processes alike.
       raise DataError(
         f"batch {self.batches}", "supervises no token; check the loss mask and template"
       )
     return batch
 
   def batches_per_epoch(self) -> tuple[int, float]:
-    """(batches in epoch 0 on this host, packing efficiency) without building the batches."""
+    """(batches in epoch 0, packing efficiency) without building the batches."""
     order, index, count, used = self.order(0), 0, 0, 0
     while index < len(order):
       placed = self._plan(order, index)
@@ -232,9 +234,10 @@ class Batches(Iterator[Batch]):
 
 
 def training_batches(
-  examples: Sequence[Example], cfg: Config, process_index: int = 0, process_count: int = 1
+  examples: Sequence[Example], cfg: Config, rows: Sequence[int] | None = None
 ) -> Batches:
-  """The training iterator as `cfg` (data and train sections) configures it."""
+  """The training iterator as `cfg` (data and train sections) configures it; this process builds
+  `rows` of each batch."""
   return Batches(
     examples,
     cfg.train.batch_size,
@@ -242,6 +245,5 @@ def training_batches(
     cfg.data.pack,
     cfg.train.seed,
     cfg.data.shuffle,
-    process_index,
-    process_count,
+    rows,
   )

@@ -12,7 +12,6 @@ import math
 from typing import Any
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from jaxtune import sharding
@@ -44,13 +43,17 @@ def run(model: Any, options: base.Options) -> base.Result:
     raise DataError(options.data, "no example with a supervised token")
   data = 1 if model.mesh is None else model.mesh.shape[sharding.DATA]
   rows = -(-options.batch_size // data) * data
-  process, processes = jax.process_index(), jax.process_count()
-  batches = pipeline.Batches(examples, rows, cfg.max_length, True, 0, False, process, processes)
+  batches = pipeline.Batches(examples, rows, cfg.max_length, True, 0, False)
   eval_step = jax.jit(make_eval_step(model.module))
   total = count = 0.0
   with sharding.use(model.mesh, model.rules):
-    for _ in tqdm(range(batches.batches_per_epoch()[0]), unit="batch", disable=process != 0):
-      arrays = {k: _put(model, v) for k, v in vars(next(batches)).items()}
+    for _ in tqdm(
+      range(batches.batches_per_epoch()[0]), unit="batch", disable=jax.process_index() != 0
+    ):
+      arrays = {
+        k: sharding.put_global(v, model.mesh, model.rules, ("act_batch", "act_seq"))
+        for k, v in vars(next(batches)).items()
+      }
       nll, n = eval_step(model.params, arrays)
       total, count = total + float(nll), count + float(n)
   loss = total / count
@@ -63,13 +66,3 @@ def run(model: Any, options: base.Options) -> base.Result:
     "dropped_unsupervised": stats.dropped_unsupervised,
   }
   return base.Result("perplexity", metrics)
-
-
-def _put(model: Any, rows: np.ndarray) -> jax.Array:
-  """This process's rows of a batch, on the mesh as training puts them."""
-  if model.mesh is None:
-    return jax.numpy.asarray(rows)
-  names = ("act_batch", "act_seq")
-  return jax.make_array_from_process_local_data(
-    sharding.logical_sharding(model.mesh, model.rules, names), rows
-  )

@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import yaml
 from tqdm import tqdm
 
@@ -87,7 +86,8 @@ def run(cfg: Config) -> dict[str, Any]:
     stats.truncated,
     stats.dropped_too_long + stats.dropped_unsupervised,
   )
-  batches = pipeline.training_batches(data.train, cfg, jax.process_index(), jax.process_count())
+  rows = sharding.process_rows(mesh, cfg.train.batch_size)  # This process's part of each batch.
+  batches = pipeline.training_batches(data.train, cfg, rows)
   per_epoch, efficiency = batches.batches_per_epoch()
   steps = cfg.train.epochs * per_epoch if cfg.train.epochs else cfg.train.steps
   log.info(
@@ -142,8 +142,10 @@ def run(cfg: Config) -> dict[str, Any]:
       data.tokenizer.save(saved_tokenizer)
 
     def put(batch: pipeline.Batch) -> dict[str, jax.Array]:
+      shape = (cfg.train.batch_size, cfg.data.max_length)
       return {
-        k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in vars(batch).items()
+        k: jax.make_array_from_process_local_data(batch_sharding, v, shape)
+        for k, v in vars(batch).items()
       }
 
     eval_source = data.eval or data.train[: cfg.train.batch_size]
@@ -154,8 +156,7 @@ def run(cfg: Config) -> dict[str, Any]:
       cfg.data.pack,
       0,
       False,
-      jax.process_index(),
-      jax.process_count(),
+      rows,
     )
     held_out = [put(b) for b in itertools.islice(eval_iter, eval_iter.batches_per_epoch()[0])]
 
@@ -180,7 +181,7 @@ def run(cfg: Config) -> dict[str, Any]:
     try:
       for step in range(first + 1, steps + 1):
         batch = next(batches)
-        real_tokens += int(np.count_nonzero(batch.segment_ids)) * jax.process_count()
+        real_tokens += batches.tokens
         state, step_metrics = train_step(state, put(batch))
         if serialize:
           jax.block_until_ready(state)
@@ -209,7 +210,7 @@ def run(cfg: Config) -> dict[str, Any]:
     summary["eval_loss_end"],
     ckpt.directory,
   )
-  if chief and data.held_out:
+  if data.held_out:  # Every process: the parameters may span them all.
     _answer(model, state.params, data, cfg, mesh, sharded.rules)
   return summary
 
@@ -225,6 +226,8 @@ def _check_finite(step: int, step_metrics: dict[str, jax.Array], cfg: Config) ->
 
 def _report(step, step_metrics, cfg, lr, writer, bar, real_tokens, t0, flops, peak) -> None:
   _check_finite(step, step_metrics, cfg)
+  if bar.disable:  # Not process 0: nothing to show or write.
+    return
   values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
   if not values["finite"]:
     log.warning("step %d: non-finite loss or gradient; step skipped", step)
@@ -274,6 +277,8 @@ def _answer(model, params, data: pipeline.Data, cfg: Config, mesh, rules, count:
     mesh=mesh,
     rules=rules,
   )
+  if jax.process_index() != 0:
+    return
   for i, answer in zip(fits, answers, strict=True):
     conv = shown[i]
     print(
