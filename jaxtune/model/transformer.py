@@ -175,11 +175,15 @@ class Transformer(nn.Module):
     return constrain(logits_btv.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
 
 
+def _adapter_ids(model: Transformer, batch: int) -> dict[str, jax.Array]:
+  return {"adapter_ids": jnp.zeros((batch,), jnp.int32)} if model.adapters else {}
+
+
 def init_fn(model: Transformer, length: int = 8):
   """`rng -> variables` (boxed with logical names), for `sharding.init_sharded`."""
 
   def init(rng: jax.Array) -> Any:
-    return model.init(rng, jnp.zeros((1, length), jnp.int32))
+    return model.init(rng, jnp.zeros((1, length), jnp.int32), **_adapter_ids(model, 1))
 
   return init
 
@@ -187,15 +191,11 @@ def init_fn(model: Transformer, length: int = 8):
 def init_cache(model: Transformer, batch: int, max_length: int) -> Any:
   """An empty KV cache for `batch` sequences of up to `max_length` tokens."""
   tokens = jnp.zeros((batch, max_length), jnp.int32)
+  ids = _adapter_ids(model, batch)
   shapes = jax.eval_shape(
-    lambda: model.init(jax.random.key(0), tokens, tokens, decode=True)["cache"]
+    lambda: model.init(jax.random.key(0), tokens, tokens, decode=True, **ids)["cache"]
   )
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-
-def param_count(params: Any) -> int:
-  """Number of parameters in a (possibly abstract) tree."""
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
 def grow_vocab(params: Any, vocab_size: int) -> Any:
