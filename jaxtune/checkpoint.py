@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +72,24 @@ def abstract(tree: Any, shardings: Any) -> Any:
   )
 
 
-def restore_params(directory: str, abstract_params: Any) -> Any:
-  """The parameters of the latest checkpoint under `directory` (a run's `checkpoints/`),
-  placed by the shardings of `abstract_params`; the rest of the state is not kept."""
-  step = ocp.CheckpointManager(os.path.abspath(directory)).latest_step()
+def restore_params(directory: str, abstract_params: Any, step: int | None = None) -> Any:
+  """The parameters of checkpoint `step` (default: the latest) under `directory` (a run's
+  `checkpoints/`), placed by the shardings of `abstract_params` and cast to its dtypes; the rest
+  of the state is not kept."""
+  if step is None:
+    step = ocp.CheckpointManager(os.path.abspath(directory)).latest_step()
   if step is None:
     raise CheckpointError(f"{directory}: no checkpoint found")
   path = os.path.join(os.path.abspath(directory), str(step), "state")
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: no such checkpoint")
   checkpointer = ocp.StandardCheckpointer()
-  tree = checkpointer.metadata(path).item_metadata.tree
+  tree = dict(ocp.StandardCheckpointHandler().metadata(epath.Path(path)))
   if "params" not in tree:
     raise CheckpointError(f"{path}: not a jaxtune train state (no params)")
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
   target["params"] = abstract_params
-  return checkpointer.restore(path, target)["params"]
+  try:
+    return checkpointer.restore(path, target)["params"]
+  except (ValueError, KeyError) as e:
+    raise CheckpointError(f"{path}: the params do not fit the model: {e}") from None

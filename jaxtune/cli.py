@@ -49,6 +49,35 @@ def _data(args: argparse.Namespace) -> None:
   print(inspect.report(_config(args), args.num_examples))
 
 
+def _convert(args: argparse.Namespace) -> None:
+  from jaxtune.convert import export
+
+  if args.args:
+    raise ConfigError(f"'jaxtune convert' takes no config file or overrides, got {args.args}")
+  export.convert(args.src, args.dst, args.to, args.kv_heads, args.dtype)
+
+
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument(
+    "src",
+    help="a jaxtune run directory (or one of its checkpoints/<step>), a Hugging Face folder "
+    "(config.json + safetensors) or a llama2.c model file (.bin)",
+  )
+  p.add_argument("dst", help="the directory to write (new or empty)")
+  p.add_argument("--to", required=True, choices=["jaxtune", "hf"], help="the format to write")
+  p.add_argument(
+    "--kv-heads",
+    type=int,
+    metavar="K",
+    help="first mean-pool the K/V heads into K (GQA/MQA uptraining; see configs/uptrain_gqa.yaml)",
+  )
+  p.add_argument(
+    "--dtype",
+    choices=["float32", "bfloat16", "float16"],
+    help="the parameters' dtype (default: as stored; float16 only with --to hf)",
+  )
+
+
 def _planned(verb: str) -> Callable[[argparse.Namespace], None]:
   def run(args: argparse.Namespace) -> None:
     raise ConfigError(f"'jaxtune {verb}' is not available in this version yet")
@@ -61,7 +90,7 @@ _VERBS: dict[str, tuple[str, Callable[[argparse.Namespace], None]]] = {
   "generate": ("sample completions from a checkpoint", _planned("generate")),
   "chat": ("chat with a checkpoint in the terminal", _planned("chat")),
   "eval": ("evaluate a checkpoint (perplexity, MMLU, GSM8K, BBH, ...)", _planned("eval")),
-  "convert": ("convert checkpoints (Hugging Face, llama2.c, GQA uptraining)", _planned("convert")),
+  "convert": ("convert checkpoints (Hugging Face, llama2.c, GQA uptraining)", _convert),
   "data": ("inspect instruction data: rendered examples, loss masks, statistics", _data),
 }
 
@@ -79,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     if verb == "data":
       p.add_argument("action", choices=["inspect"], help="what to do with the data")
       p.add_argument("-n", "--num-examples", type=int, default=3, help="examples to print")
+    elif verb == "convert":
+      _convert_arguments(p)
     p.add_argument(
       "args",
       nargs="*",

@@ -134,7 +134,7 @@ class DataConfig:
   tsv_columns: str = "question,answer,rationale"
   template: Literal["alpaca", "vicuna", "lima", "llama2", "chatml", "raw"] = "alpaca"
   system_prompt: str | None = None
-  tokenizer: str = ""  # A SentencePiece .model (or folder); "": train one on the data.
+  tokenizer: str = ""  # A .model (SentencePiece), .bin (llama2.c), .json, or folder; "": train.
   tokenizer_vocab_size: int = 512
   max_length: int = 128  # Next-token pairs per row.
   truncation: Literal["truncate", "drop"] = "truncate"
@@ -301,7 +301,7 @@ def from_dict(raw: Mapping[str, Mapping[str, Any]]) -> Config:
   for section, section_type in _SECTIONS.items():
     items = {k: v if isinstance(v, tuple) else (v, "") for k, v in raw.get(section, {}).items()}
     base = section_type()
-    if section == "model" and "preset" in items:
+    if section == "model" and items.get("preset", (None,))[0] is not None:  # null: no preset.
       base = _preset(items["preset"])
     hints = typing.get_type_hints(section_type)
     values = {}

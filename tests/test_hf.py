@@ -328,3 +328,30 @@ def test_pickled_checkpoints_are_refused_not_loaded(broken, tmp_path):
   with pytest.raises(CheckpointError, match=r"only pickled weights \(pytorch_model\.bin\)"):
     hf.load_hf(broken)
   assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("case", ["llama-mqa", "qwen2", "gemma", "gpt2"])
+def test_views_read_any_box_as_the_whole_tensor_would(case):
+  """`View.read` of a box (a device's shard) equals the box of the whole converted tensor, for
+  every tensor layout (transposes, head splits, GPT-2's fused q/k/v, Gemma's offset), and
+  `to_hf` inverts the whole conversion."""
+  model_type, kwargs = CASES[case]
+  family = hf.FAMILIES[model_type]
+  cfg = ModelConfig(
+    **family.to_config(transformers.AutoConfig.for_model(model_type, **kwargs).to_dict())
+  )
+  rng = np.random.default_rng(0)
+  for tensor in family.tensors(cfg):
+    w = rng.standard_normal(tensor.shape).astype(np.float32)
+    whole = tensor.from_hf(w)
+    exact = all(view.offset == 0 for view in tensor.views)  # w + 1 - 1 rounds in float32.
+    np.testing.assert_allclose(tensor.to_hf(*whole), w, rtol=0, atol=0 if exact else 1e-6)
+    for view, array in zip(tensor.views, whole, strict=True):
+      assert array.shape == view.shape, tensor.name
+      for _ in range(10):
+        box = []
+        for n in view.shape:
+          start = int(rng.integers(0, n))
+          box.append(slice(start, int(rng.integers(start + 1, n + 1))))
+        box = tuple(box)
+        np.testing.assert_array_equal(view.read(w, tensor.shape, box), array[box], tensor.name)

@@ -9,12 +9,14 @@ unpickling runs arbitrary code. Every error is a `CheckpointError` naming the fi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import pathlib
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -23,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors
 import safetensors.numpy
+from tqdm import tqdm
 
 from jaxtune.config import ConfigError, ModelConfig
-from jaxtune.convert.hf_layout import FAMILIES, Family, family_for
+from jaxtune.convert.hf_layout import FAMILIES, Family, Tensor, View, family_for
 from jaxtune.convert.llama2c import CheckpointError
 from jaxtune.model import transformer
 
@@ -37,38 +40,48 @@ _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _BUFFERS = re.compile(r"(\.attn\.(masked_)?bias|\.rotary_emb\.inv_freq)$")
 
 
+def load_config(folder: str | pathlib.Path, param_dtype: str | None = "float32") -> ModelConfig:
+  """The ModelConfig of a Hugging Face folder, reading only config.json and the safetensors
+  headers; `param_dtype` as in `load_hf`."""
+  cfg, *_ = _open(pathlib.Path(folder), param_dtype)
+  return cfg
+
+
 def load_hf(
-  folder: str | pathlib.Path, param_dtype: str = "float32"
+  folder: str | pathlib.Path,
+  param_dtype: str | None = "float32",
+  shardings: Mapping[str, Any] | None = None,
 ) -> tuple[ModelConfig, dict[str, Any]]:
-  """Reads a Hugging Face folder into a ModelConfig and a `{'params': ...}` tree of numpy arrays.
+  """Reads a Hugging Face folder into a ModelConfig and a `{'params': ...}` tree.
 
-  The arrays are cast to `param_dtype` ("float32" or "bfloat16"), which the config records.
+  The arrays are cast to `param_dtype` ("float32" or "bfloat16"; None: bfloat16 if every stored
+  weight is, else float32), which the config records. Without `shardings` they are numpy arrays.
+  With `shardings` (the params tree of `jax.sharding.Sharding`s of this config's model, e.g.
+  from a mesh's rules) they are jax Arrays built shard by shard: each distinct shard is read
+  straight from the file (`hf_layout.View.read`), so a host holds only its own devices' shards,
+  one tensor at a time, never a whole tensor that is sharded (except across a sharded head_dim,
+  which no rule preset does, where whole heads are read).
   """
-  if param_dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"param_dtype={param_dtype!r} must be float32 or bfloat16")
   folder = pathlib.Path(folder)
-  hf_config = _read_config(folder / "config.json")
-  model_type, family = _family(hf_config, folder / "config.json")
-  try:
-    cfg = ModelConfig(**family.to_config(hf_config), param_dtype=param_dtype)
-    cfg.validate()
-  except (CheckpointError, ConfigError) as e:
-    raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
-  dtype = jnp.dtype(param_dtype)
-
-  with _Checkpoint(folder, family.prefix) as checkpoint:
+  cfg, model_type, family, checkpoint = _open(folder, param_dtype)
+  dtype = jnp.dtype(cfg.param_dtype)
+  placement = _flatten(shardings) if shardings is not None else {}
+  with checkpoint:
+    tensors = family.tensors(cfg)
+    # Every name and shape is checked before anything is read.
+    stored = {
+      t.name: [checkpoint.slice(n, t.shape) for n in t.names(cfg.num_layers)] for t in tensors
+    }
     params: dict[str, Any] = {}
-    for tensor in family.tensors(cfg):
-      if tensor.per_layer:
-        layers = [
-          tensor.from_hf(checkpoint.read(tensor.name.format(i=i), tensor.shape))
-          for i in range(cfg.num_layers)
-        ]
-        arrays = [np.stack(parts) for parts in zip(*layers, strict=True)]
-      else:
-        arrays = tensor.from_hf(checkpoint.read(tensor.name, tensor.shape))
-      for path, array in zip(tensor.paths, arrays, strict=True):
-        _put(params, path, np.ascontiguousarray(array, dtype))
+    chief = jax.process_index() == 0
+    for tensor in tqdm(tensors, f"reading {folder.name}", unit="tensor", disable=not chief):
+      for path, view in zip(tensor.paths, tensor.views, strict=True):
+        read = functools.partial(_read, stored[tensor.name], tensor, view, dtype)
+        if shardings is None:
+          _put(params, path, read(None))
+        else:
+          shape = (cfg.num_layers, *view.shape) if tensor.per_layer else view.shape
+          _put(params, path, _sharded(read, shape, placement[path], dtype))
     unused = checkpoint.unused(ignore_lm_head=cfg.tie_embeddings)
   if unused:
     raise CheckpointError(
@@ -77,6 +90,35 @@ def load_hf(
     )
   logger.info("loaded %s model from %s: %s", model_type, folder, cfg)
   return cfg, {"params": params}
+
+
+def _sharded(read: Callable, shape: tuple[int, ...], sharding: Any, dtype: Any) -> jax.Array:
+  """A jax Array of `shape` with `sharding`, each distinct shard read once by `read(box)` (its
+  devices' replicas share it)."""
+  shards: dict[tuple, np.ndarray] = {}
+
+  def shard(index: tuple[slice, ...]) -> np.ndarray:
+    box = tuple((s.start, s.stop) for s in index)
+    if box not in shards:
+      shards[box] = read(box)
+    return shards[box]
+
+  return jax.make_array_from_callback(shape, sharding, shard, dtype)
+
+
+def _read(
+  layers: list[_Slice], tensor: Tensor, view: View, dtype: Any, box: tuple | None
+) -> np.ndarray:
+  """The `box` (None: all) of the jaxtune array `view` of `tensor`, stacked over layers if it is
+  per layer, as contiguous numpy of `dtype`."""
+  index = None if box is None else tuple(slice(*b) for b in box)
+  if not tensor.per_layer:
+    return np.ascontiguousarray(view.read(layers[0], tensor.shape, index), dtype)
+  picked = range(len(layers)) if index is None else range(len(layers))[index[0]]
+  inner = None if index is None else index[1:]
+  return np.ascontiguousarray(
+    np.stack([view.read(layers[i], tensor.shape, inner) for i in picked]), dtype
+  )
 
 
 def save_hf(
@@ -124,6 +166,26 @@ def save_hf(
   logger.info("saved %s model (%d tensors, %s) to %s", model_type, len(tensors), dtype, folder)
 
 
+def _open(
+  folder: pathlib.Path, param_dtype: str | None
+) -> tuple[ModelConfig, str, Family, _Checkpoint]:
+  """The config, model_type, family and (unopened) tensors of a folder."""
+  if param_dtype not in (None, "float32", "bfloat16"):
+    raise ValueError(f"param_dtype={param_dtype!r} must be float32, bfloat16 or None")
+  hf_config = _read_config(folder / "config.json")
+  model_type, family = _family(hf_config, folder / "config.json")
+  try:
+    cfg = ModelConfig(**family.to_config(hf_config))
+    cfg.validate()
+  except (CheckpointError, ConfigError) as e:
+    raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+  checkpoint = _Checkpoint(folder, family.prefix)
+  if param_dtype is None:
+    weights = [d for n, d in checkpoint.dtypes.items() if not _BUFFERS.search(n)]
+    param_dtype = "bfloat16" if weights and all(d == "BF16" for d in weights) else "float32"
+  return dataclasses.replace(cfg, param_dtype=param_dtype), model_type, family, checkpoint
+
+
 def _read_config(path: pathlib.Path) -> dict[str, Any]:
   try:
     hf_config = json.loads(path.read_text())
@@ -152,6 +214,24 @@ def _family(hf_config: Mapping[str, Any], path: pathlib.Path) -> tuple[str, Fami
   return model_type, family
 
 
+class _Slice:
+  """One stored tensor, read by boxes (`tensor[index]`); errors name the file and the tensor."""
+
+  def __init__(self, path: pathlib.Path, name: str, handle: Any):
+    self.path, self.name = path, name
+    try:
+      self._slice = handle.get_slice(name)
+      self.shape = tuple(self._slice.get_shape())
+    except (safetensors.SafetensorError, KeyError, TypeError) as e:
+      raise CheckpointError(f"{path}: cannot read tensor {name!r}: {e}") from None
+
+  def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+    try:
+      return self._slice[index]
+    except (safetensors.SafetensorError, KeyError, TypeError, ValueError) as e:
+      raise CheckpointError(f"{self.path}: cannot read tensor {self.name!r}: {e}") from None
+
+
 class _Checkpoint(contextlib.ExitStack):
   """The tensors of a folder's safetensors files, each file's header checked before it is opened.
 
@@ -162,18 +242,20 @@ class _Checkpoint(contextlib.ExitStack):
     super().__init__()
     self.folder = folder
     self.where: dict[str, pathlib.Path] = {}  # Stored name -> file.
+    self.dtypes: dict[str, str] = {}  # Stored name -> safetensors dtype ("F32", "BF16", ...).
     for path in _files(folder):
-      for name in _header_names(path):
+      for name, dtype in _header(path).items():
         if name in self.where:
           raise CheckpointError(f"tensor {name!r} is in both {self.where[name]} and {path}")
-        self.where[name] = path
+        self.where[name], self.dtypes[name] = path, dtype
     _check_index(folder, self.where)
     bare = not any(name.startswith(prefix) for name in self.where)
     self.stored = {(prefix + n if bare and n != "lm_head.weight" else n): n for n in self.where}
     self.used: set[str] = set()
     self.handles: dict[pathlib.Path, Any] = {}
 
-  def read(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+  def slice(self, name: str, shape: tuple[int, ...]) -> _Slice:
+    """The stored tensor `name` (read later, in boxes), after checking its `shape`."""
     stored = self.stored.get(name)
     if stored is None:
       files = ", ".join(sorted({p.name for p in self.where.values()}))
@@ -184,17 +266,14 @@ class _Checkpoint(contextlib.ExitStack):
         self.handles[path] = self.enter_context(safetensors.safe_open(path, framework="numpy"))
       except safetensors.SafetensorError as e:
         raise CheckpointError(f"{path}: not a valid safetensors file: {e}") from None
-    try:
-      array = self.handles[path].get_tensor(stored)
-    except (safetensors.SafetensorError, KeyError, TypeError) as e:
-      raise CheckpointError(f"{path}: cannot read tensor {stored!r}: {e}") from None
-    if array.shape != shape:
+    tensor = _Slice(path, stored, self.handles[path])
+    if tensor.shape != shape:
       raise CheckpointError(
-        f"{path}: tensor {stored!r} has shape {list(array.shape)}, but config.json implies "
+        f"{path}: tensor {stored!r} has shape {list(tensor.shape)}, but config.json implies "
         f"{list(shape)}"
       )
     self.used.add(stored)
-    return array
+    return tensor
 
   def unused(self, ignore_lm_head: bool) -> list[str]:
     """Stored tensors not read, less buffers and (as transformers does) a tied model's lm_head."""
@@ -247,8 +326,9 @@ def _check_index(folder: pathlib.Path, where: Mapping[str, pathlib.Path]) -> Non
       raise CheckpointError(f"{index}: lists tensor {name!r} in {shard}, which does not hold it")
 
 
-def _header_names(path: pathlib.Path) -> list[str]:
-  """The tensor names in a safetensors header, after checking every tensor lies within the file.
+def _header(path: pathlib.Path) -> dict[str, str]:
+  """The tensors of a safetensors header (name -> dtype), after checking that each lies within
+  the file.
 
   Layout: an 8-byte little-endian header length, a JSON header of
   `name -> {dtype, shape, data_offsets: [begin, end]}` (offsets after the header), the data.
@@ -266,7 +346,9 @@ def _header_names(path: pathlib.Path) -> list[str]:
       )
     try:
       header = json.loads(f.read(length))
-      ends = {n: int(t["data_offsets"][1]) for n, t in header.items() if n != "__metadata__"}
+      header.pop("__metadata__", None)
+      ends = {n: int(t["data_offsets"][1]) for n, t in header.items()}
+      dtypes = {n: str(t["dtype"]) for n, t in header.items()}
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
       raise CheckpointError(f"{path}: corrupt safetensors header: {e!r}") from None
   for name, end in ends.items():
@@ -274,7 +356,7 @@ def _header_names(path: pathlib.Path) -> list[str]:
       raise CheckpointError(
         f"{path}: truncated: tensor {name!r} ends at byte {8 + length + end} of a {size}-byte file"
       )
-  return list(ends)
+  return dtypes
 
 
 def _put(tree: dict[str, Any], path: str, value: np.ndarray) -> None:

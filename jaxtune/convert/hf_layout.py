@@ -3,9 +3,13 @@
 Shape letters: D model dim, F mlp dim, V vocab, P positions, N query heads, K KV heads, H head dim.
 
 A `Tensor` is one named Hugging Face tensor and the jaxtune arrays it holds (GPT-2's fused `c_attn`
-holds q, k and v). Names with `{i}` are per layer: their jaxtune arrays are stacked on a leading
-layers axis and the transforms act on one layer. PyTorch `nn.Linear` weights are [out, in]; GPT-2's
-`Conv1D` weights are [in, out]. Hugging Face RoPE is rotate-half, as in jaxtune: no q/k permutation.
+holds q, k and v), each a `View` of it: a reshape, a transpose and (Gemma's norms) an offset.
+Names with `{i}` are per layer: their jaxtune arrays are stacked on a leading layers axis and the
+views act on one layer. PyTorch `nn.Linear` weights are [out, in]; GPT-2's `Conv1D` weights are
+[in, out]. Hugging Face RoPE is rotate-half, as in jaxtune: no q/k permutation.
+
+Views are declarative, so `View.read` can read one box of a jaxtune array (a device's shard) from
+the rows of the stored tensor it covers, without reading the rest.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,18 +42,113 @@ _NOT_ARCHITECTURE = (
 
 
 @dataclasses.dataclass(frozen=True)
+class View:
+  """A jaxtune array as a view of a stored tensor: `stored.reshape(split)`, then the index
+  `pick[1]` taken on axis `pick[0]` (one of GPT-2's fused q, k, v), `transpose(perm)`, and
+  `+ offset` in float32 (Gemma's norms store `scale - 1`)."""
+
+  split: tuple[int, ...]
+  perm: tuple[int, ...]
+  pick: tuple[int, int] | None = None
+  offset: float = 0.0
+
+  @property
+  def kept(self) -> tuple[int, ...]:
+    """The axes of `split` that remain after the pick."""
+    return tuple(a for a in range(len(self.split)) if self.pick is None or a != self.pick[0])
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.split[self.kept[a]] for a in self.perm)
+
+  def read(
+    self, stored: Any, stored_shape: tuple[int, ...], index: tuple[slice, ...] | None = None
+  ) -> np.ndarray:
+    """The box `index` (slices of `self.shape`; None: all of it) of the jaxtune array, as numpy.
+
+    `stored` is the stored tensor (`stored_shape`) or anything sliced like it: a safetensors
+    slice, which reads only the rows asked for. Each stored axis is reshaped into a group of
+    `split` axes; of a group, the run from its first axis not taken whole or at a single index
+    is read. That is exactly the box when the later axes of the group are whole (a shard of the
+    heads of [N*H, D], of the rows or columns of a matrix); otherwise (a sharded head_dim) the
+    extra is cut away in memory.
+    """
+    index = index or (slice(None),) * len(self.shape)
+    ranges = [range(*s.indices(n)) for s, n in zip(index, self.shape, strict=True)]
+    split_ranges = [range(n) for n in self.split]
+    for out_axis, r in enumerate(ranges):
+      split_ranges[self.kept[self.perm[out_axis]]] = r
+    if self.pick is not None:
+      split_ranges[self.pick[0]] = range(self.pick[1], self.pick[1] + 1)
+    stored_index, block_shape, cut = [], [], []
+    for group in _groups(stored_shape, self.split):
+      if not group:  # A stored axis of size 1, dropped by the reshape.
+        stored_index.append(slice(None))
+        continue
+      rs = [split_ranges[a] for a in group]
+      sizes = [self.split[a] for a in group]
+      first = next((p for p, r in enumerate(rs) if len(r) != 1), len(rs) - 1)
+      strides = [math.prod(sizes[p + 1 :]) for p in range(len(sizes))]
+      start = sum(rs[p].start * strides[p] for p in range(first + 1))
+      stored_index.append(slice(start, start + len(rs[first]) * strides[first]))
+      block_shape += [1] * first + [len(rs[first])] + sizes[first + 1 :]
+      cut += [slice(None)] * (first + 1) + [slice(r.start, r.stop) for r in rs[first + 1 :]]
+    x = np.asarray(stored[tuple(stored_index)]).reshape(block_shape)[tuple(cut)]
+    if self.pick is not None:
+      x = np.squeeze(x, self.pick[0])
+    x = x.transpose(self.perm)
+    return x.astype(np.float32) + np.float32(self.offset) if self.offset else x
+
+  def unread(self, x: np.ndarray) -> np.ndarray:
+    """The inverse of `read` of everything, before the reshape and the pick."""
+    if self.offset:
+      x = x.astype(np.float32) - np.float32(self.offset)
+    return np.transpose(x, np.argsort(self.perm))
+
+
+def _groups(stored_shape: tuple[int, ...], split: tuple[int, ...]) -> list[list[int]]:
+  """For each stored axis, the consecutive axes of `split` it is reshaped into."""
+  groups, a = [], 0
+  for n in stored_shape:
+    group, size = [], 1
+    while a < len(split) and (size < n or (group and split[a] == 1)):
+      group.append(a)
+      size *= split[a]
+      a += 1
+    if size != n:
+      raise ValueError(f"cannot reshape {stored_shape} into {split}")
+    groups.append(group)
+  if a != len(split):
+    raise ValueError(f"cannot reshape {stored_shape} into {split}")
+  return groups
+
+
+@dataclasses.dataclass(frozen=True)
 class Tensor:
-  """A Hugging Face tensor (`name`, `shape`) and the jaxtune arrays at `paths` ('a/b/c')."""
+  """A Hugging Face tensor (`name`, `shape`) and the jaxtune arrays at `paths` ('a/b/c'), each
+  a `View` of it."""
 
   name: str
   paths: tuple[str, ...]
   shape: tuple[int, ...]
-  from_hf: Callable[[np.ndarray], tuple[np.ndarray, ...]]
-  to_hf: Callable[..., np.ndarray]
+  views: tuple[View, ...]
 
   @property
   def per_layer(self) -> bool:
     return "{i}" in self.name
+
+  def names(self, num_layers: int) -> list[str]:
+    """The stored names: one per layer, or the one."""
+    return [self.name.format(i=i) for i in range(num_layers)] if self.per_layer else [self.name]
+
+  def from_hf(self, w: np.ndarray) -> tuple[np.ndarray, ...]:
+    return tuple(view.read(w, self.shape) for view in self.views)
+
+  def to_hf(self, *arrays: np.ndarray) -> np.ndarray:
+    parts = [view.unread(x) for view, x in zip(self.views, arrays, strict=True)]
+    if self.views[0].pick is not None:  # The views pick 0, 1, ... of the same axis.
+      return np.stack(parts, axis=self.views[0].pick[0]).reshape(self.shape)
+    return parts[0].reshape(self.shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,67 +163,54 @@ class Family:
   tensors: Callable[[ModelConfig], list[Tensor]]
 
 
-# Tensor layouts. Each builder returns the pair of per-layer transforms.
+# Tensor layouts.
+
+
+def _view(name: str, path: str, shape: tuple[int, ...], split=None, perm=None, offset=0.0):
+  """One jaxtune array: `shape` reshaped to `split` (default: as is), transposed by `perm`."""
+  split = split or shape
+  view = View(split, perm or tuple(range(len(split))), offset=offset)
+  return Tensor(name, (path,), shape, (view,))
 
 
 def _copy(name: str, path: str, shape: tuple[int, ...]) -> Tensor:
-  return Tensor(name, (path,), shape, lambda w: (w,), lambda x: x)
+  return _view(name, path, shape)
 
 
 def _norm(name: str, path: str, d: int, offset: float) -> Tensor:
   """An RMSNorm weight; Gemma stores `scale - 1` (its norm multiplies by `1 + w`)."""
-  if offset == 0.0:
-    return _copy(name, path, (d,))
-  return Tensor(
-    name,
-    (path,),
-    (d,),
-    lambda w: (w.astype(np.float32) + np.float32(offset),),
-    lambda s: s.astype(np.float32) - np.float32(offset),
-  )
+  return _view(name, path, (d,), offset=offset)
 
 
 def _linear(name: str, path: str, out: int, inp: int) -> Tensor:
   """nn.Linear [out, in] <-> kernel [in, out]."""
-  return Tensor(name, (path,), (out, inp), lambda w: (w.T,), lambda x: x.T)
+  return _view(name, path, (out, inp), perm=(1, 0))
 
 
 def _heads_in(name: str, path: str, n: int, h: int, d: int) -> Tensor:
   """q/k/v nn.Linear [N*H, D] <-> kernel [D, N, H]."""
-  return Tensor(
-    name,
-    (path,),
-    (n * h, d),
-    lambda w: (w.reshape(n, h, d).transpose(2, 0, 1),),
-    lambda x_dnh: x_dnh.transpose(1, 2, 0).reshape(n * h, d),
-  )
+  return _view(name, path, (n * h, d), (n, h, d), (2, 0, 1))
 
 
 def _heads_out(name: str, path: str, n: int, h: int, d: int) -> Tensor:
   """o nn.Linear [D, N*H] <-> kernel [N, H, D]."""
-  return Tensor(
-    name,
-    (path,),
-    (d, n * h),
-    lambda w: (w.reshape(d, n, h).transpose(1, 2, 0),),
-    lambda x_nhd: x_nhd.transpose(2, 0, 1).reshape(d, n * h),
-  )
+  return _view(name, path, (d, n * h), (d, n, h), (1, 2, 0))
 
 
 def _head_bias(name: str, path: str, n: int, h: int) -> Tensor:
   """q/k/v bias [N*H] <-> [N, H]."""
-  return Tensor(name, (path,), (n * h,), lambda b: (b.reshape(n, h),), lambda x: x.reshape(n * h))
+  return _view(name, path, (n * h,), (n, h))
 
 
 def _fused_qkv(name: str, kind: str, n: int, h: int, d: int) -> Tensor:
   """GPT-2 `c_attn`: Conv1D weight [D, 3*N*H] or bias [3*N*H] <-> q, k, v [D, N, H] or [N, H]."""
   lead = (d,) if kind == "kernel" else ()
+  split = (*lead, 3, n, h)
   return Tensor(
     name,
     tuple(f"layers/attn/{x}/{kind}" for x in "qkv"),
     (*lead, 3 * n * h),
-    lambda w: tuple(x.reshape(*lead, n, h) for x in np.split(w, 3, axis=-1)),
-    lambda *qkv: np.concatenate([x.reshape(*lead, n * h) for x in qkv], axis=-1),
+    tuple(View(split, tuple(range(len(split) - 1)), pick=(len(lead), j)) for j in range(3)),
   )
 
 
@@ -164,13 +251,7 @@ def _gpt2_tensors(cfg: ModelConfig) -> list[Tensor]:
     _copy("transformer.wpe.weight", "position/embedding", (p, d)),
     _fused_qkv(block + "attn.c_attn.weight", "kernel", n, h, d),
     _fused_qkv(block + "attn.c_attn.bias", "bias", n, h, d),
-    Tensor(
-      block + "attn.c_proj.weight",
-      ("layers/attn/o/kernel",),
-      (n * h, d),
-      lambda w: (w.reshape(n, h, d),),
-      lambda x_nhd: x_nhd.reshape(n * h, d),
-    ),
+    _view(block + "attn.c_proj.weight", "layers/attn/o/kernel", (n * h, d), (n, h, d)),
     _copy(block + "attn.c_proj.bias", "layers/attn/o/bias", (d,)),
     _copy(block + "mlp.c_fc.weight", "layers/mlp/up/kernel", (d, f)),
     _copy(block + "mlp.c_fc.bias", "layers/mlp/up/bias", (f,)),

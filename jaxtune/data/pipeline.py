@@ -17,13 +17,15 @@ import numpy as np
 
 from jaxtune.config import Config, DataConfig
 from jaxtune.convert import llama2c
-from jaxtune.data import formats, mixtures, packing, synthetic, templates
+from jaxtune.data import formats, hf_tokenizer, mixtures, packing, synthetic, templates
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.data.formats import Conversation
 from jaxtune.data.packing import Batch, Example, Stats
 from jaxtune.data.sources import BadRecords, DataError, Record, read_records
 
 log = logging.getLogger(__name__)
+
+Tokenizer = tokenizer_lib.Tokenizer | llama2c.Tokenizer | hf_tokenizer.HFTokenizer
 
 
 @dataclasses.dataclass
@@ -99,14 +101,27 @@ def conversations(cfg: DataConfig, seed: int, stats: Stats) -> tuple[list, list]
   return train, []
 
 
-def make_tokenizer(
-  cfg: DataConfig, train: Sequence[Conversation]
-) -> tokenizer_lib.Tokenizer | llama2c.Tokenizer:
+def load_tokenizer(path: str) -> Tokenizer:
+  """A saved tokenizer: a llama2.c `.bin` (stories260K's tok512.bin), a SentencePiece `.model`,
+  a Hugging Face `tokenizer.json`, or a folder holding one (as a run's `tokenizer/` does; a
+  SentencePiece model first)."""
+  if os.path.isdir(path):
+    saved = {name: os.path.join(path, name) for name in os.listdir(path)}
+    if llama2c.TOKENIZER_FILE in saved:
+      return llama2c.Tokenizer.load(saved[llama2c.TOKENIZER_FILE])
+    if hf_tokenizer.TOKENIZER_JSON in saved and tokenizer_lib.MODEL_FILE not in saved:
+      return hf_tokenizer.HFTokenizer.load(path)
+  elif path.endswith(".bin"):
+    return llama2c.Tokenizer.load(path)
+  elif path.endswith(".json"):
+    return hf_tokenizer.HFTokenizer.load(path)
+  return tokenizer_lib.Tokenizer.load(path)
+
+
+def make_tokenizer(cfg: DataConfig, train: Sequence[Conversation]) -> Tokenizer:
   specials = templates.TEMPLATES[cfg.template].special_tokens
-  if cfg.tokenizer.endswith(".bin"):  # A llama2.c tokenizer (stories260K's tok512.bin).
-    tok = llama2c.Tokenizer.load(cfg.tokenizer)
-  elif cfg.tokenizer:
-    tok = tokenizer_lib.Tokenizer.load(cfg.tokenizer)
+  if cfg.tokenizer:
+    tok = load_tokenizer(cfg.tokenizer)
   else:  # Trained on the rendered training text, so template words become pieces.
     texts = (templates.to_text(templates.render(c, cfg.template), "", "") for c in train)
     tok = tokenizer_lib.train(texts, cfg.tokenizer_vocab_size, specials)

@@ -1,0 +1,229 @@
+"""`jaxtune.load`: any checkpoint jaxtune reads, as one handle to run the model.
+
+Shape letters: B batch, T length, V vocab.
+
+Three formats, told apart by `detect`:
+- "jaxtune": a training run directory (`train.output_dir`: config.yaml, tokenizer/,
+  checkpoints/<step>/), at its latest checkpoint, or one of its `checkpoints/<step>` directories;
+- "hf": a Hugging Face folder (config.json and safetensors; tokenizer.model, else tokenizer.json);
+- "llama2c": a llama2.c model file (`.bin`), with the llama2.c tokenizer beside it if there is one
+  (`tokenizer.bin`, else a single `tok*.bin`).
+
+With a `mesh`, parameters are placed as training places them (`sharding.resolve_rules` of the
+rule preset) and are read straight into their shards: orbax restores each shard, and Hugging Face
+safetensors are read shard by shard (see `hf.load_hf`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxtune import checkpoint, config, generate, sharding
+from jaxtune.config import ModelConfig
+from jaxtune.convert import hf, llama2c
+from jaxtune.convert.llama2c import CheckpointError
+from jaxtune.data import pipeline
+from jaxtune.data import tokenizer as tokenizer_lib
+from jaxtune.data.hf_tokenizer import TOKENIZER_JSON
+from jaxtune.model import transformer
+
+log = logging.getLogger(__name__)
+
+Tokenizer = pipeline.Tokenizer
+RUN_CONFIG, RUN_TOKENIZER, RUN_CHECKPOINTS = "config.yaml", "tokenizer", "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+  """A loaded model: its config, parameters (placed on `mesh` by `rules`, or on one device),
+  tokenizer (None if it has none) and chat template name ("raw" unless a jaxtune run says)."""
+
+  config: ModelConfig
+  params: Any
+  tokenizer: Tokenizer | None
+  template: str = "raw"
+  mesh: Mesh | None = None
+  rules: sharding.Rules | None = None
+
+  @functools.cached_property
+  def module(self) -> transformer.Transformer:
+    return transformer.Transformer(self.config)
+
+  @functools.cached_property
+  def _logits(self) -> Callable[[Any, jax.Array], jax.Array]:
+    return jax.jit(lambda params, tokens_bt: self.module.apply({"params": params}, tokens_bt))
+
+  def logits(self, tokens_bt: Any) -> jax.Array:
+    """Float32 logits [B, T, V] of token ids [B, T] (one sequence per row, from position 0)."""
+    tokens_bt = jnp.asarray(tokens_bt, jnp.int32)
+    if tokens_bt.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length], got shape {tokens_bt.shape}")
+    if self.mesh is None:
+      return self._logits(self.params, tokens_bt)
+    with sharding.use(self.mesh, self.rules):
+      return self._logits(self.params, tokens_bt)
+
+  def generate(
+    self, prompt_ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()
+  ) -> list[int]:
+    """The greedy continuation of `prompt_ids`, up to `max_new_tokens` or a stop id (kept)."""
+    return generate.greedy(self.module, self.params, prompt_ids, max_new_tokens, stop_ids)
+
+
+def detect(path: str | pathlib.Path) -> str:
+  """The format of the checkpoint at `path`: "jaxtune", "hf" or "llama2c"."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise CheckpointError(f"{path}: no such file or directory")
+  if path.is_dir():
+    if (path / RUN_CONFIG).is_file() and (path / RUN_CHECKPOINTS).is_dir():
+      return "jaxtune"
+    if _run_of_step(path) is not None:
+      return "jaxtune"
+    if (path / "config.json").is_file():
+      return "hf"
+  elif path.suffix == ".bin":
+    return "llama2c"
+  raise CheckpointError(
+    f"{path}: not a checkpoint jaxtune reads: expected a jaxtune run directory ({RUN_CONFIG} and "
+    f"{RUN_CHECKPOINTS}/), one of its {RUN_CHECKPOINTS}/<step> directories, a Hugging Face "
+    "folder (config.json and *.safetensors) or a llama2.c model file (.bin)"
+  )
+
+
+def load(
+  path: str | pathlib.Path,
+  *,
+  mesh: Mesh | None = None,
+  param_dtype: str | None = None,
+  strategy: str | None = None,
+  tokenizer: str | Tokenizer | None = None,
+) -> Model:
+  """Loads the checkpoint at `path` (any format `detect` knows).
+
+  `mesh`: place the parameters on this mesh by the `strategy` rule preset ("tp" or "fsdp";
+  default: a run's `mesh.strategy`, else "tp"); None: on one device. `param_dtype` ("float32" or
+  "bfloat16"): cast to it; None: as stored (a run's `model.param_dtype`; Hugging Face: bfloat16
+  if every weight is stored so, else float32; llama2.c: float32). `tokenizer`: a tokenizer or
+  its path, instead of the checkpoint's own.
+  """
+  path = pathlib.Path(path)
+  if param_dtype not in (None, "float32", "bfloat16"):
+    raise ValueError(f"param_dtype={param_dtype!r} must be float32, bfloat16 or None")
+  fmt = detect(path)
+  log.info("loading %s (%s)", path, fmt)
+  load_params, find_tokenizer = _FORMATS[fmt]
+  model = load_params(path, mesh, param_dtype, strategy)
+  if isinstance(tokenizer, str | pathlib.Path):
+    tokenizer = pipeline.load_tokenizer(str(tokenizer))
+  model = dataclasses.replace(
+    model, tokenizer=find_tokenizer(path) if tokenizer is None else tokenizer
+  )
+  if model.tokenizer is not None and model.tokenizer.vocab_size > model.config.vocab_size:
+    raise CheckpointError(
+      f"{path}: the tokenizer has {model.tokenizer.vocab_size} tokens, more than the model's "
+      f"{model.config.vocab_size}"
+    )
+  return model
+
+
+def _placement(cfg: ModelConfig, mesh: Mesh | None, strategy: str) -> tuple[Any, Any, Any]:
+  """(abstract params, their shardings, the rules) of `cfg`'s model on `mesh` or one device."""
+  abstract = jax.eval_shape(transformer.init_fn(transformer.Transformer(cfg)), jax.random.key(0))
+  params = nn.meta.unbox(abstract)["params"]
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return params, jax.tree.map(lambda _: device, params), None
+  rules = sharding.resolve_rules(strategy, mesh, abstract)
+  return params, sharding.variable_shardings(abstract, mesh, rules)["params"], rules
+
+
+def _run_of_step(path: pathlib.Path) -> pathlib.Path | None:
+  """The run directory of a `checkpoints/<step>` directory, else None."""
+  run = path.parent.parent
+  if path.name.isdigit() and path.parent.name == RUN_CHECKPOINTS and (run / RUN_CONFIG).is_file():
+    return run
+  return None
+
+
+def _run(path: pathlib.Path) -> tuple[pathlib.Path, int | None]:
+  """The run directory and step (None: the latest) of a run or `checkpoints/<step>` path."""
+  run = _run_of_step(path)
+  return (path, None) if run is None else (run, int(path.name))
+
+
+def _load_run(path, mesh, param_dtype, strategy) -> Model:
+  run, step = _run(path)
+  cfg = config.load(str(run / RUN_CONFIG))
+  model_cfg = (
+    cfg.model if param_dtype is None else dataclasses.replace(cfg.model, param_dtype=param_dtype)
+  )
+  abstract, shardings, rules = _placement(model_cfg, mesh, strategy or cfg.mesh.strategy)
+  params = checkpoint.restore_params(
+    str(run / RUN_CHECKPOINTS), checkpoint.abstract(abstract, shardings), step
+  )
+  return Model(model_cfg, params, None, cfg.data.template, mesh, rules)
+
+
+def _run_tokenizer(path: pathlib.Path) -> Tokenizer | None:
+  saved = _run(path)[0] / RUN_TOKENIZER
+  return pipeline.load_tokenizer(str(saved)) if saved.is_dir() else None
+
+
+def _load_hf(path, mesh, param_dtype, strategy) -> Model:
+  cfg = hf.load_config(path, param_dtype)
+  _, shardings, rules = _placement(cfg, mesh, strategy or "tp")
+  cfg, variables = hf.load_hf(path, cfg.param_dtype, shardings if mesh is not None else None)
+  params = variables["params"] if mesh is not None else _put(variables["params"], shardings)
+  return Model(cfg, params, None, "raw", mesh, rules)
+
+
+def _hf_tokenizer(path: pathlib.Path) -> Tokenizer | None:
+  """tokenizer.model (SentencePiece, exact where both are there), else tokenizer.json."""
+  has_one = (path / tokenizer_lib.MODEL_FILE).is_file() or (path / TOKENIZER_JSON).is_file()
+  return pipeline.load_tokenizer(str(path)) if has_one else None
+
+
+def _load_llama2c(path, mesh, param_dtype, strategy) -> Model:
+  cfg, variables = llama2c.load_model(str(path))
+  cfg = dataclasses.replace(cfg, param_dtype=param_dtype or cfg.param_dtype)
+  _, shardings, rules = _placement(cfg, mesh, strategy or "tp")
+  cast = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(cfg.param_dtype)), variables["params"])
+  return Model(cfg, _put(cast, shardings), None, "raw", mesh, rules)
+
+
+def _put(params: Any, shardings: Any) -> Any:
+  return jax.tree.map(jax.device_put, params, shardings)
+
+
+def _llama2c_tokenizer(model_path: pathlib.Path) -> llama2c.Tokenizer | None:
+  """The llama2.c tokenizer beside a model file: `tokenizer.bin`, else the only `tok*.bin`."""
+  folder = model_path.parent
+  candidates = sorted(p for p in folder.glob("tok*.bin") if p != model_path)
+  if (folder / llama2c.TOKENIZER_FILE).is_file():
+    candidates = [folder / llama2c.TOKENIZER_FILE]
+  if len(candidates) > 1:
+    raise CheckpointError(
+      f"{model_path}: several llama2.c tokenizers beside it "
+      f"({', '.join(p.name for p in candidates)}); pass the one to use as tokenizer="
+    )
+  return llama2c.Tokenizer.load(str(candidates[0])) if candidates else None
+
+
+# Format -> (the model without its tokenizer, the tokenizer found with it).
+_FORMATS: dict[str, tuple[Callable[..., Model], Callable[[pathlib.Path], Tokenizer | None]]] = {
+  "jaxtune": (_load_run, _run_tokenizer),
+  "hf": (_load_hf, _hf_tokenizer),
+  "llama2c": (_load_llama2c, _llama2c_tokenizer),
+}

@@ -1,0 +1,128 @@
+"""`jaxtune convert`: any checkpoint `jaxtune.load` reads, written as a jaxtune run or for Hugging
+Face, optionally with its K/V heads pooled first (GQA/MQA uptraining, see `uptrain.py`).
+
+A jaxtune run written here is what training writes, less the optimizer state: config.yaml,
+tokenizer/ and checkpoints/0/, so `jaxtune train train.init_from=DST` starts from it and
+`jaxtune.load(DST)` reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import shutil
+from collections.abc import Callable
+
+import numpy as np
+import yaml
+
+from jaxtune import api, checkpoint
+from jaxtune.config import Config, ConfigError, DataConfig, TrainConfig
+from jaxtune.convert import hf, uptrain
+from jaxtune.convert.llama2c import CheckpointError
+from jaxtune.data import hf_tokenizer
+from jaxtune.data import tokenizer as tokenizer_lib
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def convert(
+  src: str | pathlib.Path,
+  dst: str | pathlib.Path,
+  to: str,
+  kv_heads: int | None = None,
+  dtype: str | None = None,
+) -> None:
+  """Writes the checkpoint at `src` to the new (or empty) directory `dst` in format `to`
+  ("jaxtune" or "hf"), its K/V heads first pooled to `kv_heads` if given, its parameters in
+  `dtype` (default: as loaded, see `api.load`; float16 only for "hf")."""
+  dst = pathlib.Path(dst)
+  if to not in _WRITERS:
+    raise ConfigError(f"cannot convert to {to!r}; formats: {', '.join(_WRITERS)}")
+  if dtype not in (None, *DTYPES):
+    raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+  if dtype == "float16" and to != "hf":
+    raise ConfigError("jaxtune parameters are float32 or bfloat16, not float16")
+  if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+    raise CheckpointError(f"{dst}: already exists and is not empty; convert into a new directory")
+  model = api.load(src, param_dtype="float32" if dtype == "float16" else dtype)
+  if kv_heads is not None:
+    cfg, variables = uptrain.to_kv_heads(model.config, {"params": model.params}, kv_heads)
+    model = dataclasses.replace(model, config=cfg, params=variables["params"])
+  existed = dst.exists()
+  try:
+    _WRITERS[to](model, dst, dtype or model.config.param_dtype)
+  except BaseException:
+    shutil.rmtree(dst, ignore_errors=True)  # No half-written checkpoint is left behind.
+    if existed:
+      dst.mkdir()
+    raise
+  log.info("converted %s to %s (%s)", src, dst, to)
+
+
+def save_run(model: api.Model, folder: str | pathlib.Path, step: int = 0) -> None:
+  """Writes `model` as a jaxtune run directory with one checkpoint, `step`."""
+  folder = pathlib.Path(folder).absolute()
+  saved_tokenizer = folder / api.RUN_TOKENIZER
+  cfg = Config(
+    model=model.config,
+    data=DataConfig(
+      template=model.template, tokenizer=str(saved_tokenizer) if model.tokenizer else ""
+    ),
+    train=TrainConfig(output_dir=str(folder)),
+  )
+  folder.mkdir(parents=True, exist_ok=True)
+  with open(folder / api.RUN_CONFIG, "w") as f:
+    yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+  if model.tokenizer is not None:
+    model.tokenizer.save(str(saved_tokenizer))
+  log.info("writing the parameters to %s", folder / api.RUN_CHECKPOINTS)
+  ckpt = checkpoint.Checkpointer(str(folder / api.RUN_CHECKPOINTS), keep=1)
+  ckpt.save(step, {"step": np.int32(step), "params": model.params}, {})
+  ckpt.close()
+
+
+def _write_jaxtune(model: api.Model, folder: pathlib.Path, dtype: str) -> None:
+  del dtype  # Loaded in it.
+  save_run(model, folder)
+
+
+def _write_hf(model: api.Model, folder: pathlib.Path, dtype: str) -> None:
+  hf.save_hf(model.config, model.params, folder, dtype)
+  tok = model.tokenizer
+  if isinstance(tok, tokenizer_lib.Tokenizer):
+    tok.save(str(folder))  # tokenizer.model, and special_tokens.json for jaxtune.
+    _write_tokenizer_config(tok, folder, hf.family_for(model.config))
+  elif isinstance(tok, hf_tokenizer.HFTokenizer):
+    tok.save(str(folder))  # tokenizer.json and tokenizer_config.json.
+  elif tok is not None:
+    log.warning("the llama2.c tokenizer has no Hugging Face form: %s has no tokenizer", folder)
+
+
+def _write_tokenizer_config(tok: tokenizer_lib.Tokenizer, folder: pathlib.Path, family: str):
+  """tokenizer_config.json, so that transformers reads tokenizer.model as the SentencePiece
+  tokenizer of the family (BOS first, as jaxtune's templates begin), with the added tokens."""
+  added = {
+    str(i): dict(content=t, special=True, lstrip=False, rstrip=False, normalized=False)
+    for t, i in tok.added.items()
+  }
+  config = dict(
+    tokenizer_class="GemmaTokenizer" if family == "gemma" else "LlamaTokenizer",
+    add_bos_token=True,
+    add_eos_token=False,
+    added_tokens_decoder=added,
+  )
+  for name, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)):
+    if i >= 0:
+      config[name] = tok.piece(i)
+  (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+_WRITERS: dict[str, Callable[[api.Model, pathlib.Path, str], None]] = {
+  "jaxtune": _write_jaxtune,
+  "hf": _write_hf,
+}
