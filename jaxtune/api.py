@@ -75,10 +75,33 @@ class Model:
       return self._logits(self.params, tokens_bt)
 
   def generate(
-    self, prompt_ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()
-  ) -> list[int]:
-    """The greedy continuation of `prompt_ids`, up to `max_new_tokens` or a stop id (kept)."""
-    return generate.greedy(self.module, self.params, prompt_ids, max_new_tokens, stop_ids)
+    self,
+    prompts: Sequence[Sequence[int]],
+    sampling: generate.Sampling | None = None,
+    *,
+    stop_ids: Sequence[int] | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = False,
+  ) -> list[generate.Completion]:
+    """Completions of token-id `prompts` with the KV cache, on the model's mesh (see
+    `jaxtune.generate`; sampling None: greedy, up to 256 tokens). `stop_ids` None: EOS and the
+    template's end-of-turn tokens."""
+    if stop_ids is None:
+      has_tokenizer = self.tokenizer is not None
+      stop_ids = generate.template_stop_ids(self.tokenizer, self.template) if has_tokenizer else ()
+    return generate.generate(
+      self.module,
+      self.params,
+      prompts,
+      sampling or generate.Sampling(),
+      stop_ids=stop_ids,
+      seed=seed,
+      batch_size=batch_size,
+      mesh=self.mesh,
+      rules=self.rules,
+      progress=progress,
+    )
 
 
 def detect(path: str | pathlib.Path) -> str:

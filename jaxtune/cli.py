@@ -7,10 +7,12 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from jaxtune import commands
 from jaxtune.checkpoint import CheckpointError as RestoreError
 from jaxtune.config import ConfigError
 from jaxtune.convert.llama2c import CheckpointError
 from jaxtune.data.sources import DataError
+from jaxtune.generate import GenerationError
 from jaxtune.sharding import ShardingError
 from jaxtune.train.loop import TrainingError
 
@@ -24,6 +26,7 @@ USER_ERRORS = (
   CheckpointError,
   RestoreError,
   TrainingError,
+  GenerationError,
   FileNotFoundError,
 )
 
@@ -78,18 +81,11 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
   )
 
 
-def _planned(verb: str) -> Callable[[argparse.Namespace], None]:
-  def run(args: argparse.Namespace) -> None:
-    raise ConfigError(f"'jaxtune {verb}' is not available in this version yet")
-
-  return run
-
-
 _VERBS: dict[str, tuple[str, Callable[[argparse.Namespace], None]]] = {
   "train": ("fine-tune a model (the main job)", _train),
-  "generate": ("sample completions from a checkpoint", _planned("generate")),
-  "chat": ("chat with a checkpoint in the terminal", _planned("chat")),
-  "eval": ("evaluate a checkpoint (perplexity, MMLU, GSM8K, BBH, ...)", _planned("eval")),
+  "generate": ("sample completions from a checkpoint", commands.RUN["generate"]),
+  "chat": ("chat with a checkpoint in the terminal", commands.RUN["chat"]),
+  "eval": ("evaluate a checkpoint (perplexity, MMLU, GSM8K, BBH, ...)", commands.RUN["eval"]),
   "convert": ("convert checkpoints (Hugging Face, llama2.c, GQA uptraining)", _convert),
   "data": ("inspect instruction data: rendered examples, loss masks, statistics", _data),
 }
@@ -110,11 +106,16 @@ def _parser() -> argparse.ArgumentParser:
       p.add_argument("-n", "--num-examples", type=int, default=3, help="examples to print")
     elif verb == "convert":
       _convert_arguments(p)
+    elif verb in commands.ARGUMENTS:
+      commands.ARGUMENTS[verb](p)
+    mesh_only = verb in commands.ARGUMENTS
     p.add_argument(
       "args",
       nargs="*",
-      metavar="[CONFIG] [section.key=value ...]",
-      help="a YAML config file and/or overrides",
+      metavar="[mesh.key=value ...]" if mesh_only else "[CONFIG] [section.key=value ...]",
+      help="the device mesh, as for training"
+      if mesh_only
+      else "a YAML config file and/or overrides",
     )
     p.set_defaults(run=run)
   return parser

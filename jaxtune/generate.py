@@ -1,49 +1,362 @@
-"""Greedy decoding with the KV cache: a jitted prefill, then one jitted step per token."""
+"""Sampling with the KV cache: one jitted prefill, then one compiled decode loop.
+
+Shape letters: B batch, P prompt slots, S cache slots, N new tokens, V vocab.
+
+Prompts of different lengths share a batch by left padding: row b's prompt fills the last n_b of
+the P prompt slots, padding carries segment id 0 (no query attends to it) and positions count
+from the row's first real token, so each row computes what it would compute alone. Every row's
+next token then goes into the same cache slot. The batch is padded to a multiple of the mesh's
+data axis (with copies of its first prompt) and sharded over it like training batches, with the
+cache sharded over batch and KV heads.
+
+Each token: repetition penalty (CTRL, Keskar et al. 2019, as Hugging Face applies it: on every
+token of the prompt and of the output so far, positive logits are divided by the penalty,
+negative ones multiplied), then greedy (temperature 0), or temperature, top-k and top-p (nucleus,
+Holtzman et al. 2020) sampling. Row b draws with `fold_in(fold_in(key(seed), i_b), step)`, where
+i_b is its prompt's index in the call, so a sample does not depend on the batch it was drawn in.
+
+Stop ids (EOS, a template's end-of-turn token) end a row inside the loop, and the loop ends when
+every row has stopped. Stop strings are looked for in the decoded text on the host (`cut_at_stop`).
+`stream` runs the same compiled loop one token at a time, for a chat that prints as it goes.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
 
+from jaxtune import sharding
+from jaxtune.config import ConfigError
+from jaxtune.data import templates
 from jaxtune.model import transformer
+
+_SLOT_BUCKET = 32  # Prompt slots are rounded up to a multiple of this, to reuse compilations.
+# Logical axes of the cache arrays (layers first, as `nn.scan` stacks them), by rank.
+_CACHE_AXES = {
+  5: (None, "act_batch", "act_seq", "act_kv_heads", "act_head_dim"),  # key, value
+  3: (None, "act_batch", "act_seq"),  # segment_ids
+  1: (None,),  # index
+}
+
+
+class GenerationError(ValueError):
+  """A prompt the model cannot continue: empty, or filling all of its positions."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How each new token is chosen. `temperature` 0 is greedy; `top_k` 0 and `top_p` 1 are off;
+  `repetition_penalty` 1 is off (the NEFTune paper evaluates greedy with 1.2)."""
+
+  max_new_tokens: int = 256
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  repetition_penalty: float = 1.0
+
+  def validate(self) -> None:
+    checks = (
+      (self.max_new_tokens > 0, "max_new_tokens must be positive"),
+      (self.temperature >= 0, "temperature must not be negative"),
+      (self.top_k >= 0, "top_k must not be negative"),
+      (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+      (self.repetition_penalty > 0, "repetition_penalty must be positive"),
+    )
+    for ok, message in checks:
+      if not ok:
+        raise ConfigError(f"sampling: {message}, got {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+  ids: list[int]  # The new tokens, without the stop id.
+  finish: str  # "stop" (a stop id) or "length" (max_new_tokens or the model's positions).
+
+
+# The pure sampling transforms, on logits [B, V].
+
+
+def penalize_repetition(logits_bv: jax.Array, seen_bv: jax.Array, penalty: float) -> jax.Array:
+  """CTRL's penalty on the tokens `seen`: positive logits / penalty, negative ones * penalty."""
+  penalized_bv = jnp.where(logits_bv > 0, logits_bv / penalty, logits_bv * penalty)
+  return jnp.where(seen_bv, penalized_bv, logits_bv)
+
+
+def top_k_filter(logits_bv: jax.Array, k: int) -> jax.Array:
+  """Keeps the k largest logits of each row (and any tied with the k-th); the rest -inf."""
+  kth_b1 = jax.lax.top_k(logits_bv, k)[0][:, -1:]
+  return jnp.where(logits_bv < kth_b1, -jnp.inf, logits_bv)
+
+
+def top_p_filter(logits_bv: jax.Array, p: float) -> jax.Array:
+  """Keeps the smallest set of most likely tokens whose probability reaches p: a token stays if
+  the tokens more likely than it hold less than p (so the most likely one always stays)."""
+  sorted_bv = -jnp.sort(-logits_bv, axis=-1)
+  probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+  before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+  kept_b1 = jnp.sum(before_bv < p, axis=-1, keepdims=True)
+  threshold_b1 = jnp.take_along_axis(sorted_bv, kept_b1 - 1, axis=-1)
+  return jnp.where(logits_bv < threshold_b1, -jnp.inf, logits_bv)
+
+
+def pick(
+  logits_bv: jax.Array, seen_bv: jax.Array | None, sampling: Sampling, keys_b: jax.Array
+) -> jax.Array:
+  """The next token of each row: penalty, then argmax or temperature / top-k / top-p sampling."""
+  logits_bv = logits_bv.astype(jnp.float32)
+  if sampling.repetition_penalty != 1.0:
+    logits_bv = penalize_repetition(logits_bv, seen_bv, sampling.repetition_penalty)
+  if sampling.temperature == 0.0:
+    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+  logits_bv = logits_bv / sampling.temperature
+  if sampling.top_k:
+    logits_bv = top_k_filter(logits_bv, min(sampling.top_k, logits_bv.shape[-1]))
+  if sampling.top_p < 1.0:
+    logits_bv = top_p_filter(logits_bv, sampling.top_p)
+  return jax.vmap(jax.random.categorical)(keys_b, logits_bv).astype(jnp.int32)
+
+
+# The engine.
+
+
+@flax.struct.dataclass
+class _State:
+  cache: Any
+  tokens_bn: jax.Array  # New tokens so far (entries past a row's stop id are meaningless).
+  positions_b: jax.Array  # Position of the last new token: the next one fed to the model.
+  seen_bv: jax.Array | None  # Tokens of the prompt and output (for the repetition penalty).
+  done_b: jax.Array  # The row has produced a stop id.
+  step: jax.Array  # Tokens produced.
+  rows_b: jax.Array  # Index of each row's prompt in the call (its sampling key).
+  seed: jax.Array
+
+
+def _keys(seed: jax.Array, rows_b: jax.Array, step: jax.Array) -> jax.Array:
+  root = jax.random.key(seed)
+  return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(root, i), step))(rows_b)
+
+
+def _constrain_cache(cache: Any) -> Any:
+  return jax.tree.map(lambda x: nn.with_logical_constraint(x, _CACHE_AXES[x.ndim]), cache)
 
 
 @functools.cache
-def _step(model: transformer.Transformer):
-  def step(params, cache, tokens_bt, positions_bt):
-    logits_btv, mutated = model.apply(
-      {"params": params, "cache": cache}, tokens_bt, positions_bt, decode=True, mutable=["cache"]
+def _compiled(model: transformer.Transformer, sampling: Sampling, stop_ids: tuple[int, ...]):
+  """(prefill, decode), jitted; each compiles once per batch and cache shape."""
+  stops = np.asarray(stop_ids, np.int32)
+
+  def advance(state: _State, logits_bv: jax.Array, cache: Any) -> _State:
+    token_b = pick(logits_bv, state.seen_bv, sampling, _keys(state.seed, state.rows_b, state.step))
+    seen_bv = state.seen_bv
+    if seen_bv is not None:
+      seen_bv = seen_bv.at[jnp.arange(token_b.shape[0]), token_b].set(True)
+    return state.replace(
+      cache=_constrain_cache(cache),
+      tokens_bn=state.tokens_bn.at[:, state.step].set(token_b),
+      seen_bv=seen_bv,
+      done_b=state.done_b | jnp.isin(token_b, stops),
+      step=state.step + 1,
     )
-    return jnp.argmax(logits_btv[:, -1], axis=-1), mutated["cache"]
 
-  return jax.jit(step)
+  def prefill(params, tokens_bp, positions_bp, segments_bp, rows_b, seed, cache_len):
+    b = tokens_bp.shape[0]
+    cache = _constrain_cache(transformer.init_cache(model, b, cache_len))
+    logits_bpv, mutated = model.apply(
+      {"params": params, "cache": cache},
+      tokens_bp,
+      positions_bp,
+      segments_bp,
+      decode=True,
+      mutable=["cache"],
+    )
+    seen_bv = None
+    if sampling.repetition_penalty != 1.0:
+      seen_bv = jnp.zeros((b, logits_bpv.shape[-1]), bool)
+      seen_bv = seen_bv.at[jnp.arange(b)[:, None], tokens_bp].max(segments_bp != 0)
+    state = _State(
+      cache=None,
+      tokens_bn=jnp.zeros((b, sampling.max_new_tokens), jnp.int32),
+      positions_b=positions_bp[:, -1] + 1,
+      seen_bv=seen_bv,
+      done_b=jnp.zeros((b,), bool),
+      step=jnp.zeros((), jnp.int32),
+      rows_b=rows_b,
+      seed=seed,
+    )
+    return advance(state, logits_bpv[:, -1], mutated["cache"])
+
+  def decode(params, state: _State, limit):
+    """Produces tokens until `limit` tokens are out or every row has stopped."""
+
+    def step(s: _State) -> _State:
+      token_b = jax.lax.dynamic_index_in_dim(s.tokens_bn, s.step - 1, axis=1, keepdims=False)
+      logits_b1v, mutated = model.apply(
+        {"params": params, "cache": s.cache},
+        token_b[:, None],
+        s.positions_b[:, None],
+        jnp.ones_like(token_b[:, None]),
+        decode=True,
+        mutable=["cache"],
+      )
+      return advance(s.replace(positions_b=s.positions_b + 1), logits_b1v[:, -1], mutated["cache"])
+
+    state = jax.lax.while_loop(lambda s: (s.step < limit) & ~jnp.all(s.done_b), step, state)
+    # Replicated, so that every process can read all of them.
+    return state, nn.with_logical_constraint(state.tokens_bn, (None, None))
+
+  return (
+    jax.jit(prefill, static_argnames="cache_len"),
+    jax.jit(decode, donate_argnames="state"),
+  )
 
 
-def greedy(
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Sizes of one batch: prompt slots, cache slots and how many tokens fit."""
+
+  slots: int
+  cache_len: int
+  steps: int
+
+
+def _plan(lengths: Sequence[int], max_new_tokens: int, max_seq_len: int) -> _Plan:
+  longest = max(lengths)
+  if min(lengths) == 0:
+    raise GenerationError("an empty prompt: it needs at least one token (e.g. BOS)")
+  if longest >= max_seq_len:
+    raise GenerationError(
+      f"a prompt of {longest} tokens leaves no room in the model's {max_seq_len} positions"
+    )
+  slots = -(-longest // _SLOT_BUCKET) * _SLOT_BUCKET
+  if slots + max_new_tokens - 1 > max_seq_len:  # Too long: no bucket (every slot counts).
+    slots = longest
+  # Token t > 0 needs token t - 1 in slot `slots + t - 1`; positions stay below max_seq_len.
+  cache_len = min(slots + max_new_tokens - 1, max_seq_len)
+  return _Plan(slots, cache_len, min(max_new_tokens, cache_len - slots + 1))
+
+
+class _Run:
+  """One batch of prompts on the way: prefilled, then decoded by `advance`."""
+
+  def __init__(self, model, params, prompts, rows, sampling, stop_ids, seed, mesh, rules):
+    self.model, self.params, self.mesh, self.rules = model, params, mesh, rules
+    self.count = len(prompts)
+    self.prefill, self.decode = _compiled(model, sampling, tuple(stop_ids))
+    self.plan = _plan([len(p) for p in prompts], sampling.max_new_tokens, model.config.max_seq_len)
+    data = 1 if mesh is None else mesh.shape[sharding.DATA]
+    padded = -(-len(prompts) // data) * data
+    prompts = list(prompts) + [prompts[0]] * (padded - len(prompts))
+    rows = np.asarray(list(rows) + [rows[0]] * (padded - len(rows)), np.int32)
+    tokens_bp, positions_bp, segments_bp = (
+      np.zeros((padded, self.plan.slots), np.int32) for _ in range(3)
+    )
+    for b, prompt in enumerate(prompts):
+      n = len(prompt)
+      tokens_bp[b, -n:], segments_bp[b, -n:], positions_bp[b, -n:] = prompt, 1, np.arange(n)
+    with sharding.use(mesh, rules):
+      arrays = [
+        sharding.put_global(x, mesh, rules, ("act_batch", "act_seq"))
+        for x in (tokens_bp, positions_bp, segments_bp)
+      ]
+      self.state = self.prefill(
+        params,
+        *arrays,
+        sharding.put_global(rows, mesh, rules, ("act_batch",)),
+        np.uint32(seed),
+        cache_len=self.plan.cache_len,
+      )
+
+  def advance(self, limit: int) -> np.ndarray:
+    """Decodes up to `limit` tokens in all; returns the tokens [count, produced]."""
+    with sharding.use(self.mesh, self.rules):
+      self.state, tokens_bn = self.decode(self.params, self.state, np.int32(limit))
+    return np.asarray(tokens_bn)[: self.count, : int(self.state.step)]
+
+
+def _completion(tokens: np.ndarray, stop_ids: Sequence[int]) -> Completion:
+  ids = tokens.tolist()
+  for k, token in enumerate(ids):
+    if token in stop_ids:
+      return Completion(ids[:k], "stop")
+  return Completion(ids, "length")
+
+
+def generate(
+  model: transformer.Transformer,
+  params: Any,
+  prompts: Sequence[Sequence[int]],
+  sampling: Sampling = Sampling(),
+  *,
+  stop_ids: Sequence[int] = (),
+  seed: int = 0,
+  batch_size: int = 8,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: sharding.Rules = (),
+  progress: bool = False,
+) -> list[Completion]:
+  """Completions of `prompts` (token ids), in their order, `batch_size` prompts at a time
+  (longest first, so that a batch's prompts are of similar lengths).
+
+  With a `mesh`, `params` are sharded on it under `rules` and so is each batch.
+  """
+  sampling.validate()
+  stop_ids = tuple(int(i) for i in stop_ids)
+  order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+  out: list[Completion | None] = [None] * len(prompts)
+  chief = jax.process_index() == 0
+  with tqdm(total=len(prompts), unit="prompt", disable=not (progress and chief)) as bar:
+    for start in range(0, len(order), batch_size):
+      rows = order[start : start + batch_size]
+      run = _Run(
+        model, params, [prompts[i] for i in rows], rows, sampling, stop_ids, seed, mesh, rules
+      )
+      tokens_bn = run.advance(run.plan.steps)
+      for i, tokens in zip(rows, tokens_bn, strict=True):
+        out[i] = _completion(tokens, stop_ids)
+      bar.update(len(rows))
+  return out  # type: ignore[return-value]
+
+
+def stream(
   model: transformer.Transformer,
   params: Any,
   prompt: Sequence[int],
-  max_new_tokens: int,
+  sampling: Sampling = Sampling(),
+  *,
   stop_ids: Sequence[int] = (),
-) -> list[int]:
-  """The greedy continuation of `prompt` (ids), up to `max_new_tokens` or a stop id (kept)."""
-  if len(prompt) >= model.config.max_seq_len:
-    raise ValueError(
-      f"a prompt of {len(prompt)} tokens leaves no room in the model's "
-      f"{model.config.max_seq_len} positions"
-    )
-  length = min(len(prompt) + max_new_tokens, model.config.max_seq_len)
-  cache = transformer.init_cache(model, 1, length)
-  step = _step(model)
-  token, cache = step(params, cache, jnp.asarray([prompt]), jnp.arange(len(prompt))[None])
-  out = [int(token[0])]
-  for position in range(len(prompt), length - 1):
-    if out[-1] in stop_ids:
-      break
-    token, cache = step(params, cache, token[:, None], jnp.asarray([[position]]))
-    out.append(int(token[0]))
-  return out
+  seed: int = 0,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: sharding.Rules = (),
+) -> Iterator[int]:
+  """The tokens of one completion as they come (the stop id is not yielded): `generate`'s
+  compiled loop, run one token at a time. The same seed gives the same tokens as `generate`."""
+  sampling.validate()
+  stop_ids = tuple(int(i) for i in stop_ids)
+  run = _Run(model, params, [prompt], [0], sampling, stop_ids, seed, mesh, rules)
+  for produced in range(1, run.plan.steps + 1):
+    token = int(run.advance(produced)[0, -1])
+    if token in stop_ids:
+      return
+    yield token
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+  """`text` up to the earliest of `stop_strings`, and whether one was there."""
+  cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=-1)
+  return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def template_stop_ids(tokenizer: Any, template: str) -> tuple[int, ...]:
+  """Ids that end an assistant turn: EOS and the template's special tokens (LIMA's EOT,
+  ChatML's end of message) that the tokenizer has."""
+  specials = (tokenizer.special_id(t) for t in templates.TEMPLATES[template].special_tokens)
+  return tuple(dict.fromkeys([tokenizer.eos_id, *(i for i in specials if i is not None)]))

@@ -22,6 +22,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxtune.config import MeshConfig
@@ -178,7 +179,23 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
 
 
 @contextlib.contextmanager
-def use(mesh: Mesh, rules: Rules) -> Iterator[None]:
-  """Activates `mesh` and `rules` so the model's logical constraints take effect."""
+def use(mesh: Mesh | None, rules: Rules) -> Iterator[None]:
+  """Activates `mesh` and `rules` so the model's logical constraints take effect (no mesh:
+  nothing to activate, one device)."""
+  if mesh is None:
+    yield
+    return
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
+
+
+def put_global(
+  x: np.ndarray, mesh: Mesh | None, rules: Rules, names: tuple[str | None, ...]
+) -> jax.Array:
+  """A host array that every process holds in full (an evaluation batch), placed on the mesh as
+  its logical axis `names` say (no mesh: on the default device)."""
+  if mesh is None:
+    return jax.numpy.asarray(x)
+  return jax.make_array_from_callback(
+    x.shape, logical_sharding(mesh, rules, names), lambda index: x[index]
+  )

@@ -17,7 +17,7 @@ from test_hf import CASES, TOKENS_BT, TOLERANCE, _edit_config, _hf_model, _torch
 from test_llama2c import FIRST_IDS, PUBLISHED
 
 import jaxtune
-from jaxtune import checkpoint, sharding
+from jaxtune import checkpoint, generate, sharding
 from jaxtune.config import MeshConfig
 from jaxtune.convert import export, hf, llama2c
 from jaxtune.convert.llama2c import CheckpointError
@@ -41,7 +41,9 @@ def test_stories260K_decodes_the_published_text(data_dir):
   tok = model.tokenizer
   assert isinstance(tok, llama2c.Tokenizer)  # tok512.bin, found beside the model.
   assert model.template == "raw" and model.mesh is None and model.config.kv_heads == 4
-  ids = model.generate([tok.bos_id], len(tok.encode(PUBLISHED, first=True)))
+  steps = len(tok.encode(PUBLISHED, first=True))
+  (out,) = model.generate([[tok.bos_id]], generate.Sampling(max_new_tokens=steps))
+  ids = out.ids
   assert ids[:10] == FIRST_IDS
   assert tok.decode([tok.bos_id, *ids]).startswith(PUBLISHED)
   # Full recomputation through `logits` predicts the same tokens at every position.

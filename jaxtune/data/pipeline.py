@@ -60,7 +60,7 @@ def _conversations(path: str, cfg: DataConfig, stats: Stats) -> list[Conversatio
       if bad is None:
         raise
       bad.add(e)
-  if bad:
+  if bad is not None and bad.count:
     stats.skipped += bad.count
     for reason, n in bad.reasons.items():
       stats.skipped_reasons[reason] = stats.skipped_reasons.get(reason, 0) + n

@@ -249,7 +249,8 @@ def run(cfg: Config) -> dict[str, Any]:
   )
   if chief and data.held_out:
     with sharding.use(mesh, sharded.rules):
-      _answer(*prefix.for_decoding(model, partition.combine(state.params, frozen)), data, cfg)
+      params = partition.combine(state.params, frozen)
+      _answer(*prefix.for_decoding(model, params), data, cfg, mesh, sharded.rules)
   return summary
 
 
@@ -290,21 +291,32 @@ def _report(step, step_metrics, cfg, lr, writer, bar, real_tokens, t0, flops, pe
   )
 
 
-def _answer(model, params, data: pipeline.Data, cfg: Config, count: int = 4) -> None:
+def _answer(model, params, data: pipeline.Data, cfg: Config, mesh, rules, count: int = 4) -> None:
   """Greedy answers to a few held-out prompts, to see what the model learned."""
   tok = data.tokenizer
-  # A turn ends at EOS or at any of the template's special tokens (LIMA's EOT, ChatML's end).
-  stop = {tok.eos_id, *map(tok.special_id, templates.TEMPLATES[cfg.data.template].special_tokens)}
-  shown = 0
-  for conv in data.held_out[:: max(len(data.held_out) // count, 1)]:
-    prompt_conv = dataclasses.replace(conv, messages=conv.messages[:-1])
-    chunks = templates.render(prompt_conv, cfg.data.template)
-    ids = packing.tokenize(chunks, tok, False).ids.tolist()
-    if len(ids) + 16 > cfg.model.max_seq_len:
-      continue
-    out = generate.greedy(model, params, ids, 48, stop_ids=tuple(stop))
-    answer = tok.decode([i for i in out if i not in stop])
-    print(f"\n> {conv.messages[-2].content}\n{answer}\n(reference: {conv.messages[-1].content})")
-    shown += 1
-    if shown == count:
-      break
+  stop = generate.template_stop_ids(tok, cfg.data.template)
+  shown = data.held_out[:: max(len(data.held_out) // count, 1)]
+  prompts = [
+    packing.tokenize(
+      templates.render(dataclasses.replace(c, messages=c.messages[:-1]), cfg.data.template),
+      tok,
+      False,
+    ).ids.tolist()
+    for c in shown
+  ]
+  fits = [i for i, p in enumerate(prompts) if len(p) + 16 <= cfg.model.max_seq_len][:count]
+  answers = generate.generate(
+    model,
+    params,
+    [prompts[i] for i in fits],
+    generate.Sampling(max_new_tokens=48),
+    stop_ids=stop,
+    mesh=mesh,
+    rules=rules,
+  )
+  for i, answer in zip(fits, answers, strict=True):
+    conv = shown[i]
+    print(
+      f"\n> {conv.messages[-2].content}\n{tok.decode(answer.ids)}"
+      f"\n(reference: {conv.messages[-1].content})"
+    )

@@ -1,0 +1,312 @@
+"""The `generate`, `chat` and `eval` verbs: a checkpoint (`jaxtune.load`), on a mesh set by
+`mesh.*` overrides like training's (default: every device on the data axis), rendered through
+its chat template.
+
+- `generate`: `--prompt TEXT` prints the completion; `--prompts-file FILE` (JSONL or a JSON array
+  of records with an `instruction`, AlpacaEval's form) writes one JSON line per record with its
+  `output` and `generator` added, to `--output` or the standard output.
+- `chat`: a multi-turn conversation in the terminal, the reply streamed as it is generated.
+- `eval`: a task of `jaxtune.eval.runner.TASKS`; the result as a table on screen and as JSON
+  (`--output`, default `RUN/eval/TASK.json` for a jaxtune run, else `runs/eval/NAME/TASK.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from jaxtune.config import ConfigError
+from jaxtune.data.sources import DataError
+
+
+def _sampling_arguments(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("sampling")
+  g.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+  g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0: greedy")
+  g.add_argument("--top-k", type=int, default=0, metavar="K", help="0: off")
+  g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1: off")
+  g.add_argument(
+    "--repetition-penalty", type=float, default=1.0, metavar="R", help="1: off; NEFTune used 1.2"
+  )
+  g.add_argument("--seed", type=int, default=0)
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument(
+    "checkpoint",
+    help="a jaxtune run directory (or checkpoints/<step>), a Hugging Face folder or a llama2.c "
+    ".bin file",
+  )
+  p.add_argument("--template", help="chat template (default: the checkpoint's; 'raw' if none)")
+  p.add_argument("--tokenizer", help="a tokenizer to use instead of the checkpoint's own")
+  p.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per batch")
+
+
+def generate_arguments(p: argparse.ArgumentParser) -> None:
+  _model_arguments(p)
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--prompt", metavar="TEXT", help="one prompt (the user's turn)")
+  source.add_argument(
+    "--prompts-file", metavar="FILE", help="JSONL or JSON records with an 'instruction'"
+  )
+  p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="a stop string")
+  p.add_argument("--output", metavar="FILE", help="write the JSON lines here (--prompts-file)")
+  p.add_argument("--generator", help="the 'generator' of the records (default: the checkpoint)")
+  _sampling_arguments(p)
+
+
+def chat_arguments(p: argparse.ArgumentParser) -> None:
+  _model_arguments(p)
+  p.add_argument("--system", metavar="TEXT", help="a system prompt, if the template has a place")
+  _sampling_arguments(p)
+
+
+def eval_arguments(p: argparse.ArgumentParser) -> None:
+  from jaxtune.eval import runner
+
+  _model_arguments(p)
+  p.add_argument("--task", required=True, choices=list(runner.TASKS))
+  p.add_argument(
+    "--data",
+    required=True,
+    help="MMLU: its data folder (dev/ and the split); GSM8K: a JSONL file; BBH: a task .json or "
+    "a folder of them; perplexity, generation-stats: an instruction data file",
+  )
+  p.add_argument(
+    "--exemplars", default="", help="GSM8K: the exemplars' file; BBH: the cot-prompts folder"
+  )
+  p.add_argument("--shots", type=int, help="exemplars per prompt (MMLU 5, GSM8K 8, BBH 3)")
+  p.add_argument("--limit", type=int, default=0, help="questions per subject or task (0: all)")
+  p.add_argument("--split", default="test", help="MMLU's split to score (exemplars: dev)")
+  p.add_argument("--subjects", default="", help="MMLU subjects or BBH tasks, comma-separated")
+  p.add_argument("--format", default="auto", help="instruction data: as data.format")
+  p.add_argument("--fields", default="", help="instruction data: as data.fields")
+  p.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+  p.add_argument(
+    "--repetition-penalty", type=float, default=1.0, metavar="R", help="NEFTune used 1.2"
+  )
+  p.add_argument("--output", metavar="FILE", help="the JSON result (default: see jaxtune eval)")
+
+
+def _load(args: argparse.Namespace) -> Any:
+  """The checkpoint on the mesh that `mesh.*` overrides describe; no other override."""
+  import jaxtune
+  from jaxtune import config, sharding
+
+  for item in args.args:
+    if not item.startswith("mesh."):
+      raise ConfigError(f"'jaxtune {args.verb}' takes only mesh.* overrides, got {item!r}")
+  mesh_cfg = config.load(None, args.args).mesh
+  given = {item.partition("=")[0] for item in args.args}
+  strategy = mesh_cfg.strategy if "mesh.strategy" in given else None  # Else a run's own.
+  model = jaxtune.load(
+    args.checkpoint, mesh=sharding.make_mesh(mesh_cfg), strategy=strategy, tokenizer=args.tokenizer
+  )
+  if model.tokenizer is None:
+    raise ConfigError(f"{args.checkpoint} has no tokenizer: pass one with --tokenizer")
+  if args.template:
+    from jaxtune.data import templates
+
+    if args.template not in templates.TEMPLATES:
+      raise ConfigError(f"--template {args.template}: known: {', '.join(templates.TEMPLATES)}")
+    model = dataclasses.replace(model, template=args.template)
+  return model
+
+
+def _sampling(args: argparse.Namespace):
+  from jaxtune import generate
+
+  sampling = generate.Sampling(
+    max_new_tokens=args.max_new_tokens,
+    temperature=args.temperature,
+    top_k=args.top_k,
+    top_p=args.top_p,
+    repetition_penalty=args.repetition_penalty,
+  )
+  sampling.validate()
+  return sampling
+
+
+def _prompt_ids(model: Any, messages: list) -> list[int]:
+  from jaxtune.data import packing, templates
+  from jaxtune.data.formats import Conversation
+
+  chunks = templates.render(Conversation(tuple(messages)), model.template)
+  return packing.tokenize(chunks, model.tokenizer, False).ids.tolist()
+
+
+def _name(checkpoint: str) -> str:
+  path = pathlib.Path(checkpoint).resolve()
+  return path.stem if path.suffix == ".bin" else path.name
+
+
+def _records(path: str) -> list[tuple[dict[str, Any], Any]]:
+  """(record, user message) of each record of a prompts file."""
+  from jaxtune.data.formats import Message
+  from jaxtune.data.sources import read_records
+
+  out = []
+  for record in read_records(path):
+    fields = record.fields
+    if not isinstance(fields.get("instruction"), str):
+      raise DataError(record.where, "field 'instruction': missing or not a string")
+    extra = fields.get("input", "")
+    if not isinstance(extra, str):
+      raise DataError(record.where, "field 'input': not a string")
+    out.append((fields, Message("user", fields["instruction"], extra)))
+  return out
+
+
+def generate(args: argparse.Namespace) -> None:
+  from jaxtune import generate as engine
+  from jaxtune.data.formats import Message
+
+  sampling = _sampling(args)
+  model = _load(args)
+  if args.prompt is not None:
+    records = [({}, Message("user", args.prompt))]
+  else:
+    records = _records(args.prompts_file)
+  prompts = [_prompt_ids(model, [message]) for _, message in records]
+  outs = model.generate(
+    prompts, sampling, seed=args.seed, batch_size=args.batch_size, progress=len(prompts) > 1
+  )
+  texts = [engine.cut_at_stop(model.tokenizer.decode(o.ids), args.stop)[0] for o in outs]
+  if args.prompt is not None:
+    print(texts[0])
+    return
+  generator = args.generator or _name(args.checkpoint)
+  lines = [
+    json.dumps({**record, "output": text, "generator": generator}, ensure_ascii=False)
+    for (record, _), text in zip(records, texts, strict=True)
+  ]
+  if args.output:
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as f:
+      f.write("".join(f"{line}\n" for line in lines))
+    print(f"{len(lines)} outputs written to {args.output}", file=sys.stderr)
+  else:
+    print("\n".join(lines))
+
+
+def _stream_reply(model: Any, ids: list[int], sampling: Any, seed: int) -> str:
+  """Prints the reply as it comes (holding back an incomplete UTF-8 character); returns it."""
+  from jaxtune import generate as engine
+
+  stop_ids = engine.template_stop_ids(model.tokenizer, model.template)
+  tokens: list[int] = []
+  shown = text = ""
+  for token in engine.stream(
+    model.module,
+    model.params,
+    ids,
+    sampling,
+    stop_ids=stop_ids,
+    seed=seed,
+    mesh=model.mesh,
+    rules=model.rules,
+  ):
+    tokens.append(token)
+    text = model.tokenizer.decode(tokens)
+    complete = text.rstrip("\ufffd")
+    if len(complete) > len(shown):
+      print(complete[len(shown) :], end="", flush=True)
+      shown = complete
+  print(text[len(shown) :], flush=True)
+  return text
+
+
+def chat(args: argparse.Namespace) -> None:
+  from jaxtune.data import templates
+  from jaxtune.data.formats import Message
+
+  sampling = _sampling(args)
+  model = _load(args)
+  template = templates.TEMPLATES[model.template]
+  if args.system and not (template.system or template.first_user):
+    raise ConfigError(f"--system: the {model.template!r} template has no place for a system prompt")
+  system = [Message("system", args.system)] if args.system else []
+  history: list = []
+  print("Chat: an empty line or end of input quits; /reset starts over.", file=sys.stderr)
+  for turn in itertools.count():
+    try:
+      text = input("> ")
+    except EOFError:
+      break
+    if not text.strip():
+      break
+    if text.strip() == "/reset":
+      history = []
+      continue
+    history.append(Message("user", text))
+    ids = _prompt_ids(model, system + history)
+    while len(ids) >= model.config.max_seq_len and len(history) > 1:  # Forget the oldest turns.
+      history = history[2:]
+      ids = _prompt_ids(model, system + history)
+    if len(ids) >= model.config.max_seq_len:
+      print(f"(too long for the model's {model.config.max_seq_len} positions)", file=sys.stderr)
+      history = []
+      continue
+    reply = _stream_reply(model, ids, sampling, args.seed + turn)
+    history.append(Message("assistant", reply))
+
+
+def _default_output(checkpoint: str, task: str) -> str:
+  """RUN/eval/TASK.json for a jaxtune run (or one of its checkpoints/<step>), else
+  runs/eval/NAME/TASK.json."""
+  from jaxtune import api
+
+  path = pathlib.Path(checkpoint)
+  if api.detect(path) == "jaxtune":
+    run = path if (path / api.RUN_CONFIG).is_file() else path.parent.parent
+    return str(run / "eval" / f"{task}.json")
+  return os.path.join("runs", "eval", _name(checkpoint), f"{task}.json")
+
+
+def evaluate(args: argparse.Namespace) -> None:
+  import jax
+
+  from jaxtune.eval import base, runner
+
+  model = _load(args)
+  options = base.Options(
+    data=args.data,
+    format=args.format,
+    fields=args.fields,
+    exemplars=args.exemplars,
+    shots=args.shots,
+    limit=args.limit,
+    batch_size=args.batch_size,
+    max_new_tokens=args.max_new_tokens,
+    template=args.template,
+    split=args.split,
+    subjects=tuple(s.strip() for s in args.subjects.split(",") if s.strip()),
+    repetition_penalty=args.repetition_penalty,
+    generator=_name(args.checkpoint),
+  )
+  result = runner.evaluate(model, args.task, options)
+  if jax.process_index() != 0:
+    return
+  output = args.output or _default_output(args.checkpoint, args.task)
+  runner.save(result, output, checkpoint=str(args.checkpoint), options=dataclasses.asdict(options))
+  print(runner.table(result))
+  print(f"results written to {output}", file=sys.stderr)
+
+
+ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+  "generate": generate_arguments,
+  "chat": chat_arguments,
+  "eval": eval_arguments,
+}
+RUN: dict[str, Callable[[argparse.Namespace], None]] = {
+  "generate": generate,
+  "chat": chat,
+  "eval": evaluate,
+}

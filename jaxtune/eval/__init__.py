@@ -1,0 +1,1 @@
+"""Evaluations of a loaded checkpoint: perplexity, MMLU, GSM8K, BBH and generation statistics."""

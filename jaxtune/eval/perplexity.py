@@ -1,0 +1,75 @@
+"""Held-out loss and perplexity of an instruction dataset, on the supervised tokens only.
+
+The data goes through the training pipeline (any format `data.format` reads, rendered with the
+checkpoint's chat template unless `--template` says otherwise, loss masks on the responses,
+examples longer than the model's positions truncated, packed rows), and through the training
+eval step: perplexity = exp(sum of the supervised tokens' losses / their count).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jaxtune import sharding
+from jaxtune.config import DataConfig
+from jaxtune.data import pipeline
+from jaxtune.data.packing import Stats
+from jaxtune.data.sources import DataError
+from jaxtune.eval import base
+from jaxtune.train.step import make_eval_step
+
+
+def run(model: Any, options: base.Options) -> base.Result:
+  cfg = DataConfig(
+    path=options.data,
+    format=options.format,
+    fields=options.fields,
+    template=options.template or model.template,
+    max_length=model.config.max_seq_len,
+    shuffle=False,
+  )
+  if not cfg.path:
+    raise DataError("--data", "perplexity needs an instruction data file")
+  stats = Stats()
+  conversations, _ = pipeline.conversations(cfg, 0, stats)
+  examples = pipeline.examples(
+    base.limited(conversations, options.limit), cfg, model.tokenizer, stats
+  )
+  if not examples:
+    raise DataError(options.data, "no example with a supervised token")
+  data = 1 if model.mesh is None else model.mesh.shape[sharding.DATA]
+  rows = -(-options.batch_size // data) * data
+  process, processes = jax.process_index(), jax.process_count()
+  batches = pipeline.Batches(examples, rows, cfg.max_length, True, 0, False, process, processes)
+  eval_step = jax.jit(make_eval_step(model.module))
+  total = count = 0.0
+  with sharding.use(model.mesh, model.rules):
+    for _ in tqdm(range(batches.batches_per_epoch()[0]), unit="batch", disable=process != 0):
+      arrays = {k: _put(model, v) for k, v in vars(next(batches)).items()}
+      nll, n = eval_step(model.params, arrays)
+      total, count = total + float(nll), count + float(n)
+  loss = total / count
+  metrics = {
+    "loss": loss,
+    "perplexity": math.exp(loss),
+    "supervised_tokens": int(count),
+    "examples": len(examples),
+    "truncated": stats.truncated,
+    "dropped_unsupervised": stats.dropped_unsupervised,
+  }
+  return base.Result("perplexity", metrics)
+
+
+def _put(model: Any, rows: np.ndarray) -> jax.Array:
+  """This process's rows of a batch, on the mesh as training puts them."""
+  if model.mesh is None:
+    return jax.numpy.asarray(rows)
+  names = ("act_batch", "act_seq")
+  return jax.make_array_from_process_local_data(
+    sharding.logical_sharding(model.mesh, model.rules, names), rows
+  )
