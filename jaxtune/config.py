@@ -281,11 +281,12 @@ class Config:
 _SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 
 
-def load(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
-  """Builds a Config from defaults, then the YAML file at `path`, then `section.key=value` items."""
+def load(path: str | Sequence[str] | None = None, overrides: Sequence[str] = ()) -> Config:
+  """Builds a Config from defaults, then the YAML file(s) at `path` (later files override
+  earlier ones: a recipe, then e.g. configs/lora.yaml), then `section.key=value` items."""
   raw: dict[str, dict[str, tuple[Any, str]]] = {}  # section -> key -> (value, source)
-  if path is not None:
-    _merge_yaml(raw, path)
+  for one in [path] if isinstance(path, str) else path or ():
+    _merge_yaml(raw, one)
   for item in overrides:
     key, sep, text = item.partition("=")
     _check(bool(sep), f"override {item!r} is not of the form section.key=value")

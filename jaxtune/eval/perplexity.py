@@ -51,7 +51,7 @@ def run(model: Any, options: base.Options) -> base.Result:
   with sharding.use(model.mesh, model.rules):
     for _ in tqdm(range(batches.batches_per_epoch()[0]), unit="batch", disable=process != 0):
       arrays = {k: _put(model, v) for k, v in vars(next(batches)).items()}
-      nll, n = eval_step(model.params, arrays)
+      nll, n = eval_step(model.params, {}, arrays)
       total, count = total + float(nll), count + float(n)
   loss = total / count
   metrics = {

@@ -33,6 +33,12 @@ class TrainingError(RuntimeError):
   """Training cannot go on (a non-finite loss or gradient)."""
 
 
+def seed_rngs(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(the key of the parameters' initialization, the key of the steps' noise) of a run."""
+  init_rng, step_rng = jax.random.split(jax.random.key(seed))
+  return init_rng, step_rng
+
+
 def _check_fits(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh) -> None:
   """Fails before compiling on a configuration that cannot work."""
   if cfg.model.vocab_size < vocab_size:
@@ -117,7 +123,7 @@ def run(cfg: Config) -> dict[str, Any]:
   )
 
   model = transformer.Transformer(cfg.model, cfg.peft)
-  init_rng, step_rng = jax.random.split(jax.random.key(cfg.train.seed))
+  init_rng, step_rng = seed_rngs(cfg.train.seed)
   sharded = _initial_params(cfg, model, mesh, init_rng)
   shardings = sharded.shardings["params"]
   with sharding.use(mesh, sharded.rules):
