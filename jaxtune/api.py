@@ -30,18 +30,21 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxtune import checkpoint, config, generate, sharding
-from jaxtune.config import ModelConfig
+from jaxtune.config import ModelConfig, PeftConfig
 from jaxtune.convert import hf, llama2c
 from jaxtune.convert.llama2c import CheckpointError
 from jaxtune.data import pipeline
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.data.hf_tokenizer import TOKENIZER_JSON
 from jaxtune.model import transformer
+from jaxtune.peft import lora, partition, prefix
+from jaxtune.train.loop import seed_rngs
 
 log = logging.getLogger(__name__)
 
 Tokenizer = pipeline.Tokenizer
 RUN_CONFIG, RUN_TOKENIZER, RUN_CHECKPOINTS = "config.yaml", "tokenizer", "checkpoints"
+NO_PEFT = PeftConfig()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -55,10 +58,24 @@ class Model:
   template: str = "raw"
   mesh: Mesh | None = None
   rules: sharding.Rules | None = None
+  peft: PeftConfig = NO_PEFT  # A PEFT run's adapters, ready to decode (see `_load_run`).
+  base: str = ""  # Where a PEFT run's base model came from (its train.init_from).
 
   @functools.cached_property
   def module(self) -> transformer.Transformer:
-    return transformer.Transformer(self.config)
+    return transformer.Transformer(self.config, self.peft)
+
+  def merged(self) -> Model:
+    """The plain model that computes what this one does: LoRA folded into the base weights."""
+    if self.peft.method == "none":
+      return self
+    if self.peft.method != "lora":
+      raise CheckpointError(
+        f"a {self.peft.method}-tuned model cannot be folded into plain weights; export its "
+        "base model, or load it with jaxtune.load"
+      )
+    merged = lora.merge(self.params, self.peft)
+    return dataclasses.replace(self, params=merged, peft=NO_PEFT)
 
   @functools.cached_property
   def _logits(self) -> Callable[[Any, jax.Array], jax.Array]:
@@ -161,9 +178,12 @@ def load(
   return model
 
 
-def _placement(cfg: ModelConfig, mesh: Mesh | None, strategy: str) -> tuple[Any, Any, Any]:
+def _placement(
+  cfg: ModelConfig, mesh: Mesh | None, strategy: str, peft: PeftConfig = NO_PEFT
+) -> tuple[Any, Any, Any]:
   """(abstract params, their shardings, the rules) of `cfg`'s model on `mesh` or one device."""
-  abstract = jax.eval_shape(transformer.init_fn(transformer.Transformer(cfg)), jax.random.key(0))
+  model = transformer.Transformer(cfg, peft)
+  abstract = jax.eval_shape(transformer.init_fn(model), jax.random.key(0))
   params = nn.meta.unbox(abstract)["params"]
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -192,11 +212,37 @@ def _load_run(path, mesh, param_dtype, strategy) -> Model:
   model_cfg = (
     cfg.model if param_dtype is None else dataclasses.replace(cfg.model, param_dtype=param_dtype)
   )
-  abstract, shardings, rules = _placement(model_cfg, mesh, strategy or cfg.mesh.strategy)
-  params = checkpoint.restore_params(
-    str(run / RUN_CHECKPOINTS), checkpoint.abstract(abstract, shardings), step
+  strategy = strategy or cfg.mesh.strategy
+  method = cfg.peft.method
+  abstract, shardings, rules = _placement(model_cfg, mesh, strategy, cfg.peft)
+  (trained, base), (trained_sharding, base_sharding) = (
+    partition.split(abstract, method),
+    partition.split(shardings, method),
   )
-  return Model(model_cfg, params, None, cfg.data.template, mesh, rules)
+  params = checkpoint.restore_params(
+    str(run / RUN_CHECKPOINTS), checkpoint.abstract(trained, trained_sharding), step
+  )
+  if method != "none":  # The checkpoint holds the adapters; the base is where the run began.
+    base_params = _base_of_run(cfg, model_cfg, mesh, strategy)
+    if jax.tree.map(jnp.shape, base_params) != jax.tree.map(jnp.shape, base):
+      raise CheckpointError(f"{run}: the base model (train.init_from) does not fit the adapters")
+    params = partition.combine(params, jax.tree.map(jax.device_put, base_params, base_sharding))
+  with sharding.use(mesh, rules):
+    module, params = prefix.for_decoding(transformer.Transformer(model_cfg, cfg.peft), params)
+  return Model(
+    model_cfg, params, None, cfg.data.template, mesh, rules, module.peft, cfg.train.init_from
+  )
+
+
+def _base_of_run(cfg: config.Config, model_cfg: ModelConfig, mesh, strategy) -> Any:
+  """The base parameters a PEFT run trained on: its `train.init_from` (vocabulary grown for the
+  run's added tokens), else the random ones its seed drew."""
+  if cfg.train.init_from:
+    base = load(cfg.train.init_from, mesh=mesh, strategy=strategy)
+    return transformer.grow_vocab(base.merged().params, model_cfg.vocab_size)
+  init_rng, _ = seed_rngs(cfg.train.seed)
+  init = transformer.init_fn(transformer.Transformer(model_cfg, cfg.peft))
+  return partition.base(nn.meta.unbox(jax.jit(init)(init_rng))["params"])
 
 
 def _run_tokenizer(path: pathlib.Path) -> Tokenizer | None:

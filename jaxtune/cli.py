@@ -34,10 +34,8 @@ USER_ERRORS = (
 def _config(args: argparse.Namespace):
   from jaxtune import config
 
-  paths = [a for a in args.args if "=" not in a]
-  if len(paths) > 1:
-    raise ConfigError(f"one config file at most, got {paths}")
-  return config.load(paths[0] if paths else None, [a for a in args.args if "=" in a])
+  paths = [a for a in args.args if "=" not in a]  # Config files, applied in order.
+  return config.load(paths, [a for a in args.args if "=" in a])
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -70,7 +68,12 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
     "(config.json + safetensors) or a llama2.c model file (.bin)",
   )
   p.add_argument("dst", help="the directory to write (new or empty)")
-  p.add_argument("--to", required=True, choices=["jaxtune", "hf"], help="the format to write")
+  p.add_argument(
+    "--to",
+    required=True,
+    choices=["jaxtune", "hf", "peft"],
+    help="the format to write (peft: a LoRA fine-tune's adapters, for Hugging Face PEFT)",
+  )
   p.add_argument(
     "--kv-heads",
     type=int,
@@ -98,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="jaxtune",
     description="Instruction fine-tuning of decoder-only language models in JAX.",
-    epilog="Configuration: defaults <- CONFIG (a YAML file, see configs/) <- section.key=value.",
+    epilog="Configuration: defaults <- CONFIG files (YAML, see configs/; later ones override) "
+    "<- section.key=value.",
   )
   parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
   verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -117,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
       nargs="*",
       metavar="[mesh.key=value | distributed.key=value ...]"
       if mesh_only
-      else "[CONFIG] [section.key=value ...]",
+      else "[CONFIG ...] [section.key=value ...]",
       help="the device mesh, as for training"
       if mesh_only
       else "a YAML config file and/or overrides",

@@ -217,14 +217,49 @@ class TrainConfig:
     )
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
 @dataclasses.dataclass(frozen=True)
 class PeftConfig:
-  """Parameter-efficient fine-tuning."""
+  """Parameter-efficient fine-tuning: which parameters train (see `jaxtune/peft/`).
 
-  method: Literal["none"] = "none"
+  - `lora` (Hu et al. 2021): rank-`lora_rank` updates `(alpha / rank) * A B` on `lora_targets`;
+  - `prefix` (Li and Liang 2021): `prefix_length` trainable keys and values at every layer,
+    produced during training by an MLP of width `prefix_hidden` (0: trained directly);
+  - `prompt` (Lester et al. 2021): `prompt_length` trainable embeddings before each row.
+
+  `prefix_init_text` / `prompt_init_text`: start from the activations / embeddings of this text's
+  tokens (repeated to the length) instead of random values.
+  """
+
+  method: Literal["none", "lora", "prefix", "prompt"] = "none"
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = ("q", "v")
+  prefix_length: int = 16
+  prefix_hidden: int = 512
+  prefix_init_text: str = ""
+  prompt_length: int = 16
+  prompt_init_text: str = ""
+
+  @property
+  def lora_scale(self) -> float:
+    return self.lora_alpha / self.lora_rank
 
   def validate(self) -> None:
-    pass
+    _check(self.lora_rank > 0, f"peft.lora_rank={self.lora_rank} must be positive")
+    _check(
+      0.0 <= self.lora_dropout < 1.0, f"peft.lora_dropout={self.lora_dropout} must be in [0, 1)"
+    )
+    unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+    _check(
+      not unknown and bool(self.lora_targets),
+      f"peft.lora_targets={list(self.lora_targets)}: choose among {list(LORA_TARGETS)}",
+    )
+    for key in ("prefix_length", "prefix_hidden", "prompt_length"):
+      _check(getattr(self, key) >= 0, f"peft.{key}={getattr(self, key)} must not be negative")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,17 +309,22 @@ class Config:
   distributed: DistributedConfig = DistributedConfig()
 
   def to_dict(self) -> dict[str, dict[str, Any]]:
-    return dataclasses.asdict(self)
+    """Plain values (tuples as lists), as YAML writes them."""
+    return {
+      section: {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+      for section, values in dataclasses.asdict(self).items()
+    }
 
 
 _SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 
 
-def load(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
-  """Builds a Config from defaults, then the YAML file at `path`, then `section.key=value` items."""
+def load(path: str | Sequence[str] | None = None, overrides: Sequence[str] = ()) -> Config:
+  """Builds a Config from defaults, then the YAML file(s) at `path` (later files override
+  earlier ones: a recipe, then e.g. configs/lora.yaml), then `section.key=value` items."""
   raw: dict[str, dict[str, tuple[Any, str]]] = {}  # section -> key -> (value, source)
-  if path is not None:
-    _merge_yaml(raw, path)
+  for one in [path] if isinstance(path, str) else path or ():
+    _merge_yaml(raw, one)
   for item in overrides:
     key, sep, text = item.partition("=")
     _check(bool(sep), f"override {item!r} is not of the form section.key=value")
@@ -366,6 +406,10 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
   if typing.get_origin(hint) is Literal:
     _check(value in args, f"{key}={value!r}{where} must be one of {', '.join(map(str, args))}")
     return value
+  if typing.get_origin(hint) is tuple:  # tuple[X, ...]: a YAML list or "a,b,c".
+    items = value.split(",") if isinstance(value, str) else value
+    _check(isinstance(items, list | tuple), f"{key}={value!r}{where} must be a list")
+    return tuple(_coerce(key, item, args[0], where) for item in items)
   try:
     if hint is bool:
       if isinstance(value, str) and value.lower() in ("true", "false"):

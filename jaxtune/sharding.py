@@ -42,6 +42,11 @@ _TP: dict[str, str | None] = {
   "head_dim": None,
   "layers": None,
   "position": None,
+  # PEFT weights: LoRA's rank, a bank's adapters, prefix positions, the prefix MLP's width.
+  "lora_rank": None,
+  "adapters": None,
+  "prefix": None,
+  "prefix_hidden": None,
   # Activations.
   "act_batch": DATA,
   "act_seq": None,

@@ -7,6 +7,7 @@ import pytest
 
 from jaxtune.convert import llama2c
 from jaxtune.model import transformer
+from jaxtune.peft import partition
 
 PUBLISHED = (
   "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
@@ -38,7 +39,7 @@ def _greedy_with_cache(model, variables, steps):
 def test_golden_greedy_decode(stories):
   cfg, variables, tok = stories
   assert (cfg.dim, cfg.num_layers, cfg.num_heads, cfg.kv_heads, cfg.mlp_dim) == (64, 5, 8, 4, 172)
-  assert transformer.param_count(variables) == 260_032
+  assert partition.count(variables) == 260_032
   model = transformer.Transformer(cfg)
   ids = _greedy_with_cache(model, variables, steps=len(tok.encode(PUBLISHED, first=True)) + 2)
   assert ids[1:11] == FIRST_IDS

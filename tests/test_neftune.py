@@ -164,8 +164,8 @@ def test_eval_step_is_deterministic_and_noise_free():
   params = _variables()["params"]
   b = _batch(1)
   eval_step = jax.jit(make_eval_step(model))
-  first, count = eval_step(params, b)
-  second, _ = eval_step(params, b)
+  first, count = eval_step(params, {}, b)
+  second, _ = eval_step(params, {}, b)
   assert float(first) == float(second)
   assert float(count) == float(np.sum(b["weights"]))
   logits = model.apply({"params": params}, b["inputs"], b["positions"], b["segment_ids"])
@@ -183,9 +183,9 @@ def test_train_noise_is_reproducible_from_seed_and_step():
 
   def loss_at(step_number):
     state = TrainState(jnp.asarray(step_number, jnp.int32), params, optimizer.init(params))
-    return float(jax.device_get(step(jax.device_put(state, jax.devices()[0]), b)[1]["loss"]))
+    return float(jax.device_get(step(jax.device_put(state, jax.devices()[0]), {}, b)[1]["loss"]))
 
-  eval_sum, count = jax.jit(make_eval_step(model))(params, b)
+  eval_sum, count = jax.jit(make_eval_step(model))(params, {}, b)
   clean = float(eval_sum / count)
   noisy = {s: loss_at(s) for s in (3, 4)}
   assert loss_at(3) == noisy[3], "the same (seed, step): the same noise"

@@ -5,6 +5,7 @@ import pytest
 
 from jaxtune.config import ModelConfig
 from jaxtune.model import presets, transformer
+from jaxtune.peft import partition
 
 # Published counts: Hugging Face model cards / config parameter totals, and the PaLM paper's
 # Table 1 (8.63B, given to three figures).
@@ -20,7 +21,7 @@ PUBLISHED = {
 
 def _count(name):
   model = transformer.Transformer(ModelConfig(**presets.PRESETS[name]))
-  return transformer.param_count(jax.eval_shape(transformer.init_fn(model), jax.random.key(0)))
+  return partition.count(jax.eval_shape(transformer.init_fn(model), jax.random.key(0)))
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

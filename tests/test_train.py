@@ -138,7 +138,7 @@ def _single_device_run(kind: str, params):
     state = _device_state(params, optimizer)
     losses = []
     for i in range(SHARDED_STEPS):
-      state, metrics = step(state, _batch(i))
+      state, metrics = step(state, {}, _batch(i))
       losses.append(float(metrics["loss"]))
     _single_device_runs[kind] = losses, jax.device_get(state)
   return _single_device_runs[kind]
@@ -161,7 +161,7 @@ def _sharded_step(mesh_shape, strategy: str, kind: str):
 
   def counted(state, batch):
     traces.append(1)  # Runs only when jax traces the step.
-    return train_step(state, batch)
+    return train_step(state, {}, batch)
 
   def initial_state():
     with sharding.use(mesh, sharded.rules):
@@ -218,7 +218,7 @@ def test_micro_batches_equal_one_batch_and_a_plain_gradient():
   results = {}
   for k in (1, 4):
     step = jax.jit(make_train_step(model, optimizer, jax.random.key(0), micro_batches=k))
-    results[k] = step(_state(params, optimizer), batch)
+    results[k] = step(_state(params, optimizer), {}, batch)
   (one_state, one), (four_state, four) = results[1], results[4]
   for key in ("loss", "nll", "grad_norm", "supervised_tokens"):
     np.testing.assert_allclose(four[key], one[key], atol=1e-6, rtol=1e-6, err_msg=key)
@@ -290,7 +290,7 @@ def _adamw_step_and_state():
   """A jitted AdamW step and the state after one step (so the Adam moments are not zero)."""
   optimizer = optim.optimizer(ADAMW, 100)
   step = jax.jit(make_train_step(transformer.Transformer(BASE), optimizer, jax.random.key(0)))
-  state, _ = step(_device_state(_base_params(), optimizer), _batch(0))
+  state, _ = step(_device_state(_base_params(), optimizer), {}, _batch(0))
   return step, state
 
 
@@ -300,7 +300,7 @@ def test_non_finite_step_leaves_the_state_unchanged(poison):
   params, batch = poison(state.params, _batch(1))
   before = jax.device_get(state.replace(params=params))
 
-  after, metrics = step(state.replace(params=params), batch)
+  after, metrics = step(state.replace(params=params), {}, batch)
   assert not bool(metrics["finite"])
   assert not np.isfinite(float(metrics["loss"]))
   assert int(after.step) == int(before.step) + 1
@@ -308,7 +308,7 @@ def test_non_finite_step_leaves_the_state_unchanged(poison):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(after.opt_state), before.opt_state)
 
   # Not vacuous: the same step on clean inputs is finite and changes every weight.
-  clean, clean_metrics = step(state, _batch(1))
+  clean, clean_metrics = step(state, {}, _batch(1))
   assert bool(clean_metrics["finite"])
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), clean.params, state.params)
   assert all(jax.tree.leaves(changed))
@@ -437,7 +437,7 @@ def test_adafactor_lowers_the_loss():
   batch = _batch(0)
   losses = []
   for _ in range(4):
-    state, metrics = step(state, batch)
+    state, metrics = step(state, {}, batch)
     assert bool(metrics["finite"])
     losses.append(float(metrics["loss"]))
   assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses

@@ -1,5 +1,7 @@
 """`jaxtune convert`: any checkpoint `jaxtune.load` reads, written as a jaxtune run or for Hugging
-Face, optionally with its K/V heads pooled first (GQA/MQA uptraining, see `uptrain.py`).
+Face, optionally with its K/V heads pooled first (GQA/MQA uptraining, see `uptrain.py`). A LoRA
+fine-tune is written merged into its base weights, or (`peft`) as its adapters alone in Hugging
+Face PEFT's format (see `hf_peft.py`).
 
 A jaxtune run written here is what training writes, less the optimizer state: config.yaml,
 tokenizer/ and checkpoints/0/, so `jaxtune train train.init_from=DST` starts from it and
@@ -20,7 +22,7 @@ import yaml
 
 from jaxtune import api, checkpoint
 from jaxtune.config import Config, ConfigError, DataConfig, TrainConfig
-from jaxtune.convert import hf, uptrain
+from jaxtune.convert import hf, hf_peft, uptrain
 from jaxtune.convert.llama2c import CheckpointError
 from jaxtune.data import hf_tokenizer
 from jaxtune.data import tokenizer as tokenizer_lib
@@ -38,7 +40,7 @@ def convert(
   dtype: str | None = None,
 ) -> None:
   """Writes the checkpoint at `src` to the new (or empty) directory `dst` in format `to`
-  ("jaxtune" or "hf"), its K/V heads first pooled to `kv_heads` if given, its parameters in
+  ("jaxtune", "hf" or "peft"), its K/V heads first pooled to `kv_heads` if given, its parameters in
   `dtype` (default: as loaded, see `api.load`; float16 only for "hf")."""
   dst = pathlib.Path(dst)
   if to not in _WRITERS:
@@ -50,6 +52,10 @@ def convert(
   if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
     raise CheckpointError(f"{dst}: already exists and is not empty; convert into a new directory")
   model = api.load(src, param_dtype="float32" if dtype == "float16" else dtype)
+  if to != "peft":
+    model = model.merged()  # A LoRA fine-tune as plain weights.
+  elif kv_heads is not None:
+    raise ConfigError("--kv-heads changes the base model; it does not apply to --to peft")
   if kv_heads is not None:
     cfg, variables = uptrain.to_kv_heads(model.config, {"params": model.params}, kv_heads)
     model = dataclasses.replace(model, config=cfg, params=variables["params"])
@@ -122,7 +128,23 @@ def _write_tokenizer_config(tok: tokenizer_lib.Tokenizer, folder: pathlib.Path, 
   (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _write_peft(model: api.Model, folder: pathlib.Path, dtype: str) -> None:
+  if model.peft.method == "none":
+    raise CheckpointError("not a PEFT fine-tune: there are no adapters to export (use --to hf)")
+  if model.base:
+    base_vocab = api.load(model.base).config.vocab_size
+    if base_vocab != model.config.vocab_size:
+      log.warning(
+        "the run grew the vocabulary from %d to %d tokens: the adapters need the base model with "
+        "the new rows (export the whole fine-tune with --to hf)",
+        base_vocab,
+        model.config.vocab_size,
+      )
+  hf_peft.save_adapter(model.config, model.peft, model.params, folder, model.base, dtype)
+
+
 _WRITERS: dict[str, Callable[[api.Model, pathlib.Path, str], None]] = {
   "jaxtune": _write_jaxtune,
   "hf": _write_hf,
+  "peft": _write_peft,
 }

@@ -54,7 +54,7 @@ def run(model: Any, options: base.Options) -> base.Result:
         k: sharding.put_global(v, model.mesh, model.rules, ("act_batch", "act_seq"))
         for k, v in vars(next(batches)).items()
       }
-      nll, n = eval_step(model.params, arrays)
+      nll, n = eval_step(model.params, {}, arrays)
       total, count = total + float(nll), count + float(n)
   loss = total / count
   metrics = {

@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.config import ModelConfig
+from jaxtune.config import ModelConfig, PeftConfig
 from jaxtune.model.layers import Einsum, constrain
+from jaxtune.peft import lora as lora_lib
 
 
 def rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
@@ -53,17 +54,22 @@ def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
   return jnp.where(segment_ids_bt != 0, idx - start_idx, 0).astype(jnp.int32)
 
 
+SHARED_SEGMENT = -1
+
+
 def attention_mask(
   q_segments_bt: jax.Array, kv_segments_bs: jax.Array, q_offset: jax.Array | int = 0
 ) -> jax.Array:
   """[B, T, S] mask: causal, same segment, no padding (segment 0).
 
-  Query t sits at absolute slot `q_offset + t`; key s at slot s.
+  Query t sits at absolute slot `q_offset + t`; key s at slot s. Keys of `SHARED_SEGMENT` (a
+  soft prompt before the packed segments of a row) are visible to every later query.
   """
   t, s = q_segments_bt.shape[1], kv_segments_bs.shape[1]
   causal_ts = (q_offset + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
   same_bts = q_segments_bt[:, :, None] == kv_segments_bs[:, None, :]
-  return causal_ts[None] & same_bts & (kv_segments_bs[:, None, :] != 0)
+  shared_bs = kv_segments_bs == SHARED_SEGMENT
+  return causal_ts[None] & (same_bts | shared_bs[:, None, :]) & (kv_segments_bs[:, None, :] != 0)
 
 
 def dot_product_attention(
@@ -96,25 +102,31 @@ class Attention(nn.Module):
 
   config: ModelConfig
   decode: bool = False
+  peft: PeftConfig = PeftConfig()
+  adapters: int = 0  # LoRA bank size (0: one adapter).
+  deterministic: bool = True
 
   @nn.compact
   def __call__(
-    self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array
+    self,
+    x_btd: jax.Array,
+    positions_bt: jax.Array,
+    segment_ids_bt: jax.Array,
+    prefix_kv: tuple[jax.Array, jax.Array] | None = None,
+    adapter_ids_b: jax.Array | None = None,
   ) -> jax.Array:
     cfg = self.config
     d, n, k, h = cfg.dim, cfg.num_heads, cfg.kv_heads, cfg.head_size
     qkv_bias = cfg.use_bias or cfg.qkv_bias
 
+    def einsum(name, eqn, shape, names, bias, bias_axes):
+      lora = lora_lib.spec(self.peft, name, self.adapters)
+      module = Einsum(eqn, shape, names, bias, bias_axes, cfg, lora, self.deterministic, name=name)
+      return lambda x: module(x, adapter_ids_b)
+
     def proj(name, heads, heads_name):
-      return Einsum(
-        "btd,dnh->btnh",
-        (d, heads, h),
-        ("embed", heads_name, "head_dim"),
-        qkv_bias,
-        2,
-        cfg,
-        name=name,
-      )(x_btd)
+      shape, names = (d, heads, h), ("embed", heads_name, "head_dim")
+      return einsum(name, "btd,dnh->btnh", shape, names, qkv_bias, 2)(x_btd)
 
     q_btnh = proj("q", n, "q_heads")
     k_btkh = proj("k", k, "kv_heads")
@@ -125,17 +137,23 @@ class Attention(nn.Module):
     q_btnh = constrain(q_btnh, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
     k_btkh = constrain(k_btkh, ("act_batch", "act_seq", "act_kv_heads", "act_head_dim"))
     v_btkh = constrain(v_btkh, ("act_batch", "act_seq", "act_kv_heads", "act_head_dim"))
+    self.sow("intermediates", "kv", (k_btkh, v_btkh))  # For prefixes from real activations.
 
     if self.decode:
       k_bskh, v_bskh, kv_segments_bs, offset = self._update_cache(k_btkh, v_btkh, segment_ids_bt)
     else:
       k_bskh, v_bskh, kv_segments_bs, offset = k_btkh, v_btkh, segment_ids_bt, 0
     mask_bts = attention_mask(segment_ids_bt, kv_segments_bs, offset)
+    if prefix_kv is not None:  # Prefix tuning: P more keys and values that every query sees.
+      k_bpkh, v_bpkh = prefix_kv
+      k_bskh = jnp.concatenate([k_bpkh.astype(k_bskh.dtype), k_bskh], axis=1)
+      v_bskh = jnp.concatenate([v_bpkh.astype(v_bskh.dtype), v_bskh], axis=1)
+      visible_btp = jnp.ones((*mask_bts.shape[:2], k_bpkh.shape[1]), bool)
+      mask_bts = jnp.concatenate([visible_btp, mask_bts], axis=-1)
     out_btnh = dot_product_attention(q_btnh, k_bskh, v_bskh, mask_bts)
     out_btnh = constrain(out_btnh, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
-    return Einsum(
-      "btnh,nhd->btd", (n, h, d), ("q_heads", "head_dim", "embed"), cfg.use_bias, 1, cfg, name="o"
-    )(out_btnh)
+    o = einsum("o", "btnh,nhd->btd", (n, h, d), ("q_heads", "head_dim", "embed"), cfg.use_bias, 1)
+    return o(out_btnh)
 
   def _update_cache(self, k_btkh, v_btkh, segment_ids_bt):
     """Writes the new keys/values at the cache index; returns the whole cache and the offset."""

@@ -6,13 +6,15 @@ Weights are created in `param_dtype` and computed in `dtype`; norms compute in f
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtune.config import ModelConfig
+from jaxtune.config import ModelConfig, PeftConfig
+from jaxtune.peft import lora as lora_lib
 from jaxtune.sharding import LOGICAL_NAMES
 
 INIT_STDDEV = 0.02
@@ -38,9 +40,10 @@ def dropout(x: jax.Array, rate: jax.Array | float, rng: jax.Array) -> jax.Array:
 
 
 class Einsum(nn.Module):
-  """`einsum(equation, x, kernel) (+ bias)`; the kernel's axes carry logical names.
+  """`einsum(equation, x, kernel) (+ bias) (+ LoRA update)`; the kernel's axes carry logical names.
 
-  The bias, if any, spans the kernel's last `bias_axes` axes (the output axes).
+  The bias, if any, spans the kernel's last `bias_axes` axes (the output axes). With `lora`, the
+  projection also holds LoRA's A and B (see `peft/lora.py`), named like the kernel's axes.
   """
 
   equation: str
@@ -49,18 +52,46 @@ class Einsum(nn.Module):
   use_bias: bool
   bias_axes: int
   config: ModelConfig
+  lora: lora_lib.Lora | None = None
+  deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, adapter_ids_b: jax.Array | None = None) -> jax.Array:
     dtype, param_dtype = dtypes(self.config)
     init = nn.with_logical_partitioning(nn.initializers.normal(INIT_STDDEV), self.names)
     kernel = self.param("kernel", init, self.shape, param_dtype)
-    y = jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype))
+    x = x.astype(dtype)
+    y = jnp.einsum(self.equation, x, kernel.astype(dtype))
     if self.use_bias:
       bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.names[-self.bias_axes :])
       bias = self.param("bias", bias_init, self.shape[-self.bias_axes :], param_dtype)
       y = y + bias.astype(dtype)
+    if self.lora is not None:
+      y = y + self._lora(x, adapter_ids_b)
     return y
+
+  def _lora(self, x: jax.Array, adapter_ids_b: jax.Array | None) -> jax.Array:
+    lora = self.lora
+    eqs = lora_lib.equations(self.equation, bank=bool(lora.adapters))
+    i, r = eqs.inputs, lora.rank
+    bank_shape, bank_names = ((lora.adapters,), ("adapters",)) if lora.adapters else ((), ())
+    a_init = functools.partial(lora_lib.init_a, inputs=i)
+    a = self.param(
+      lora_lib.A,
+      nn.with_logical_partitioning(a_init, (*bank_names, *self.names[:i], "lora_rank")),
+      (*bank_shape, *self.shape[:i], r),
+      dtypes(self.config)[1],
+    )
+    b = self.param(
+      lora_lib.B,
+      nn.with_logical_partitioning(
+        nn.initializers.zeros, (*bank_names, "lora_rank", *self.names[i:])
+      ),
+      (*bank_shape, r, *self.shape[i:]),
+      dtypes(self.config)[1],
+    )
+    rng = None if self.deterministic or lora.dropout == 0 else self.make_rng("dropout")
+    return lora_lib.update(x, a, b, eqs, lora, adapter_ids_b, rng)
 
 
 class Norm(nn.Module):
@@ -96,14 +127,19 @@ class Mlp(nn.Module):
   """SwiGLU / GeGLU (`down(act(gate x) * up x)`) or plain GELU (`down(gelu(up x))`)."""
 
   config: ModelConfig
+  peft: PeftConfig = PeftConfig()
+  adapters: int = 0  # LoRA bank size (0: one adapter).
+  deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_btd: jax.Array) -> jax.Array:
+  def __call__(self, x_btd: jax.Array, adapter_ids_b: jax.Array | None = None) -> jax.Array:
     cfg = self.config
     d, f = cfg.dim, cfg.mlp_dim
 
     def proj(name, eqn, shape, names):
-      return Einsum(eqn, shape, names, cfg.use_bias, 1, cfg, name=name)
+      lora = lora_lib.spec(self.peft, name, self.adapters)
+      module = Einsum(eqn, shape, names, cfg.use_bias, 1, cfg, lora, self.deterministic, name=name)
+      return lambda x: module(x, adapter_ids_b)
 
     act = _ACTIVATIONS[cfg.mlp]
     h_btf = act(

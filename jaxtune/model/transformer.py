@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.config import ModelConfig
+from jaxtune.config import ModelConfig, PeftConfig
 from jaxtune.model.attention import Attention, segment_positions
-from jaxtune.model.layers import Embed, Mlp, Norm, constrain, dropout
+from jaxtune.model.layers import Embed, Mlp, Norm, constrain, dropout, dtypes
 from jaxtune.peft import neftune
+from jaxtune.peft import prefix as prefix_lib
 
 _REMAT_POLICIES = {
   "full": None,  # Save nothing: recompute the whole block.
@@ -36,14 +37,18 @@ class Block(nn.Module):
   config: ModelConfig
   deterministic: bool = True
   decode: bool = False
+  peft: PeftConfig = PeftConfig()
+  adapters: int = 0
 
   @nn.compact
   def __call__(
     self,
     x_btd: jax.Array,
     dropout_rate: jax.Array,
+    prefix_kv: tuple[jax.Array, jax.Array] | None,
     positions_bt: jax.Array,
     segment_ids_bt: jax.Array,
+    adapter_ids_b: jax.Array | None,
   ) -> tuple[jax.Array, None]:
     cfg = self.config
 
@@ -52,16 +57,22 @@ class Block(nn.Module):
         return y_btd
       return dropout(y_btd, dropout_rate, self.make_rng("dropout"))
 
-    attn = Attention(cfg, decode=self.decode, name="attn")
+    peft = dict(peft=self.peft, adapters=self.adapters, deterministic=self.deterministic)
+    attn_module = Attention(cfg, self.decode, **peft, name="attn")
+    mlp_module = Mlp(cfg, **peft, name="mlp")
+
+    def attn(h_btd):
+      return attn_module(h_btd, positions_bt, segment_ids_bt, prefix_kv, adapter_ids_b)
+
+    def mlp(h_btd):
+      return mlp_module(h_btd, adapter_ids_b)
+
     if cfg.parallel_block:
       h_btd = Norm(cfg, name="norm")(x_btd)
-      y_btd = attn(h_btd, positions_bt, segment_ids_bt) + Mlp(cfg, name="mlp")(h_btd)
-      x_btd = x_btd + residual(y_btd)
+      x_btd = x_btd + residual(attn(h_btd) + mlp(h_btd))
     else:
-      x_btd = x_btd + residual(
-        attn(Norm(cfg, name="attn_norm")(x_btd), positions_bt, segment_ids_bt)
-      )
-      x_btd = x_btd + residual(Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_btd)))
+      x_btd = x_btd + residual(attn(Norm(cfg, name="attn_norm")(x_btd)))
+      x_btd = x_btd + residual(mlp(Norm(cfg, name="mlp_norm")(x_btd)))
     return constrain(x_btd, _ACT_BTD), None
 
 
@@ -70,9 +81,17 @@ class Transformer(nn.Module):
 
   `deterministic=False` turns on residual dropout ('dropout' rng) and, with `neftune_alpha` > 0,
   NEFTune noise on the token embeddings ('neftune' rng).
+
+  `peft` adds the parameters of a PEFT method (see `jaxtune/peft/`): LoRA updates on the chosen
+  projections, P prefix keys and values at every layer, or P soft-prompt embeddings before each
+  row. With a prefix or a prompt, the tokens' positions start at P (the first P are theirs).
+  `adapters` = M > 0 makes a bank of M adapters (LoRA or prefix), one chosen per row by
+  `adapter_ids` [B].
   """
 
   config: ModelConfig
+  peft: PeftConfig = PeftConfig()
+  adapters: int = 0
 
   @nn.compact
   def __call__(
@@ -84,14 +103,17 @@ class Transformer(nn.Module):
     deterministic: bool = True,
     decode: bool = False,
     neftune_alpha: float = 0.0,
+    adapter_ids: jax.Array | None = None,
   ) -> jax.Array:
-    cfg = self.config
+    cfg, peft = self.config, self.peft
     if segment_ids_bt is None:
       segment_ids_bt = jnp.ones_like(tokens_bt, jnp.int32)
     if positions_bt is None:
       if decode:
         raise ValueError("decoding needs explicit positions")
       positions_bt = segment_positions(segment_ids_bt)
+    if self.adapters and adapter_ids is None:
+      raise ValueError(f"a model with a bank of {self.adapters} adapters needs adapter_ids")
 
     embed = Embed(cfg.vocab_size, cfg, name="embed")
     x_btd = embed(tokens_bt)
@@ -100,6 +122,28 @@ class Transformer(nn.Module):
     if neftune_alpha and not deterministic:  # Training-time noise on the token embeddings.
       noise_btd = neftune.noise(self.make_rng("neftune"), segment_ids_bt, cfg.dim, neftune_alpha)
       x_btd = x_btd + noise_btd.astype(x_btd.dtype)
+
+    prefix_kv, prompt = None, 0
+    if peft.method == "prefix" and peft.prefix_length:
+      prefix_kv = prefix_lib.Prefix(cfg, peft, self.adapters, name="prefix")(
+        adapter_ids, tokens_bt.shape[0]
+      )
+      positions_bt = positions_bt + peft.prefix_length
+    elif peft.method == "prompt" and peft.prompt_length:
+      if decode:
+        raise ValueError("decode with a prefix made by prefix.from_prompt, not the prompt itself")
+      prompt = peft.prompt_length
+      x_btd, positions_bt, segment_ids_bt = prefix_lib.prepend_prompt(
+        self.param(
+          "prompt",
+          nn.with_logical_partitioning(nn.initializers.normal(1.0), ("prefix", "embed")),
+          (prompt, cfg.dim),
+          dtypes(cfg)[1],
+        ),
+        x_btd,
+        positions_bt,
+        segment_ids_bt,
+      )
     if cfg.position == "learned":
       x_btd = x_btd + Embed(cfg.max_seq_len, cfg, ("position", "embed"), name="position")(
         positions_bt
@@ -111,14 +155,15 @@ class Transformer(nn.Module):
       block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
     layers = nn.scan(
       block,
-      variable_axes={"params": 0, "cache": 0},
+      variable_axes={"params": 0, "cache": 0, "intermediates": 0},
       split_rngs={"params": True, "dropout": True},
-      in_axes=(0, nn.broadcast, nn.broadcast),
+      in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
       length=cfg.num_layers,
       metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, deterministic, decode, name="layers")
+    )(cfg, deterministic, decode, peft, self.adapters, name="layers")
     rates_l = jnp.asarray(cfg.layer_dropout_rates, jnp.float32)
-    x_btd, _ = layers(x_btd, rates_l, positions_bt, segment_ids_bt)
+    x_btd, _ = layers(x_btd, rates_l, prefix_kv, positions_bt, segment_ids_bt, adapter_ids)
+    x_btd = x_btd[:, prompt:]
 
     x_btd = Norm(cfg, name="final_norm")(x_btd)
     if cfg.tie_embeddings:
@@ -130,11 +175,15 @@ class Transformer(nn.Module):
     return constrain(logits_btv.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
 
 
+def _adapter_ids(model: Transformer, batch: int) -> dict[str, jax.Array]:
+  return {"adapter_ids": jnp.zeros((batch,), jnp.int32)} if model.adapters else {}
+
+
 def init_fn(model: Transformer, length: int = 8):
   """`rng -> variables` (boxed with logical names), for `sharding.init_sharded`."""
 
   def init(rng: jax.Array) -> Any:
-    return model.init(rng, jnp.zeros((1, length), jnp.int32))
+    return model.init(rng, jnp.zeros((1, length), jnp.int32), **_adapter_ids(model, 1))
 
   return init
 
@@ -142,15 +191,11 @@ def init_fn(model: Transformer, length: int = 8):
 def init_cache(model: Transformer, batch: int, max_length: int) -> Any:
   """An empty KV cache for `batch` sequences of up to `max_length` tokens."""
   tokens = jnp.zeros((batch, max_length), jnp.int32)
+  ids = _adapter_ids(model, batch)
   shapes = jax.eval_shape(
-    lambda: model.init(jax.random.key(0), tokens, tokens, decode=True)["cache"]
+    lambda: model.init(jax.random.key(0), tokens, tokens, decode=True, **ids)["cache"]
   )
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-
-def param_count(params: Any) -> int:
-  """Number of parameters in a (possibly abstract) tree."""
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
 def grow_vocab(params: Any, vocab_size: int) -> Any:

@@ -21,6 +21,7 @@ from jaxtune.config import Config, ConfigError
 from jaxtune.convert import hf, llama2c
 from jaxtune.data import packing, pipeline, templates
 from jaxtune.model import transformer
+from jaxtune.peft import partition, prefix
 from jaxtune.train import metrics, optim
 from jaxtune.train.step import TrainState, make_eval_step, make_train_step
 
@@ -29,6 +30,12 @@ log = logging.getLogger(__name__)
 
 class TrainingError(RuntimeError):
   """Training cannot go on (a non-finite loss or gradient)."""
+
+
+def seed_rngs(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(the key of the parameters' initialization, the key of the steps' noise) of a run."""
+  init_rng, step_rng = jax.random.split(jax.random.key(seed))
+  return init_rng, step_rng
 
 
 def _check_fits(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh) -> None:
@@ -46,25 +53,46 @@ def _check_fits(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh) -> None:
 
 
 def _initial_params(cfg: Config, model, mesh, rng) -> sharding.Sharded:
-  """Random (abstract-first, sharded) parameters, or pretrained ones from `train.init_from`."""
+  """Random (abstract-first, sharded) parameters, or pretrained ones from `train.init_from`
+  (the base model's; PEFT parameters start as initialized)."""
   sharded = sharding.init_sharded(transformer.init_fn(model), rng, mesh, cfg.mesh.strategy)
   path = cfg.train.init_from
   if not path:
     return sharded
-  shardings = sharded.shardings["params"]
+  base_shardings = partition.base(sharded.shardings["params"])
+  base_params = partition.base(sharded.variables["params"])
   if path.endswith(".bin") or os.path.exists(os.path.join(path, "config.json")):
     # llama2.c or Hugging Face; the architecture is checked by the shapes below.
     _, variables = (llama2c.load_model if path.endswith(".bin") else hf.load_hf)(path)
     loaded = transformer.grow_vocab(variables["params"], cfg.model.vocab_size)
   else:
-    abstract = checkpoint.abstract(sharded.variables["params"], shardings)
+    abstract = checkpoint.abstract(base_params, base_shardings)
     loaded = checkpoint.restore_params(os.path.join(path, "checkpoints"), abstract)
   got = jax.tree.map(lambda x: x.shape, loaded)
-  want = jax.tree.map(lambda x: x.shape, sharded.variables["params"])
+  want = jax.tree.map(lambda x: x.shape, base_params)
   if got != want:
     raise ConfigError(f"train.init_from={path}: parameter shapes {got} do not fit the model {want}")
-  params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), loaded, shardings)
+  params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), loaded, base_shardings)
+  params = partition.combine(params, sharded.variables["params"])
   return dataclasses.replace(sharded, variables={"params": params})
+
+
+def _init_peft_from_text(cfg: Config, model, params: Any, tokenizer, shardings: Any) -> Any:
+  """PEFT parameters that start from real text (`peft.prefix_init_text` / `prompt_init_text`)."""
+  peft = cfg.peft
+  text = {"prefix": peft.prefix_init_text, "prompt": peft.prompt_init_text}.get(peft.method)
+  if not text:
+    return params
+  ids = tokenizer.encode(text)
+  if peft.method == "prefix" and peft.prefix_length:
+    base = transformer.Transformer(cfg.model)
+    init = prefix.init_from_text(base, partition.base(params), params["prefix"], ids)
+  elif peft.method == "prompt" and peft.prompt_length:
+    init = prefix.init_prompt_from_text(cfg.model, params, ids, peft.prompt_length)
+  else:
+    return params
+  log.info("%s initialized from the %d tokens of %r", peft.method, len(ids), text)
+  return dict(params, **{peft.method: jax.device_put(init, shardings[peft.method])})
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -94,18 +122,32 @@ def run(cfg: Config) -> dict[str, Any]:
     "%d steps (%d batches per epoch, packing efficiency %.1f%%)", steps, per_epoch, 100 * efficiency
   )
 
-  model = transformer.Transformer(cfg.model)
-  init_rng, step_rng = jax.random.split(jax.random.key(cfg.train.seed))
+  model = transformer.Transformer(cfg.model, cfg.peft)
+  init_rng, step_rng = seed_rngs(cfg.train.seed)
   sharded = _initial_params(cfg, model, mesh, init_rng)
-  n_params = transformer.param_count(sharded.variables["params"])
-  log.info("model: %s parameters on mesh %s", f"{n_params:,}", dict(mesh.shape))
+  shardings = sharded.shardings["params"]
+  with sharding.use(mesh, sharded.rules):
+    params = _init_peft_from_text(
+      cfg, model, sharded.variables["params"], data.tokenizer, shardings
+    )
+  trainable, frozen = partition.split(params, cfg.peft.method)
+  frozen_sharding = partition.split(shardings, cfg.peft.method)[1]
+  n_params, n_trainable = partition.count(params), partition.count(trainable)
+  log.info(
+    "model: %s parameters on mesh %s; trainable (peft.method=%s): %s (%.4f%%)",
+    f"{n_params:,}",
+    dict(mesh.shape),
+    cfg.peft.method,
+    f"{n_trainable:,}",
+    100 * n_trainable / n_params,
+  )
   optimizer = optim.optimizer(cfg.train, steps)
   lr = optim.schedule(cfg.train, steps)
   batch_sharding = sharding.logical_sharding(mesh, sharded.rules, ("act_batch", "act_seq"))
 
   with sharding.use(mesh, sharded.rules):
     init_state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)))
-    state = init_state(sharded.variables["params"])
+    state = init_state(trainable)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     train_step = jax.jit(
       make_train_step(
@@ -116,11 +158,13 @@ def run(cfg: Config) -> dict[str, Any]:
         z_loss=cfg.train.z_loss,
         neftune_alpha=cfg.train.neftune_alpha,
       ),
-      in_shardings=(state_sharding, batch_sharding),
+      in_shardings=(state_sharding, frozen_sharding, batch_sharding),
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       donate_argnums=0,
     )
-    eval_step = jax.jit(make_eval_step(model), in_shardings=(state_sharding.params, batch_sharding))
+    eval_step = jax.jit(
+      make_eval_step(model), in_shardings=(state_sharding.params, frozen_sharding, batch_sharding)
+    )
 
     ckpt = checkpoint.Checkpointer(
       os.path.join(cfg.train.output_dir, "checkpoints"), cfg.train.keep_checkpoints
@@ -160,10 +204,10 @@ def run(cfg: Config) -> dict[str, Any]:
     )
     held_out = [put(b) for b in itertools.islice(eval_iter, eval_iter.batches_per_epoch()[0])]
 
-    def held_out_loss(params) -> float:
+    def held_out_loss(trainable) -> float:
       total, count = 0.0, 0.0
       for b in held_out:  # One at a time: see `serialize` below.
-        nll, n = eval_step(params, b)
+        nll, n = eval_step(trainable, frozen, b)
         total, count = total + float(nll), count + float(n)
       return total / count
 
@@ -182,7 +226,7 @@ def run(cfg: Config) -> dict[str, Any]:
       for step in range(first + 1, steps + 1):
         batch = next(batches)
         real_tokens += batches.tokens
-        state, step_metrics = train_step(state, put(batch))
+        state, step_metrics = train_step(state, frozen, put(batch))
         if serialize:
           jax.block_until_ready(state)
         if pending is not None:  # The previous step's metrics: fetching them does not stall.
@@ -211,7 +255,9 @@ def run(cfg: Config) -> dict[str, Any]:
     ckpt.directory,
   )
   if data.held_out:  # Every process: the parameters may span them all.
-    _answer(model, state.params, data, cfg, mesh, sharded.rules)
+    with sharding.use(mesh, sharded.rules):
+      params = partition.combine(state.params, frozen)
+      _answer(*prefix.for_decoding(model, params), data, cfg, mesh, sharded.rules)
   return summary
 
 

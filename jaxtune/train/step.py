@@ -5,6 +5,10 @@ tokens divided by the batch's supervised-token count, so k micro-batches accumul
 the loss of one batch), plus optional PaLM z-loss `z * log(Z)^2`. A step whose loss or gradient
 is not finite leaves the state as it was (the loop stops or goes on, per `train.nonfinite`).
 
+The state holds only the trainable parameters (all of them, or a PEFT method's: see
+`peft/partition.py`); the frozen rest is a separate argument, so gradients and optimizer state
+exist for the trainable part alone.
+
 Shape letters: B batch, T length, V vocab, K micro-batches.
 """
 
@@ -19,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxtune.model.transformer import Transformer
+from jaxtune.peft import partition
 
 Batch = dict[str, jax.Array]
 
@@ -26,7 +31,7 @@ Batch = dict[str, jax.Array]
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
-  params: Any
+  params: Any  # The trainable parameters only.
   opt_state: Any
 
 
@@ -73,14 +78,16 @@ def make_train_step(
   micro_batches: int = 1,
   z_loss: float = 0.0,
   neftune_alpha: float = 0.0,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-  """`(state, batch) -> (state, metrics)`. Noise (dropout, NEFTune) is `fold_in(rng, step)`."""
+) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """`(state, frozen params, batch) -> (state, metrics)`. Noise (dropout, NEFTune) is
+  `fold_in(rng, step)`."""
 
-  def train_step(state: TrainState, batch: Batch):
+  def train_step(state: TrainState, frozen: Any, batch: Batch):
     step_rng = jax.random.fold_in(rng, state.step)
     total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
-    def loss_sum(params, micro, i):
+    def loss_sum(trainable, micro, i):
+      params = partition.combine(trainable, frozen)
       logits = _forward(model, params, micro, jax.random.fold_in(step_rng, i), neftune_alpha)
       return token_losses(logits, micro["targets"], micro["weights"], z_loss)
 
@@ -120,11 +127,13 @@ def make_train_step(
   return train_step
 
 
-def make_eval_step(model: Transformer) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
-  """`(params, batch) -> (sum of nll, supervised tokens)`; no dropout, no noise."""
+def make_eval_step(
+  model: Transformer,
+) -> Callable[[Any, Any, Batch], tuple[jax.Array, jax.Array]]:
+  """`(trainable, frozen, batch) -> (sum of nll, supervised tokens)`; no dropout, no noise."""
 
-  def eval_step(params: Any, batch: Batch):
-    logits = _forward(model, params, batch, None, 0.0)
+  def eval_step(trainable: Any, frozen: Any, batch: Batch):
+    logits = _forward(model, partition.combine(trainable, frozen), batch, None, 0.0)
     _, nll = token_losses(logits, batch["targets"], batch["weights"])
     return nll, jnp.sum(batch["weights"])
 
