@@ -8,6 +8,11 @@ import pytest
 
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)
+# The models here are tiny, so XLA's compile time dominates: compile without its backend
+# optimizations, here and in the subprocesses the tests start (every comparison compiles both of
+# its sides this way; the PyTorch references are unaffected).
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
+jax.config.update("jax_disable_most_optimizations", True)
 
 _DATA_DIR = pathlib.Path(
   os.environ.get("JAXTUNE_DATA_DIR", pathlib.Path(__file__).parents[1] / ".." / "shared" / "data")

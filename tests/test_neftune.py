@@ -25,15 +25,6 @@ CFG = ModelConfig(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quick_compiles():
-  """Tiny models: compile without XLA's backend optimizations (both sides of each comparison)."""
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
-
-
 def _rows(*segment_lengths_per_row: list[int], length: int) -> np.ndarray:
   """Segment ids [B, T]: each row's segments 1, 2, ... of the given lengths, then padding (0)."""
   out = np.zeros((len(segment_lengths_per_row), length), np.int32)

@@ -36,16 +36,6 @@ ADAMW = TrainConfig(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quick_compiles():
-  """The models are tiny, so XLA's compile time dominates: compile without its backend
-  optimizations (every comparison below compiles both of its sides this way)."""
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
-
-
 def _examples(seed: int, count: int) -> list[packing.Example]:
   """Random examples of 4..19 tokens: a prompt (not supervised) and a response (supervised)."""
   rng = np.random.default_rng(seed)
