@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from jaxtune.data.sources import DataError
+from jaxtune.data.tokenizer import decode_pieces
 
 TOKENIZER_JSON = "tokenizer.json"
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -134,21 +135,14 @@ class HFTokenizer:
   def decode(self, ids: Sequence[int], show_special: bool = False) -> str:
     """Text of `ids`; a leading space is dropped only at the very start (the prefix space).
     With `show_special`, tokenizer.json's special tokens (BOS, EOS, ...) appear as text."""
-    out: list[str] = []
-    run: list[int] = []
-
-    def flush():
-      out.append((self._inner if out else self._outer).decode(run, skip_special_tokens=True))
-      run.clear()
-
-    for i in map(int, ids):
-      if i in self._added_by_id or (show_special and i in self._special_ids):
-        flush()
-        out.append(self.piece(i))
-      else:
-        run.append(i)
-    flush()
-    return "".join(out)
+    return decode_pieces(
+      ids,
+      lambda i: i in self._added_by_id or (show_special and i in self._special_ids),
+      self.piece,
+      lambda run, first: (self._outer if first else self._inner).decode(
+        run, skip_special_tokens=True
+      ),
+    )
 
   def piece(self, i: int) -> str:
     return self._added_by_id.get(i) or self._outer.id_to_token(int(i))

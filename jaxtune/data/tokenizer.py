@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
@@ -99,26 +99,44 @@ class Tokenizer:
   def decode(self, ids: Sequence[int], show_special: bool = False) -> str:
     """Text of `ids`; a leading space is dropped only at the very start (the dummy prefix).
     With `show_special`, BOS/EOS and other control tokens appear as their pieces."""
-    out: list[str] = []
-    run: list[int] = []
-
-    def flush():
-      out.append((self._sp_inner if out else self._sp).decode(run))
-      run.clear()
-
-    for i in map(int, ids):
-      if i in self._added_by_id or (
-        show_special and i < self._sp.vocab_size() and self._sp.is_control(i)
-      ):
-        flush()
-        out.append(self.piece(i))
-      else:
-        run.append(i)
-    flush()
-    return "".join(out)
+    return decode_pieces(
+      ids,
+      lambda i: (
+        i in self._added_by_id
+        or (show_special and i < self._sp.vocab_size() and self._sp.is_control(i))
+      ),
+      self.piece,
+      lambda run, first: (self._sp if first else self._sp_inner).decode(run),
+    )
 
   def piece(self, i: int) -> str:
     return self._added_by_id.get(i) or self._sp.id_to_piece(int(i))
+
+
+def decode_pieces(
+  ids: Sequence[int],
+  whole: Callable[[int], bool],
+  piece: Callable[[int], str],
+  decode_run: Callable[[list[int], bool], str],
+) -> str:
+  """Text of `ids`: tokens for which `whole` holds (added and shown special tokens) as their
+  `piece`, the runs between them through `decode_run(run, first)`; `first` is true only for a
+  run at the very start, the one place a leading dummy-prefix space is dropped."""
+  out: list[str] = []
+  run: list[int] = []
+
+  def flush():
+    out.append(decode_run(run, not out))
+    run.clear()
+
+  for i in map(int, ids):
+    if whole(i):
+      flush()
+      out.append(piece(i))
+    else:
+      run.append(i)
+  flush()
+  return "".join(out)
 
 
 def train(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = ()) -> Tokenizer:
