@@ -140,11 +140,10 @@ def _sampling(args: argparse.Namespace):
 
 
 def _prompt_ids(model: Any, messages: list) -> list[int]:
-  from jaxtune.data import packing, templates
+  from jaxtune.data import packing
   from jaxtune.data.formats import Conversation
 
-  chunks = templates.render(Conversation(tuple(messages)), model.template)
-  return packing.tokenize(chunks, model.tokenizer, False).ids.tolist()
+  return packing.prompt_ids(Conversation(tuple(messages)), model.template, model.tokenizer)
 
 
 def _name(checkpoint: str) -> str:

@@ -20,6 +20,8 @@ from typing import Protocol
 
 import numpy as np
 
+from jaxtune.data import templates
+from jaxtune.data.formats import Conversation
 from jaxtune.data.templates import BOS, EOS, Chunk
 
 
@@ -56,6 +58,12 @@ def tokenize(chunks: Sequence[Chunk], tokenizer: TokenizerLike, train_on_prompt:
     ids += piece
     supervised += [chunk.supervised or train_on_prompt] * len(piece)
   return Example(np.asarray(ids, np.int32), np.asarray(supervised, bool))
+
+
+def prompt_ids(conversation: Conversation, template: str, tokenizer: TokenizerLike) -> list[int]:
+  """The conversation rendered by `template` and tokenized, ending where the next assistant turn
+  begins: what a model continues to answer it."""
+  return tokenize(templates.render(conversation, template), tokenizer, False).ids.tolist()
 
 
 @dataclasses.dataclass

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxtune import generate
-from jaxtune.data import packing, templates
+from jaxtune.data import packing
 from jaxtune.data.formats import Conversation, Message
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,7 @@ class Prompt:
 
 def prompt_ids(model: Any, text: str, template: str) -> list[int]:
   """`text` as the user turn of `template`, tokenized (ending where the answer begins)."""
-  chunks = templates.render(Conversation((Message("user", text),)), template)
-  return packing.tokenize(chunks, model.tokenizer, False).ids.tolist()
+  return packing.prompt_ids(Conversation((Message("user", text),)), template, model.tokenizer)
 
 
 def few_shot(

@@ -16,7 +16,7 @@ import logging
 from typing import Any
 
 from jaxtune.config import DataConfig
-from jaxtune.data import packing, pipeline, templates
+from jaxtune.data import packing, pipeline
 from jaxtune.data.packing import Stats
 from jaxtune.data.sources import DataError
 from jaxtune.eval import base, metrics
@@ -38,8 +38,8 @@ def run(model: Any, options: base.Options) -> base.Result:
   conversations = base.limited(conversations, options.limit)
   prompts, kept = [], []
   for c in conversations:
-    chunks = templates.render(dataclasses.replace(c, messages=c.messages[:-1]), template)
-    ids = packing.tokenize(chunks, model.tokenizer, False).ids.tolist()
+    prompt = dataclasses.replace(c, messages=c.messages[:-1])
+    ids = packing.prompt_ids(prompt, template, model.tokenizer)
     if len(ids) < model.config.max_seq_len:
       prompts.append(ids)
       kept.append(c)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from jaxtune import checkpoint, generate, sharding
 from jaxtune.config import Config, ConfigError
 from jaxtune.convert import hf, llama2c
-from jaxtune.data import packing, pipeline, templates
+from jaxtune.data import packing, pipeline
 from jaxtune.model import transformer
 from jaxtune.peft import partition, prefix
 from jaxtune.train import metrics, optim
@@ -306,11 +306,7 @@ def _answer(model, params, data: pipeline.Data, cfg: Config, mesh, rules, count:
   stop = generate.template_stop_ids(tok, cfg.data.template)
   shown = data.held_out[:: max(len(data.held_out) // count, 1)]
   prompts = [
-    packing.tokenize(
-      templates.render(dataclasses.replace(c, messages=c.messages[:-1]), cfg.data.template),
-      tok,
-      False,
-    ).ids.tolist()
+    packing.prompt_ids(dataclasses.replace(c, messages=c.messages[:-1]), cfg.data.template, tok)
     for c in shown
   ]
   fits = [i for i, p in enumerate(prompts) if len(p) + 16 <= cfg.model.max_seq_len][:count]
