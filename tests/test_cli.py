@@ -7,16 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from subprocesses import jaxtune
 
 
 def _jaxtune(*args, tmp_path=None):
-  return subprocess.run(
-    [sys.executable, "-m", "jaxtune.cli", *args],
-    capture_output=True,
-    text=True,
-    timeout=300,
-    cwd=tmp_path,
-  )
+  return jaxtune(*args, cwd=tmp_path)
 
 
 def test_help_lists_the_verbs():

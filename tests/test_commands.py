@@ -1,27 +1,15 @@
 """`jaxtune generate`, `chat` and `eval` run as a user would, on the real stories260K model."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from subprocesses import jaxtune as jaxtune_cli
 from test_llama2c import PUBLISHED
 
 import jaxtune
 from jaxtune import generate
 from jaxtune.data import packing, templates
 from jaxtune.data.formats import Conversation, Message
-
-
-def _jaxtune(*args, cwd=None, stdin=None):
-  return subprocess.run(
-    [sys.executable, "-m", "jaxtune.cli", *map(str, args)],
-    capture_output=True,
-    text=True,
-    timeout=300,
-    cwd=cwd,
-    input=stdin,
-  )
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +29,7 @@ def _ids(model, messages):
 
 def test_generate_prints_the_published_text(checkpoint, stories):
   steps = len(stories.tokenizer.encode(PUBLISHED, first=True))
-  result = _jaxtune("generate", checkpoint, "--prompt", "", "--max-new-tokens", steps)
+  result = jaxtune_cli("generate", checkpoint, "--prompt", "", "--max-new-tokens", steps)
   assert result.returncode == 0, result.stderr
   assert result.stdout == PUBLISHED + "\n"
 
@@ -57,7 +45,7 @@ def test_generate_a_prompts_file_in_alpaca_eval_form(checkpoint, stories, tmp_pa
   out = tmp_path / "outputs.jsonl"
   flags = ["--temperature", "0.8", "--top-k", "50", "--top-p", "0.95", "--seed", "3"]
   args = ["--prompts-file", prompts, "--max-new-tokens", "16", "--output", out, *flags]
-  result = _jaxtune("generate", checkpoint, *args, "--batch-size", "2", "--stop", "Tom")
+  result = jaxtune_cli("generate", checkpoint, *args, "--batch-size", "2", "--stop", "Tom")
   assert result.returncode == 0, result.stderr
   lines = [json.loads(line) for line in out.read_text().splitlines()]
   sampling = generate.Sampling(max_new_tokens=16, temperature=0.8, top_k=50, top_p=0.95)
@@ -72,7 +60,7 @@ def test_generate_a_prompts_file_in_alpaca_eval_form(checkpoint, stories, tmp_pa
 
 def test_chat_streams_replies_to_the_whole_conversation(checkpoint, stories):
   turns = ["Once upon a time", "What did the cat do?"]
-  result = _jaxtune("chat", checkpoint, "--max-new-tokens", "20", stdin="\n".join(turns) + "\n")
+  result = jaxtune_cli("chat", checkpoint, "--max-new-tokens", "20", stdin="\n".join(turns) + "\n")
   assert result.returncode == 0, result.stderr
   history, want = [], []
   for turn in turns:
@@ -87,7 +75,7 @@ def test_chat_streams_replies_to_the_whole_conversation(checkpoint, stories):
 def test_eval_prints_a_table_and_writes_json(checkpoint, data_dir, tmp_path):
   args = ["--task", "mmlu", "--data", data_dir / "mmlu" / "data", "--split", "val"]
   args += ["--subjects", "astronomy,virology", "--limit", "2", "--shots", "1"]
-  result = _jaxtune("eval", checkpoint, *args, cwd=tmp_path)
+  result = jaxtune_cli("eval", checkpoint, *args, cwd=tmp_path)
   assert result.returncode == 0, result.stderr
   saved = json.loads((tmp_path / "runs" / "eval" / "stories260K" / "mmlu.json").read_text())
   assert saved["task"] == "mmlu" and saved["checkpoint"] == str(checkpoint)
@@ -103,13 +91,13 @@ def test_eval_prints_a_table_and_writes_json(checkpoint, data_dir, tmp_path):
 def test_bad_input_is_one_clear_line(checkpoint, tmp_path):
   bad = tmp_path / "test.jsonl"
   bad.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q2"}\n')
-  result = _jaxtune("eval", checkpoint, "--task", "gsm8k", "--data", bad, "--shots", "0")
+  result = jaxtune_cli("eval", checkpoint, "--task", "gsm8k", "--data", bad, "--shots", "0")
   assert result.returncode == 2 and "Traceback" not in result.stderr
   last = result.stderr.strip().splitlines()[-1]
   assert last == f"jaxtune eval: error: {bad}:2: field 'answer': missing, empty or not a string"
-  result = _jaxtune("generate", checkpoint, "--prompt", "Lily " * 600)
+  result = jaxtune_cli("generate", checkpoint, "--prompt", "Lily " * 600)
   assert result.returncode == 2 and "Traceback" not in result.stderr
   assert "leaves no room in the model's 512 positions" in result.stderr.strip().splitlines()[-1]
-  result = _jaxtune("chat", checkpoint, "train.steps=3")
+  result = jaxtune_cli("chat", checkpoint, "train.steps=3")
   assert result.returncode == 2
   assert "takes only mesh.* and distributed.* overrides, got 'train.steps=3'" in result.stderr

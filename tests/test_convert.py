@@ -3,9 +3,6 @@ layout, what transformers and the trainer make of the results, and refusals."""
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -15,6 +12,8 @@ import pytest
 import safetensors.numpy
 import torch
 import transformers
+from subprocesses import jaxtune as jaxtune_cli
+from subprocesses import one_device_env
 from test_hf import (
   CASES,
   TOKENS_BT,
@@ -50,16 +49,7 @@ def _load_in_transformers(folder):
 
 
 def _jaxtune(*args, cwd=None):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One CPU device.
-  env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"  # Compile time dominates at this size.
-  return subprocess.run(
-    [sys.executable, "-m", "jaxtune.cli", *args],
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env=env,
-    cwd=cwd,
-  )
+  return jaxtune_cli(*args, cwd=cwd, env=one_device_env())
 
 
 @pytest.mark.parametrize("case", ["llama-gqa", "gpt2"])

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from subprocesses import JAXTUNE, Background
 
 from jaxtune import config, distributed
 from jaxtune.config import ConfigError
@@ -75,29 +76,8 @@ def _process_env(port: int, index: int, count: int = 2) -> dict[str, str]:
   )
 
 
-class _Process:
-  """A subprocess with its output in a file (a pipe could fill up and block it)."""
-
-  def __init__(self, command: list[str], env: dict[str, str], log: pathlib.Path):
-    self.log = log
-    with open(log, "w") as f:
-      self.process = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env)
-
-  def output(self) -> str:
-    return self.log.read_text()
-
-  def finish(self, timeout: float = 300) -> tuple[int, str]:
-    self.process.wait(timeout=timeout)
-    return self.process.returncode, self.output()
-
-  def kill(self) -> None:
-    if self.process.poll() is None:
-      self.process.kill()
-      self.process.wait()
-
-
 def _train(*overrides: str) -> list[str]:
-  return [sys.executable, "-m", "jaxtune.cli", "train", *RUN, *overrides]
+  return [*JAXTUNE, "train", *RUN, *overrides]
 
 
 # Run in each of 2 processes: this process's rows of a few batches, and (process 0) the global
@@ -150,32 +130,32 @@ class _Pod:
     self.dirs = {name: root / name for name in ("A", "R", "K", "D", "B")}
     self.dirs["D"].mkdir()
     launcher = _env(4, PORT=str(_free_port()), JAXTUNE=f"{sys.executable} -m jaxtune.cli")
-    self.A = _Process(
+    self.A = Background(
       [str(ROOT / "launch" / "local_pod.sh"), "2", "4", *_train(*MESH)[3:], self._out("A")],
       launcher,
       root / "A.log",
     )
-    self.R = _Process(_train(*MESH, MORE, self._out("R")), _env(8), root / "R.log")
+    self.R = Background(_train(*MESH, MORE, self._out("R")), _env(8), root / "R.log")
     port = _free_port()
     self.K = [
-      _Process(_train(*MESH, self._out("K")), _process_env(port, i), root / f"K{i}.log")
+      Background(_train(*MESH, self._out("K")), _process_env(port, i), root / f"K{i}.log")
       for i in range(2)
     ]
     port = _free_port()
     data_args = [str(self.dirs["D"]), str(_DATA_STEPS), *RUN]
     self.D = [
-      _Process(
+      Background(
         [sys.executable, "-c", _DATA_SCRIPT, *data_args], _process_env(port, i), root / f"D{i}.log"
       )
       for i in range(2)
     ]
     self._killed: tuple[float, int, str] | None = None
-    self.B: _Process | None = None
+    self.B: Background | None = None
 
   def _out(self, name: str) -> str:
     return f"train.output_dir={self.dirs[name]}"
 
-  def processes(self) -> list[_Process]:
+  def processes(self) -> list[Background]:
     return [self.A, self.R, *self.K, *self.D, *([self.B] if self.B else [])]
 
   def kill(self) -> tuple[float, int, str]:
@@ -196,7 +176,7 @@ class _Pod:
       self._killed = (time.monotonic() - killed, code, output)
     return self._killed
 
-  def restart(self) -> _Process:
+  def restart(self) -> Background:
     """A copy of A's finished run, continued by 1 process with 8 devices on a 2 x 4 mesh with
     the `tp` rules up to R's end."""
     if self.B is None:
@@ -204,7 +184,7 @@ class _Pod:
       assert code == 0, output[-3000:]
       shutil.copytree(self.dirs["A"], self.dirs["B"])
       overrides = ["mesh.data=2", "mesh.model=4", MORE, "train.resume=true", self._out("B")]
-      self.B = _Process(_train(*overrides), _env(8), self.root / "B.log")
+      self.B = Background(_train(*overrides), _env(8), self.root / "B.log")
     return self.B
 
 

@@ -5,11 +5,8 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import pathlib
 import signal
-import subprocess
-import sys
 import time
 
 import flax.linen as nn
@@ -18,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from subprocesses import JAXTUNE, Background, one_device_env
 
 from jaxtune import sharding
 from jaxtune.config import MeshConfig, ModelConfig, TrainConfig
@@ -460,33 +458,11 @@ RUN = [
 ]
 
 
-class _Run:
-  """A `jaxtune train` subprocess, as a user runs it, with its output in a file (a pipe could
-  fill up and block it)."""
-
-  def __init__(self, output_dir: pathlib.Path, *overrides: str):
-    # One CPU device (no XLA_FLAGS from the test process); compile time dominates at this size.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
-    command = [sys.executable, "-m", "jaxtune.cli", "train", *RUN, *overrides]
-    command.append(f"train.output_dir={output_dir}")
-    self.log = output_dir.parent / f"{output_dir.name}.{time.monotonic_ns()}.log"
-    with open(self.log, "w") as log:
-      self.process = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=output_dir.parent
-      )
-
-  def output(self) -> str:
-    return self.log.read_text()
-
-  def finish(self, timeout: float = 300) -> tuple[int, str]:
-    self.process.wait(timeout=timeout)
-    return self.process.returncode, self.output()
-
-  def kill(self) -> None:
-    if self.process.poll() is None:
-      self.process.kill()
-      self.process.wait()
+def _Run(output_dir: pathlib.Path, *overrides: str) -> Background:  # noqa: N802 (a constructor)
+  """A `jaxtune train` subprocess on one CPU device, as a user runs it."""
+  command = [*JAXTUNE, "train", *RUN, *overrides, f"train.output_dir={output_dir}"]
+  log = output_dir.parent / f"{output_dir.name}.{time.monotonic_ns()}.log"
+  return Background(command, one_device_env(), log, cwd=output_dir.parent)
 
 
 def _steps(checkpoints: pathlib.Path) -> list[int]:
