@@ -131,15 +131,12 @@ def _write_tokenizer_config(tok: tokenizer_lib.Tokenizer, folder: pathlib.Path, 
 def _write_peft(model: api.Model, folder: pathlib.Path, dtype: str) -> None:
   if model.peft.method == "none":
     raise CheckpointError("not a PEFT fine-tune: there are no adapters to export (use --to hf)")
-  if model.base:
-    base_vocab = api.load(model.base).config.vocab_size
-    if base_vocab != model.config.vocab_size:
-      log.warning(
-        "the run grew the vocabulary from %d to %d tokens: the adapters need the base model with "
-        "the new rows (export the whole fine-tune with --to hf)",
-        base_vocab,
-        model.config.vocab_size,
-      )
+  log.info(
+    "adapters for the base model %s with a %d-token vocabulary (a run that added tokens needs "
+    "them in the base too: --to hf exports the whole fine-tune)",
+    model.base or "(the run's random initialization)",
+    model.config.vocab_size,
+  )
   hf_peft.save_adapter(model.config, model.peft, model.params, folder, model.base, dtype)
 
 
