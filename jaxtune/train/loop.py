@@ -95,6 +95,74 @@ def _init_peft_from_text(cfg: Config, model, params: Any, tokenizer, shardings: 
   return dict(params, **{peft.method: jax.device_put(init, shardings[peft.method])})
 
 
+@dataclasses.dataclass
+class Trainer:
+  """What a run trains with: the model, its sharded initial state (trainable parameters and
+  optimizer moments) and frozen parameters, and the jitted steps with their shardings."""
+
+  model: transformer.Transformer
+  rules: sharding.Rules
+  state: TrainState
+  state_sharding: Any
+  frozen: Any
+  train_step: Any  # jitted (state, frozen, batch) -> (state, metrics)
+  eval_step: Any  # jitted (trainable, frozen, batch) -> (sum of nll, supervised tokens)
+  batch_sharding: jax.sharding.NamedSharding
+  lr: Any  # step -> learning rate
+  n_params: int
+  n_trainable: int
+
+
+def build(cfg: Config, mesh: jax.sharding.Mesh, steps: int, tokenizer=None) -> Trainer:
+  """The model, state and steps of `cfg` on `mesh` for a run of `steps` (the schedule's
+  length); `tokenizer` encodes a PEFT method's initialization text."""
+  model = transformer.Transformer(cfg.model, cfg.peft)
+  init_rng, step_rng = seed_rngs(cfg.train.seed)
+  sharded = _initial_params(cfg, model, mesh, init_rng)
+  shardings = sharded.shardings["params"]
+  params = sharded.variables["params"]
+  if tokenizer is not None:
+    with sharding.use(mesh, sharded.rules):
+      params = _init_peft_from_text(cfg, model, params, tokenizer, shardings)
+  trainable, frozen = partition.split(params, cfg.peft.method)
+  frozen_sharding = partition.split(shardings, cfg.peft.method)[1]
+  optimizer = optim.optimizer(cfg.train, steps)
+  batch_sharding = sharding.logical_sharding(mesh, sharded.rules, ("act_batch", "act_seq"))
+  with sharding.use(mesh, sharded.rules):
+    init_state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)))
+    state = init_state(trainable)
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    train_step = jax.jit(
+      make_train_step(
+        model,
+        optimizer,
+        step_rng,
+        micro_batches=cfg.train.micro_batches,
+        z_loss=cfg.train.z_loss,
+        neftune_alpha=cfg.train.neftune_alpha,
+      ),
+      in_shardings=(state_sharding, frozen_sharding, batch_sharding),
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      donate_argnums=0,
+    )
+    eval_step = jax.jit(
+      make_eval_step(model), in_shardings=(state_sharding.params, frozen_sharding, batch_sharding)
+    )
+  return Trainer(
+    model,
+    sharded.rules,
+    state,
+    state_sharding,
+    frozen,
+    train_step,
+    eval_step,
+    batch_sharding,
+    optim.schedule(cfg.train, steps),
+    partition.count(params),
+    partition.count(trainable),
+  )
+
+
 def run(cfg: Config) -> dict[str, Any]:
   """Trains as configured; returns a summary (losses, steps, throughput)."""
   chief = jax.process_index() == 0
@@ -122,50 +190,17 @@ def run(cfg: Config) -> dict[str, Any]:
     "%d steps (%d batches per epoch, packing efficiency %.1f%%)", steps, per_epoch, 100 * efficiency
   )
 
-  model = transformer.Transformer(cfg.model, cfg.peft)
-  init_rng, step_rng = seed_rngs(cfg.train.seed)
-  sharded = _initial_params(cfg, model, mesh, init_rng)
-  shardings = sharded.shardings["params"]
-  with sharding.use(mesh, sharded.rules):
-    params = _init_peft_from_text(
-      cfg, model, sharded.variables["params"], data.tokenizer, shardings
-    )
-  trainable, frozen = partition.split(params, cfg.peft.method)
-  frozen_sharding = partition.split(shardings, cfg.peft.method)[1]
-  n_params, n_trainable = partition.count(params), partition.count(trainable)
+  t = build(cfg, mesh, steps, data.tokenizer)
+  state, frozen = t.state, t.frozen
   log.info(
     "model: %s parameters on mesh %s; trainable (peft.method=%s): %s (%.4f%%)",
-    f"{n_params:,}",
+    f"{t.n_params:,}",
     dict(mesh.shape),
     cfg.peft.method,
-    f"{n_trainable:,}",
-    100 * n_trainable / n_params,
+    f"{t.n_trainable:,}",
+    100 * t.n_trainable / t.n_params,
   )
-  optimizer = optim.optimizer(cfg.train, steps)
-  lr = optim.schedule(cfg.train, steps)
-  batch_sharding = sharding.logical_sharding(mesh, sharded.rules, ("act_batch", "act_seq"))
-
-  with sharding.use(mesh, sharded.rules):
-    init_state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)))
-    state = init_state(trainable)
-    state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    train_step = jax.jit(
-      make_train_step(
-        model,
-        optimizer,
-        step_rng,
-        micro_batches=cfg.train.micro_batches,
-        z_loss=cfg.train.z_loss,
-        neftune_alpha=cfg.train.neftune_alpha,
-      ),
-      in_shardings=(state_sharding, frozen_sharding, batch_sharding),
-      out_shardings=(state_sharding, sharding.replicated(mesh)),
-      donate_argnums=0,
-    )
-    eval_step = jax.jit(
-      make_eval_step(model), in_shardings=(state_sharding.params, frozen_sharding, batch_sharding)
-    )
-
+  with sharding.use(mesh, t.rules):
     ckpt = checkpoint.Checkpointer(
       os.path.join(cfg.train.output_dir, "checkpoints"), cfg.train.keep_checkpoints
     )
@@ -176,7 +211,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "train.resume=true to continue, or choose another train.output_dir"
       )
     if latest is not None:
-      state, data_state = ckpt.restore(latest, checkpoint.abstract(state, state_sharding))
+      state, data_state = ckpt.restore(latest, checkpoint.abstract(state, t.state_sharding))
       batches.restore(data_state)
       log.info("resumed from step %d of %s", latest, ckpt.directory)
     if chief:
@@ -188,7 +223,7 @@ def run(cfg: Config) -> dict[str, Any]:
     def put(batch: pipeline.Batch) -> dict[str, jax.Array]:
       shape = (cfg.train.batch_size, cfg.data.max_length)
       return {
-        k: jax.make_array_from_process_local_data(batch_sharding, v, shape)
+        k: jax.make_array_from_process_local_data(t.batch_sharding, v, shape)
         for k, v in vars(batch).items()
       }
 
@@ -207,12 +242,12 @@ def run(cfg: Config) -> dict[str, Any]:
     def held_out_loss(trainable) -> float:
       total, count = 0.0, 0.0
       for b in held_out:  # One at a time: see `serialize` below.
-        nll, n = eval_step(trainable, frozen, b)
+        nll, n = t.eval_step(trainable, frozen, b)
         total, count = total + float(nll), count + float(n)
       return total / count
 
     writer = metrics.Writer(cfg.train.output_dir, enabled=chief)
-    flops = metrics.flops_per_token(cfg.model, n_params, cfg.data.max_length)
+    flops = metrics.flops_per_token(cfg.model, t.n_params, cfg.data.max_length)
     peak = metrics.peak_flops(cfg.train.peak_flops)
     first = int(state.step)
     summary = {"eval_loss_start": held_out_loss(state.params), "steps": steps, "start_step": first}
@@ -226,11 +261,11 @@ def run(cfg: Config) -> dict[str, Any]:
       for step in range(first + 1, steps + 1):
         batch = next(batches)
         real_tokens += batches.tokens
-        state, step_metrics = train_step(state, frozen, put(batch))
+        state, step_metrics = t.train_step(state, frozen, put(batch))
         if serialize:
           jax.block_until_ready(state)
         if pending is not None:  # The previous step's metrics: fetching them does not stall.
-          _report(*pending, cfg, lr, writer, bar, real_tokens, t0, flops, peak)
+          _report(*pending, cfg, t.lr, writer, bar, real_tokens, t0, flops, peak)
         pending = (step, step_metrics)
         if step % cfg.train.eval_every == 0 and step != steps:
           writer.write(step, {"eval_loss": held_out_loss(state.params)})
@@ -238,7 +273,7 @@ def run(cfg: Config) -> dict[str, Any]:
           _check_finite(*pending, cfg)
           ckpt.save(step, state, batches.state())
       if pending is not None:
-        _report(*pending, cfg, lr, writer, bar, real_tokens, t0, flops, peak)
+        _report(*pending, cfg, t.lr, writer, bar, real_tokens, t0, flops, peak)
       ckpt.save(steps, state, batches.state())
       summary["eval_loss_end"] = held_out_loss(state.params)
       writer.write(steps, {"eval_loss": summary["eval_loss_end"]})
@@ -255,9 +290,9 @@ def run(cfg: Config) -> dict[str, Any]:
     ckpt.directory,
   )
   if data.held_out:  # Every process: the parameters may span them all.
-    with sharding.use(mesh, sharded.rules):
+    with sharding.use(mesh, t.rules):
       params = partition.combine(state.params, frozen)
-      _answer(*prefix.for_decoding(model, params), data, cfg, mesh, sharded.rules)
+      _answer(*prefix.for_decoding(t.model, params), data, cfg, mesh, t.rules)
   return summary
 
 

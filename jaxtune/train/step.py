@@ -121,6 +121,7 @@ def make_train_step(
       "grad_norm": grad_norm,
       "finite": finite,
       "supervised_tokens": jnp.sum(batch["weights"]),
+      "tokens": jnp.sum(batch["segment_ids"] > 0),  # Real ones: the global batch's, not a host's.
     }
     return new_state, metrics
 

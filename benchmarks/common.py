@@ -1,0 +1,93 @@
+"""What every benchmark shares: the machine it ran on, the measured matmul peak, timing of a
+jitted function, and the results written as JSON plus a Markdown table.
+
+Results go to `benchmarks/results/<name>.json` and `<name>.md` (and PNG plots beside them), each
+stamped with the machine, so figures from different runs are never mixed up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def machine() -> dict[str, Any]:
+  """The hardware and software the figures come from."""
+  return {
+    "cpu": platform.processor() or platform.machine(),
+    "cores": os.cpu_count(),
+    "devices": [d.device_kind for d in jax.devices()],
+    "backend": jax.default_backend(),
+    "jax": jax.__version__,
+    "python": platform.python_version(),
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  """Seconds per call of a measured function: the median over `runs`, and the first call
+  (compile included)."""
+
+  median_s: float
+  first_s: float
+  runs: list[float]
+
+
+def timed(fn: Callable[[], Any], warmup: int = 1, iters: int = 5) -> Timing:
+  """Times `fn()` (which must return jax arrays or pytrees of them; each call is waited for)."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - t0
+  for _ in range(warmup - 1):
+    jax.block_until_ready(fn())
+  runs = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    runs.append(time.perf_counter() - t0)
+  return Timing(statistics.median(runs), first, runs)
+
+
+def matmul_peak(size: int = 2048, dtype: Any = jnp.float32, iters: int = 5) -> float:
+  """FLOP/s of a large square matmul on the default device: the peak the MFU figures of a CPU
+  run are measured against (2*n^3 FLOPs per matmul)."""
+  a = jnp.ones((size, size), dtype)
+  b = jnp.ones((size, size), dtype)
+  matmul = jax.jit(jnp.matmul)
+  return 2 * size**3 / timed(lambda: matmul(a, b), warmup=2, iters=iters).median_s
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+  """Rows as a Markdown table of `columns`; floats shown with 4 significant digits."""
+
+  def cell(value: Any) -> str:
+    if isinstance(value, float):
+      return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def write(name: str, results: dict[str, Any], markdown: str) -> str:
+  """Writes `results` (with the machine added) to results/<name>.json and the Markdown to
+  results/<name>.md; returns the JSON path."""
+  os.makedirs(RESULTS, exist_ok=True)
+  path = os.path.join(RESULTS, f"{name}.json")
+  with open(path, "w") as f:
+    json.dump({"machine": machine(), **results}, f, indent=1)
+  with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+    f.write(markdown.rstrip() + "\n")
+  return path
