@@ -24,8 +24,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Sequence
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxtune.config import ConfigError, DistributedConfig
 
@@ -114,3 +117,10 @@ def join(cfg: DistributedConfig) -> Process:
   if process.index:
     logging.getLogger().setLevel(logging.WARNING)
   return process
+
+
+def gather(values: Sequence[int]) -> np.ndarray:
+  """Every process's `values` on every process, as int64 [processes, len(values)]: how processes
+  that each know only their own shards of the data agree on counts (one collective)."""
+  local = np.asarray(values, np.int64)
+  return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1)

@@ -178,15 +178,43 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
     )
 
 
-def process_rows(mesh: Mesh, batch_size: int) -> list[int]:
-  """The rows of a global batch (sharded by the `act_batch` rule) that this process's devices
-  hold, in order: the part of every batch that its data pipeline builds, as
-  `jax.make_array_from_process_local_data` expects it. Process p of P holds rows
-  [p*B/P, (p+1)*B/P) when its devices are adjacent on the data axis (as `make_mesh` lays out CPU
-  and GPU devices), and all rows when the data axis does not span the processes."""
+@dataclasses.dataclass(frozen=True)
+class BatchBlocks:
+  """How a global batch of `batch_size` rows is split on the mesh: `count` blocks of equal,
+  contiguous rows (one per position on the axes that `act_batch` shards over), of which this
+  process's devices hold `mine`. Each block is built from its own shard of the data
+  (`data/pipeline.py`), so the blocks depend on the mesh's data axis, never on how many processes
+  share it."""
+
+  count: int
+  mine: tuple[int, ...]
+  batch_size: int
+
+  @property
+  def rows(self) -> int:
+    """Rows per block."""
+    return self.batch_size // self.count
+
+  def keeps(self, position: int) -> bool:
+    """Whether the example at `position` of a source is in this process's data shards."""
+    return position % self.count in self.mine
+
+
+def batch_blocks(mesh: Mesh, batch_size: int) -> BatchBlocks:
+  """The row blocks of the `act_batch` sharding and those this process holds: process p of P
+  holds blocks [p*K/P, (p+1)*K/P) when its devices are adjacent on the data axis (as `make_mesh`
+  lays out CPU and GPU devices), and all of them when the data axis does not span processes.
+  Stacked in block order, a process's rows are what `jax.make_array_from_process_local_data`
+  expects from it."""
+  check_batch(batch_size, mesh)
   batch_sharding = logical_sharding(mesh, tuple(_TP.items()), ("act_batch", "act_seq"))
-  held = batch_sharding.addressable_devices_indices_map((batch_size, 1)).values()
-  return sorted(set().union(*(range(*rows.indices(batch_size)) for rows, _ in held)))
+
+  def starts(indices) -> list[int]:
+    return sorted({rows.indices(batch_size)[0] for rows, _ in indices.values()})
+
+  every = starts(batch_sharding.devices_indices_map((batch_size, 1)))
+  held = starts(batch_sharding.addressable_devices_indices_map((batch_size, 1)))
+  return BatchBlocks(len(every), tuple(every.index(start) for start in held), batch_size)
 
 
 @contextlib.contextmanager

@@ -92,8 +92,9 @@ def test_config_file_is_positional(tmp_path):
 
 
 def test_default_runs_on_eight_devices_with_the_same_losses(tmp_path):
-  """The default on an emulated 8-device 2 x 4 fsdp mesh (evals and checkpoints between steps)
-  ends with the same held-out loss as on one device."""
+  """The default on an emulated 8-device 1 x 8 fsdp mesh (evals and checkpoints between steps)
+  ends with the same held-out loss as on one device: one data shard on both, the same batches,
+  and the weights sharded 8 ways."""
 
   def held_out(extra_env, name, *mesh):
     env = {**os.environ, **extra_env}
@@ -109,6 +110,7 @@ def test_default_runs_on_eight_devices_with_the_same_losses(tmp_path):
         "train.batch_size=8",
         "data.synthetic_examples=200",
         f"train.output_dir={tmp_path / name}",
+        *mesh,
       ],
       capture_output=True,
       text=True,
@@ -121,5 +123,5 @@ def test_default_runs_on_eight_devices_with_the_same_losses(tmp_path):
 
   one = held_out({"XLA_FLAGS": ""}, "one")
   flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  eight = held_out(flags, "eight", "mesh.model=4", "mesh.strategy=fsdp")
+  eight = held_out(flags, "eight", "mesh.data=1", "mesh.model=8", "mesh.strategy=fsdp")
   np.testing.assert_allclose(eight, one, rtol=1e-4)

@@ -10,6 +10,7 @@ from jaxtune import config
 from jaxtune.data import formats, mixtures, packing, pipeline, templates, tfds
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.data.sources import DataError, read_records
+from jaxtune.sharding import BatchBlocks
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def test_lima_every_assistant_turn_and_only_those_supervised(data_dir, llama_tok
     tokenizer=data_dir / "tokenizers/llama2c/tokenizer.model",
   )
   stats = packing.Stats()
-  convs, _ = pipeline.conversations(cfg, 0, stats)
+  convs = pipeline.conversations(cfg, 0, stats).train
   assert stats.records == 1029 and len(convs) == 1029
   multi = [c for c in convs if len(c.messages) > 2]
   assert len(multi) == 29
@@ -132,9 +133,9 @@ def test_bad_records_name_file_line_and_field(tmp_path, line, reason):
     pipeline.conversations(_cfg(path=path, format="alpaca"), 0, packing.Stats())
   assert e.value.where == f"{path}:2" and reason in e.value.reason
   stats = packing.Stats()
-  convs, _ = pipeline.conversations(
+  convs = pipeline.conversations(
     _cfg(path=path, format="alpaca", on_bad_record="skip"), 0, stats
-  )
+  ).train
   assert len(convs) == 1 and stats.skipped == 1 and stats.records == 2
   assert any(reason in r for r in stats.skipped_reasons)
 
@@ -156,20 +157,20 @@ def test_formats_and_field_mapping(tmp_path):
       ]
     },
   ]
-  convs, _ = pipeline.conversations(
+  convs = pipeline.conversations(
     _cfg(path=_write_jsonl(tmp_path / "s.jsonl", records)), 0, packing.Stats()
-  )
+  ).train
   assert [(m.role, m.content) for m in convs[0].messages] == [
     ("system", "S"),
     ("user", "Q"),
     ("assistant", "A"),
   ]
   path = _write_jsonl(tmp_path / "d.jsonl", [{"query": "Q", "reply": "A", "ctx": "C"}])
-  convs, _ = pipeline.conversations(
+  convs = pipeline.conversations(
     _cfg(path=path, format="dolly", fields="instruction=query,response=reply,context=ctx"),
     0,
     packing.Stats(),
-  )
+  ).train
   assert convs[0].messages[0] == formats.Message("user", "Q", "C")
   path = _write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "Q"}]}])
   with pytest.raises(DataError, match="does not end with an assistant turn"):
@@ -222,29 +223,77 @@ def test_resumed_iterator_yields_the_same_batches(small_data):
       np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
 
 
-def test_processes_build_disjoint_rows_that_stack_into_the_single_process_batch(small_data):
+def _own_shard(data, k: int) -> pipeline.Batches:
+  """The iterator of a process that holds row block k of 4 and has read data shard k only."""
+  positions = [i for i in range(len(data.train)) if i % 4 == k]
+  examples = [data.train[i] for i in positions]
+  return pipeline.Batches(
+    examples, 8, 96, True, 5, positions=positions, blocks=BatchBlocks(4, (k,), 8)
+  )
+
+
+def test_row_blocks_from_their_own_shards_stack_into_the_single_process_batch(small_data):
   _, data = small_data
-  single = pipeline.Batches(data.train, 8, 96, True, 5)
-  parts = [pipeline.Batches(data.train, 8, 96, True, 5, rows=[2 * p, 2 * p + 1]) for p in range(4)]
-  seen = []  # The examples in the processes' rows during epoch 0.
+  single = pipeline.Batches(data.train, 8, 96, True, 5, blocks=BatchBlocks(4, (0, 1, 2, 3), 8))
+  parts = [_own_shard(data, k) for k in range(4)]
   while single.epoch < 2:
-    epoch = single.epoch
     want, got = next(single), [next(p) for p in parts]
     for key in vars(want):
       np.testing.assert_array_equal(np.concatenate([vars(g)[key] for g in got]), vars(want)[key])
-    assert all(p.state() == single.state() and p.tokens == single.tokens for p in parts)
-    for b in got if epoch == 0 else []:
+    assert all(p.state() == single.state() for p in parts)
+  # Disjoint and complete: in its epoch 0, a block trains on each example of its shard once.
+  seen = []
+  for k in range(4):
+    part, mine = _own_shard(data, k), []
+    while part.epoch == 0:
+      b = next(part)
       for r in range(len(b.inputs)):
         segs = b.segment_ids[r]
-        seen += [b.inputs[r, segs == s].tolist() for s in set(segs[segs > 0].tolist())]
-  # Disjoint and complete: every example exactly once in an epoch, across the processes.
+        mine += [b.inputs[r, segs == s].tolist() for s in set(segs[segs > 0].tolist())]
+    assert sorted(mine) == sorted(ex.ids[:-1].tolist() for ex in data.train[k::4])
+    seen += mine
   assert sorted(seen) == sorted(ex.ids[:-1].tolist() for ex in data.train)
 
 
-def test_a_batch_that_supervises_nothing_fails_loudly():
-  ex = packing.Example(np.arange(5, dtype=np.int32), np.zeros(5, bool))
-  with pytest.raises(DataError, match="supervises no token"):
-    next(pipeline.Batches([ex], 1, 16, True, 0))
+def test_a_restore_on_another_mesh_goes_on_as_that_mesh_would(small_data, caplog):
+  _, data = small_data
+  four = pipeline.Batches(data.train, 8, 96, True, 5, blocks=BatchBlocks(4, (0, 1, 2, 3), 8))
+  for _ in range(5):
+    next(four)
+  two = pipeline.Batches(data.train, 8, 96, True, 5, blocks=BatchBlocks(2, (0, 1), 8))
+  expected = [next(two) for _ in range(8)][5:]  # A run on 2 blocks from the start.
+  resumed = pipeline.Batches(data.train, 8, 96, True, 5, blocks=BatchBlocks(2, (0, 1), 8))
+  resumed.restore(four.state())
+  assert "came from 4 data shards, this mesh makes 2" in caplog.text
+  for a, b in zip(expected, [next(resumed) for _ in range(3)], strict=True):
+    np.testing.assert_array_equal(a.inputs, b.inputs)
+
+
+def test_a_block_without_examples_is_an_error_naming_the_shard():
+  ex = packing.Example(np.arange(5, dtype=np.int32), np.ones(5, bool))
+  with pytest.raises(DataError, match=r"data shard 3 of 4: has no training example: 3 examples"):
+    pipeline.Batches([ex] * 3, 8, 16, True, 0, blocks=BatchBlocks(4, (0, 1, 2, 3), 8))
+
+
+def test_a_process_reads_and_tokenizes_only_its_shards(tmp_path, data_dir):
+  records = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(10)]
+  path = _write_jsonl(tmp_path / "d.jsonl", records)
+  with open(path, "a") as f:  # Record 10, in shard 10 % 4 = 2 only.
+    f.write("{not json\n")
+  cfg = _cfg(path=path, tokenizer=data_dir / "tokenizers/llama2c/tokenizer.model")
+  with pytest.raises(DataError, match=r"d.jsonl:11: invalid JSON"):
+    pipeline.load(cfg, 0)
+  parts = [pipeline.load(cfg, 0, BatchBlocks(4, mine, 8)) for mine in ((0, 1), (3,))]
+  assert [p.positions.tolist() for p in parts] == [[0, 1, 4, 5, 8, 9], [3, 7]]
+  assert [p.stats.records for p in parts] == [6, 2]
+  with pytest.raises(DataError, match=r"d.jsonl:11: invalid JSON"):
+    pipeline.load(cfg, 0, BatchBlocks(4, (2,), 8))
+  whole = pipeline.load(
+    dataclasses.replace(cfg, path=_write_jsonl(tmp_path / "w.jsonl", records)), 0
+  )
+  for part in parts:
+    for ex, p in zip(part.train, part.positions, strict=True):
+      np.testing.assert_array_equal(ex.ids, whole.train[p].ids)
 
 
 def test_truncation_policy_is_counted():
@@ -280,7 +329,7 @@ def test_config_choices_match_the_registries():
 
 def test_train_on_prompt_supervises_everything_but_the_first_token(small_data):
   cfg, data = small_data
-  conv = data.conversations[0]
+  conv = data.held_out[0]
   chunks = templates.render(conv, cfg.template)
   default = packing.tokenize(chunks, data.tokenizer, train_on_prompt=False)
   everything = packing.tokenize(chunks, data.tokenizer, train_on_prompt=True)

@@ -21,7 +21,7 @@ from jaxtune.data.hf_tokenizer import HFTokenizer
 @pytest.fixture(scope="module")
 def lima(data_dir):
   cfg = config.load(None, [f"data.path={data_dir / 'lima/lima_train_llamafactory.json'}"]).data
-  convs, _ = pipeline.conversations(cfg, 0, packing.Stats())
+  convs = pipeline.conversations(cfg, 0, packing.Stats()).train
   return [c for c in convs if len(c.messages) > 2][:5] + convs[:25]
 
 

@@ -30,8 +30,7 @@ def report(cfg: Config, num_examples: int = 3) -> str:
   lines = []
   for i, example in enumerate(data.train[:num_examples]):
     lines += [f"=== example {i + 1} ({len(example)} tokens) ===", marked(tok, example), ""]
-  batches = pipeline.training_batches(data.train, cfg)
-  count, efficiency = batches.batches_per_epoch()
+  epoch = pipeline.training_batches(data, cfg).batches_per_epoch()
   rows = [
     ("source", cfg.data.path or "embedded synthetic mixture"),
     ("template", cfg.data.template),
@@ -58,8 +57,8 @@ def report(cfg: Config, num_examples: int = 3) -> str:
     ),
     (
       "packing",
-      f"{count} batches of {cfg.train.batch_size} x {cfg.data.max_length} per epoch, "
-      f"{100 * efficiency:.1f}% of slots used ({'packed' if cfg.data.pack else 'unpacked'})",
+      f"{epoch.batches} batches of {cfg.train.batch_size} x {cfg.data.max_length} per epoch, "
+      f"{100 * epoch.efficiency:.1f}% of slots used ({'packed' if cfg.data.pack else 'unpacked'})",
     ),
   ]
   lines.append("=== statistics ===")

@@ -35,7 +35,7 @@ def run(model: Any, options: base.Options) -> base.Result:
   if not cfg.path:
     raise DataError("--data", "perplexity needs an instruction data file")
   stats = Stats()
-  conversations, _ = pipeline.conversations(cfg, 0, stats)
+  conversations = pipeline.conversations(cfg, 0, stats).train
   examples = pipeline.examples(
     base.limited(conversations, options.limit), cfg, model.tokenizer, stats
   )
@@ -48,7 +48,7 @@ def run(model: Any, options: base.Options) -> base.Result:
   total = count = 0.0
   with sharding.use(model.mesh, model.rules):
     for _ in tqdm(
-      range(batches.batches_per_epoch()[0]), unit="batch", disable=jax.process_index() != 0
+      range(batches.batches_per_epoch().batches), unit="batch", disable=jax.process_index() != 0
     ):
       arrays = {
         k: sharding.put_global(v, model.mesh, model.rules, ("act_batch", "act_seq"))

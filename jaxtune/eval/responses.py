@@ -34,7 +34,7 @@ def run(model: Any, options: base.Options) -> base.Result:
     path=options.data, format=options.format, fields=options.fields, on_bad_record="skip"
   )
   stats = Stats()
-  conversations, _ = pipeline.conversations(cfg, 0, stats)
+  conversations = pipeline.conversations(cfg, 0, stats).train
   conversations = base.limited(conversations, options.limit)
   prompts, kept = [], []
   for c in conversations:

@@ -5,7 +5,6 @@ config -> data -> mesh, rules -> model -> sharded state -> jitted step -> metric
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import os
 import time
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import yaml
 from tqdm import tqdm
 
-from jaxtune import checkpoint, generate, sharding
+from jaxtune import checkpoint, distributed, generate, sharding
 from jaxtune.config import Config, ConfigError
 from jaxtune.convert import hf, llama2c
 from jaxtune.data import packing, pipeline
@@ -163,6 +162,29 @@ def build(cfg: Config, mesh: jax.sharding.Mesh, steps: int, tokenizer=None) -> T
   )
 
 
+def _held_out_batches(data: pipeline.Data, cfg: Config, blocks) -> pipeline.Batches:
+  """One pass over the held-out examples of this process's shards; without held-out data, over
+  the first batch of training examples (source positions below the batch size)."""
+  examples, positions = data.eval, data.eval_positions
+  if not data.held_out:
+    first = data.positions < cfg.train.batch_size
+    examples, positions = (
+      [ex for ex, f in zip(data.train, first, strict=True) if f],
+      data.positions[first],
+    )
+  return pipeline.Batches(
+    examples,
+    cfg.train.batch_size,
+    cfg.data.max_length,
+    cfg.data.pack,
+    0,
+    shuffle=False,
+    positions=positions,
+    blocks=blocks,
+    repeat=False,
+  )
+
+
 def run(cfg: Config) -> dict[str, Any]:
   """Trains as configured; returns a summary (losses, steps, throughput)."""
   chief = jax.process_index() == 0
@@ -170,24 +192,34 @@ def run(cfg: Config) -> dict[str, Any]:
   if cfg.train.resume and not cfg.data.tokenizer and os.path.isdir(saved_tokenizer):
     # A resumed run keeps the tokenizer it trained, rather than training it again.
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=saved_tokenizer))
-  data = pipeline.load(cfg.data, cfg.train.seed)
   mesh = sharding.make_mesh(cfg.mesh)
+  blocks = sharding.batch_blocks(mesh, cfg.train.batch_size)  # This process's part of each batch.
+  data = pipeline.load(cfg.data, cfg.train.seed, blocks)
   _check_fits(cfg, data.tokenizer.vocab_size, mesh)
   stats = data.stats
   log.info(
-    "data: %d examples, %d tokens, %.1f%% supervised, %d truncated, %d dropped",
+    "data%s: %d examples, %d tokens, %.1f%% supervised, %d truncated, %d dropped",
+    f" (this process's shards {list(blocks.mine)} of {blocks.count})"
+    if jax.process_count() > 1
+    else "",
     stats.examples,
     stats.tokens,
     100 * stats.supervised_fraction,
     stats.truncated,
     stats.dropped_too_long + stats.dropped_unsupervised,
   )
-  rows = sharding.process_rows(mesh, cfg.train.batch_size)  # This process's part of each batch.
-  batches = pipeline.training_batches(data.train, cfg, rows)
-  per_epoch, efficiency = batches.batches_per_epoch()
+  batches = pipeline.training_batches(data, cfg, blocks)
+  eval_iter = _held_out_batches(data, cfg, blocks)
+  epoch, eval_epoch = batches.batches_per_epoch(), eval_iter.batches_per_epoch()
+  # The processes agree on the counts: each one has planned its own shards only.
+  agreed = distributed.gather([epoch.batches, epoch.tokens, epoch.slots, eval_epoch.batches])
+  per_epoch, eval_batches = int(agreed[:, 0].max()), int(agreed[:, 3].max())
   steps = cfg.train.epochs * per_epoch if cfg.train.epochs else cfg.train.steps
   log.info(
-    "%d steps (%d batches per epoch, packing efficiency %.1f%%)", steps, per_epoch, 100 * efficiency
+    "%d steps (%d batches per epoch, packing efficiency %.1f%%)",
+    steps,
+    per_epoch,
+    100 * agreed[:, 1].sum() / max(agreed[:, 2].sum(), 1),
   )
 
   t = build(cfg, mesh, steps, data.tokenizer)
@@ -227,17 +259,7 @@ def run(cfg: Config) -> dict[str, Any]:
         for k, v in vars(batch).items()
       }
 
-    eval_source = data.eval or data.train[: cfg.train.batch_size]
-    eval_iter = pipeline.Batches(
-      eval_source,
-      cfg.train.batch_size,
-      cfg.data.max_length,
-      cfg.data.pack,
-      0,
-      False,
-      rows,
-    )
-    held_out = [put(b) for b in itertools.islice(eval_iter, eval_iter.batches_per_epoch()[0])]
+    held_out = [put(next(eval_iter)) for _ in range(eval_batches)]
 
     def held_out_loss(trainable) -> float:
       total, count = 0.0, 0.0
@@ -256,16 +278,14 @@ def run(cfg: Config) -> dict[str, Any]:
     # XLA's CPU client can deadlock when programs with collectives overlap on emulated devices,
     # so there each step finishes before the next is dispatched. Accelerators overlap them.
     serialize = jax.default_backend() == "cpu" and jax.device_count() > 1
-    pending, real_tokens, t0 = None, 0, time.perf_counter()
+    pending, meter = None, _Meter(time.perf_counter())
     try:
       for step in range(first + 1, steps + 1):
-        batch = next(batches)
-        real_tokens += batches.tokens
-        state, step_metrics = t.train_step(state, frozen, put(batch))
+        state, step_metrics = t.train_step(state, frozen, put(next(batches)))
         if serialize:
           jax.block_until_ready(state)
         if pending is not None:  # The previous step's metrics: fetching them does not stall.
-          _report(*pending, cfg, t.lr, writer, bar, real_tokens, t0, flops, peak)
+          _report(*pending, cfg, t.lr, writer, bar, meter, flops, peak)
         pending = (step, step_metrics)
         if step % cfg.train.eval_every == 0 and step != steps:
           writer.write(step, {"eval_loss": held_out_loss(state.params)})
@@ -273,7 +293,7 @@ def run(cfg: Config) -> dict[str, Any]:
           _check_finite(*pending, cfg)
           ckpt.save(step, state, batches.state())
       if pending is not None:
-        _report(*pending, cfg, t.lr, writer, bar, real_tokens, t0, flops, peak)
+        _report(*pending, cfg, t.lr, writer, bar, meter, flops, peak)
       ckpt.save(steps, state, batches.state())
       summary["eval_loss_end"] = held_out_loss(state.params)
       writer.write(steps, {"eval_loss": summary["eval_loss_end"]})
@@ -281,8 +301,7 @@ def run(cfg: Config) -> dict[str, Any]:
       bar.close()
       ckpt.close()
       writer.close()
-  elapsed = time.perf_counter() - t0
-  summary["tokens_per_s"] = real_tokens / elapsed if steps > first else 0.0
+  summary["tokens_per_s"] = meter.tokens_per_s() if steps > first else 0.0
   log.info(
     "held-out loss %.4f -> %.4f; checkpoints in %s",
     summary["eval_loss_start"],
@@ -305,23 +324,35 @@ def _check_finite(step: int, step_metrics: dict[str, jax.Array], cfg: Config) ->
     )
 
 
-def _report(step, step_metrics, cfg, lr, writer, bar, real_tokens, t0, flops, peak) -> None:
+@dataclasses.dataclass
+class _Meter:
+  """Real (non-padding) tokens of the global batches trained on since `t0`, as the steps count
+  them (each process builds only its part of a batch)."""
+
+  t0: float
+  tokens: int = 0
+
+  def tokens_per_s(self) -> float:
+    return self.tokens / (time.perf_counter() - self.t0)
+
+
+def _report(step, step_metrics, cfg, lr, writer, bar, meter: _Meter, flops, peak) -> None:
   _check_finite(step, step_metrics, cfg)
+  values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+  meter.tokens += int(values["tokens"])
   if bar.disable:  # Not process 0: nothing to show or write.
     return
-  values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
   if not values["finite"]:
     log.warning("step %d: non-finite loss or gradient; step skipped", step)
   bar.update(step - bar.n)
   if step % cfg.train.log_every and step != bar.total:
     return
-  elapsed = time.perf_counter() - t0
   record = {
     "loss": values["loss"],
     "grad_norm": values["grad_norm"],
     "lr": float(lr(step - 1)),
-    "tokens_per_s": real_tokens / elapsed,
-    "step_time_s": elapsed / max(bar.n - bar.initial, 1),
+    "tokens_per_s": meter.tokens_per_s(),
+    "step_time_s": (time.perf_counter() - meter.t0) / max(bar.n - bar.initial, 1),
   }
   if peak:
     record["mfu"] = record["tokens_per_s"] * flops / (peak * jax.device_count())
