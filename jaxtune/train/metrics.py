@@ -47,6 +47,33 @@ def flops_per_token(cfg: ModelConfig, total_params: int, row_length: int) -> flo
   return 6 * matmul_params(cfg, total_params) + attention
 
 
+def hardware_flops_per_token(
+  cfg: ModelConfig, total_params: int, row_length: int, frozen_params: int = 0
+) -> float:
+  """Training FLOPs per token that the hardware executes, for HFU (same N, L, H, Q, T as
+  `flops_per_token`): the forward, 2N + 4*L*H*Q*T; the backward's gradients of activations,
+  2N + 8*L*H*Q*T, and of trainable weights, 2 per trainable matmul parameter (the base model's
+  `frozen_params` under LoRA take none); and what `cfg.remat` recomputes in the layers for the
+  backward: their whole forward (`full`; the output layer is outside the layers), or only the
+  attention's score and value products (`dots_no_batch` saves the weight matmuls, `dots` every
+  matmul). With every parameter trained and no remat, this is `flops_per_token`. The remat terms
+  are the usual convention (full remat: 8N + 16*L*H*Q*T); XLA leaves out the recomputed products
+  that the backward does not read (the attention output and MLP down projections), so it runs a
+  little less than that.
+  """
+  attention = cfg.num_layers * cfg.num_heads * cfg.head_size * row_length
+  matmul = matmul_params(cfg, total_params)
+  frozen = matmul_params(cfg, frozen_params) if frozen_params else 0
+  layers = matmul - cfg.vocab_size * cfg.dim
+  recomputed = {
+    "none": 0,
+    "dots": 0,
+    "dots_no_batch": 4 * attention,
+    "full": 2 * layers + 4 * attention,
+  }[cfg.remat]
+  return 4 * matmul + 2 * (matmul - frozen) + 12 * attention + recomputed
+
+
 def peak_flops(configured: float) -> float | None:
   """Per-device peak: the configured one, else the table's for this device kind, else None."""
   if configured:

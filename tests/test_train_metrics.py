@@ -1,0 +1,108 @@
+"""Training FLOP counts (MFU and HFU) against a hand count of a small model, and the FLOPs that
+XLA counts in the compiled train step of a one-layer model (a scanned stack is counted once)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxtune import config, sharding
+from jaxtune.config import ModelConfig, PeftConfig
+from jaxtune.model import transformer
+from jaxtune.peft import partition
+from jaxtune.train import loop, metrics
+
+# D=64, L=2, N=8 query heads of Q=8, K=2 KV heads, F=128, V=512, untied; rows of T=32.
+SMALL = ModelConfig(
+  vocab_size=512,
+  dim=64,
+  num_layers=2,
+  num_heads=8,
+  num_kv_heads=2,
+  mlp_dim=128,
+  tie_embeddings=False,
+)
+T = 32
+# By hand: a layer has q 64*64, k and v 64*16 each, o 64*64, gate/up/down 64*128 each and two
+# norms of 64: 34,944; two layers, the embedding table and the output layer (512*64 each) and the
+# final norm: 135,488. The matmul parameters N are all but the embedding lookup: 102,720.
+TOTAL, N = 135_488, 102_720
+LHQT = 2 * 8 * 8 * T  # 4,096.
+# LoRA rank 8 on q (A 64x8, B 8x64) and v (A 64x8, B 8x16): 1,664 per layer.
+LORA = 2 * (64 * 8 + 8 * 64 + 64 * 8 + 8 * 16)
+
+
+def _count(model_cfg: ModelConfig, peft: PeftConfig | None = None) -> int:
+  model = transformer.Transformer(model_cfg, peft or PeftConfig())
+  return partition.count(jax.eval_shape(transformer.init_fn(model), jax.random.key(0)))
+
+
+def test_hand_count_matches_the_model():
+  assert _count(SMALL) == TOTAL
+  assert _count(SMALL, PeftConfig(method="lora")) == TOTAL + LORA
+  assert metrics.matmul_params(SMALL, TOTAL) == N
+
+
+def test_model_flops_are_palms():
+  assert metrics.flops_per_token(SMALL, TOTAL, T) == 6 * N + 12 * LHQT
+
+
+def test_hardware_flops():
+  # Every parameter trained, nothing recomputed: the model FLOPs.
+  assert metrics.hardware_flops_per_token(SMALL, TOTAL, T) == 6 * N + 12 * LHQT
+  assert (
+    metrics.hardware_flops_per_token(dataclasses.replace(SMALL, remat="dots"), TOTAL, T)
+    == 6 * N + 12 * LHQT
+  )
+  # Full remat runs the layers' forward again (2 per parameter of the layers: all matmul
+  # parameters but the 512*64 output layer) and the attention's products (4*LHQT).
+  full = dataclasses.replace(SMALL, remat="full")
+  assert (
+    metrics.hardware_flops_per_token(full, TOTAL, T)
+    == 6 * N + 12 * LHQT + 2 * (N - 512 * 64) + 4 * LHQT
+  )
+  # dots_no_batch keeps the weight products and recomputes only the attention's.
+  no_batch = dataclasses.replace(SMALL, remat="dots_no_batch")
+  assert metrics.hardware_flops_per_token(no_batch, TOTAL, T) == 6 * N + 16 * LHQT
+  # LoRA: forward and activation gradients through every matmul (4 per parameter, adapters
+  # included), weight gradients for the adapters alone.
+  got = metrics.hardware_flops_per_token(SMALL, TOTAL + LORA, T, frozen_params=TOTAL)
+  assert got == 4 * (N + LORA) + 2 * LORA + 12 * LHQT
+
+
+@pytest.mark.parametrize("method", ["none", "lora"])
+def test_hardware_flops_match_xla_count(method):
+  """The compiled step's FLOPs (matmuls, plus the few elementwise ones) per token, for one layer
+  so that XLA's count of the scanned stack is the whole count: within 3%."""
+  cfg = config.load(
+    None,
+    [
+      "model.dim=256",
+      "model.num_layers=1",
+      "model.num_heads=8",
+      "model.num_kv_heads=2",
+      "model.mlp_dim=1024",
+      "model.max_seq_len=128",
+      "mesh.data=1",
+      f"peft.method={method}",
+      "peft.lora_targets=[q,k,v,o,gate,up,down]",
+    ],
+  )
+  rows, length = 4, 128
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  t = loop.build(cfg, mesh, steps=1)
+  batch = {
+    k: jax.ShapeDtypeStruct((rows, length), dtype, sharding=t.batch_sharding)
+    for k, dtype in [
+      ("inputs", jnp.int32),
+      ("targets", jnp.int32),
+      ("weights", jnp.float32),
+      ("segment_ids", jnp.int32),
+      ("positions", jnp.int32),
+    ]
+  }
+  counted = t.train_step.lower(t.state, t.frozen, batch).compile().cost_analysis()["flops"]
+  frozen = t.n_params - t.n_trainable
+  want = metrics.hardware_flops_per_token(cfg.model, t.n_params, length, frozen)
+  assert counted / (rows * length) == pytest.approx(want, rel=0.03)
