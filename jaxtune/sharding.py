@@ -159,13 +159,25 @@ class Sharded:
 
 
 def init_sharded(
-  init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, strategy: str
+  init_fn: Callable[[jax.Array], Any],
+  rng: jax.Array,
+  mesh: Mesh,
+  strategy: str,
+  shapes_only: bool = False,
 ) -> Sharded:
   """Abstract-first initialization: shapes, then rules and shardings, then a jitted init that
-  writes every array straight into its shards (no host ever holds a full copy)."""
+  writes every array straight into its shards (no host ever holds a full copy). `shapes_only`
+  stops before the init: the variables are `jax.ShapeDtypeStruct`s carrying their shardings,
+  enough to compile (and measure) the programs of a model too large to hold."""
   abstract = jax.eval_shape(init_fn, rng)
   rules = resolve_rules(strategy, mesh, abstract)
   shardings = variable_shardings(abstract, mesh, rules)
+  if shapes_only:
+    shapes = nn.meta.unbox(abstract)
+    variables = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+    )
+    return Sharded(variables, shardings, rules)
   with use(mesh, rules):
     variables = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
   return Sharded(variables, shardings, rules)

@@ -17,11 +17,11 @@ import orbax.checkpoint as ocp
 import pytest
 from subprocesses import JAXTUNE, Background, one_device_env
 
-from jaxtune import sharding
+from jaxtune import config, sharding
 from jaxtune.config import MeshConfig, ModelConfig, TrainConfig
 from jaxtune.data import packing
 from jaxtune.model import transformer
-from jaxtune.train import optim
+from jaxtune.train import loop, optim
 from jaxtune.train.step import TrainState, make_train_step, token_losses
 
 VOCAB = 256
@@ -151,11 +151,14 @@ def _sharded_step(mesh_shape, strategy: str, kind: str):
     traces.append(1)  # Runs only when jax traces the step.
     return train_step(state, {}, batch)
 
+  params, replicated = sharded.variables["params"], sharding.replicated(mesh)
+  moments = optim.state_shardings(optimizer, params, sharded.shardings["params"], replicated)
+  state_sharding = TrainState(replicated, sharded.shardings["params"], moments)
+
   def initial_state():
     with sharding.use(mesh, sharded.rules):
-      return jax.jit(lambda p: _state(p, optimizer))(sharded.variables["params"])
+      return jax.jit(lambda p: _state(p, optimizer), out_shardings=state_sharding)(params)
 
-  state_sharding = jax.tree.map(lambda x: x.sharding, initial_state())
   step = jax.jit(
     counted,
     in_shardings=(state_sharding, batch_sharding),
@@ -185,6 +188,13 @@ def test_sharded_training_equals_single_device(mesh_shape, strategy, kind):
   assert dict(mesh.shape) == {"data": mesh_shape[0], "model": mesh_shape[1]}
   q_spec = jax.sharding.PartitionSpec(None, "data" if strategy == "fsdp" else None, "model", None)
   assert q_kernel.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, q_spec), 4)
+  # So are Adam's moments, like their parameters (not replicated on every device).
+  adam = state.opt_state[1][0]
+  for moment in (adam.mu, adam.nu):
+    same = jax.tree.map(
+      lambda m, p: m.sharding.is_equivalent_to(p.sharding, m.ndim), moment, state.params
+    )
+    assert all(jax.tree.leaves(same)), same
 
   expected_losses, expected = _single_device_run(kind, initial)  # A plain init's values (tested).
   where = f"{mesh_shape} {strategy} {kind}: "
@@ -193,6 +203,35 @@ def test_sharded_training_equals_single_device(mesh_shape, strategy, kind):
   assert int(state.step) == SHARDED_STEPS
   _assert_trees_close(state.params, expected.params, atol=1e-5, what=where)
   _assert_trees_close(state.opt_state, expected.opt_state, atol=1e-5, what=where)
+
+
+# Adafactor's factored second moments (a row and a column per matrix) are replicated: 5% of
+# this small model's state.
+@pytest.mark.parametrize("name, slack", [("adamw", 1.01), ("adafactor", 1.1)])
+def test_built_state_is_split_over_the_devices(name, slack):
+  """`loop.build` on 2x4 fsdp: parameters and optimizer moments each hold 1/8 per device (norms
+  and step counts aside), and the shapes-only build describes the same state."""
+  cfg = config.load(None, ["mesh.data=2", "mesh.model=4", "mesh.strategy=fsdp"])
+  cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, optimizer=name))
+  mesh = sharding.make_mesh(cfg.mesh)
+  state = loop.build(cfg, mesh, steps=10).state
+  total = sum(x.nbytes for x in jax.tree.leaves(state))
+  for device in jax.devices():
+    held = sum(
+      s.data.nbytes
+      for x in jax.tree.leaves(state)
+      for s in x.addressable_shards
+      if s.device == device
+    )
+    assert held <= slack * total / 8, (device, held, total)
+
+  shapes = loop.build(cfg, mesh, steps=10, shapes_only=True).state
+  same = jax.tree.map(
+    lambda x, s: x.shape == s.shape and x.dtype == s.dtype and x.sharding == s.sharding,
+    state,
+    shapes,
+  )
+  assert all(jax.tree.leaves(same)), same
 
 
 # 2. Gradient accumulation.

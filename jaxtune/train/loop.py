@@ -112,25 +112,44 @@ class Trainer:
   n_trainable: int
 
 
-def build(cfg: Config, mesh: jax.sharding.Mesh, steps: int, tokenizer=None) -> Trainer:
+def build(
+  cfg: Config, mesh: jax.sharding.Mesh, steps: int, tokenizer=None, shapes_only: bool = False
+) -> Trainer:
   """The model, state and steps of `cfg` on `mesh` for a run of `steps` (the schedule's
-  length); `tokenizer` encodes a PEFT method's initialization text."""
+  length); `tokenizer` encodes a PEFT method's initialization text. `shapes_only`: the state
+  and frozen parameters are `jax.ShapeDtypeStruct`s with their shardings (nothing initialized
+  or loaded), so the steps of a model too large to hold can be compiled and measured."""
   model = transformer.Transformer(cfg.model, cfg.peft)
   init_rng, step_rng = seed_rngs(cfg.train.seed)
-  sharded = _initial_params(cfg, model, mesh, init_rng)
+  if shapes_only:
+    init = transformer.init_fn(model)
+    sharded = sharding.init_sharded(init, init_rng, mesh, cfg.mesh.strategy, shapes_only=True)
+  else:
+    sharded = _initial_params(cfg, model, mesh, init_rng)
   shardings = sharded.shardings["params"]
   params = sharded.variables["params"]
-  if tokenizer is not None:
+  if tokenizer is not None and not shapes_only:
     with sharding.use(mesh, sharded.rules):
       params = _init_peft_from_text(cfg, model, params, tokenizer, shardings)
   trainable, frozen = partition.split(params, cfg.peft.method)
-  frozen_sharding = partition.split(shardings, cfg.peft.method)[1]
+  trainable_sharding, frozen_sharding = partition.split(shardings, cfg.peft.method)
   optimizer = optim.optimizer(cfg.train, steps)
+  replicated = sharding.replicated(mesh)
+  state_sharding = TrainState(
+    replicated,
+    trainable_sharding,
+    optim.state_shardings(optimizer, trainable, trainable_sharding, replicated),
+  )
   batch_sharding = sharding.logical_sharding(mesh, sharded.rules, ("act_batch", "act_seq"))
   with sharding.use(mesh, sharded.rules):
-    init_state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)))
-    state = init_state(trainable)
-    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    init_state = jax.jit(
+      lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
+      out_shardings=state_sharding,
+    )
+    if shapes_only:
+      state = checkpoint.abstract(jax.eval_shape(init_state, trainable), state_sharding)
+    else:
+      state = init_state(trainable)
     train_step = jax.jit(
       make_train_step(
         model,
@@ -141,7 +160,7 @@ def build(cfg: Config, mesh: jax.sharding.Mesh, steps: int, tokenizer=None) -> T
         neftune_alpha=cfg.train.neftune_alpha,
       ),
       in_shardings=(state_sharding, frozen_sharding, batch_sharding),
-      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      out_shardings=(state_sharding, replicated),
       donate_argnums=0,
     )
     eval_step = jax.jit(

@@ -88,3 +88,23 @@ def optimizer(cfg: TrainConfig, steps: int) -> optax.GradientTransformation:
   if cfg.clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
   return opt
+
+
+def state_shardings(
+  optimizer: optax.GradientTransformation, params: Any, param_shardings: Any, replicated: Any
+) -> Any:
+  """The shardings of `optimizer.init(params)`: a moment of a parameter's shape is sharded as the
+  parameter is; the rest (step counts, Adafactor's factored moments) is `replicated`. Left to
+  XLA, the moments (zeros that depend on no input) would be replicated on every device."""
+
+  def like(moment, param, param_sharding):
+    return param_sharding if moment.shape == param.shape else replicated
+
+  return optax.tree_utils.tree_map_params(
+    optimizer,
+    like,
+    jax.eval_shape(optimizer.init, params),
+    params,
+    param_shardings,
+    transform_non_params=lambda _: replicated,
+  )
