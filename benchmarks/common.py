@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -91,3 +92,29 @@ def write(name: str, results: dict[str, Any], markdown: str) -> str:
   with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
     f.write(markdown.rstrip() + "\n")
   return path
+
+
+def train_batch(rows: int, length: int, vocab_size: int, sharding: Any) -> dict[str, jax.Array]:
+  """A batch of `jaxtune`'s train step: rows of random tokens, one sequence each, every token
+  real and supervised, placed with `sharding` (a Trainer's batch_sharding)."""
+  tokens = np.random.default_rng(0).integers(0, vocab_size, (rows, length + 1), np.int32)
+  host = {
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "weights": np.ones((rows, length), np.float32),
+    "segment_ids": np.ones((rows, length), np.int32),
+    "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)),
+  }
+  return {k: jax.device_put(v, sharding) for k, v in host.items()}
+
+
+def compiled_memory(compiled: Any) -> dict[str, int]:
+  """Bytes per device of a compiled program (XLA's memory analysis): its arguments, outputs,
+  temporaries, and the outputs that reuse (donated) argument buffers."""
+  stats = compiled.memory_analysis()
+  return {
+    "argument_bytes": stats.argument_size_in_bytes,
+    "output_bytes": stats.output_size_in_bytes,
+    "temp_bytes": stats.temp_size_in_bytes,
+    "alias_bytes": stats.alias_size_in_bytes,
+  }
