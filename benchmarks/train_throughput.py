@@ -78,6 +78,7 @@ LAYOUTS = ("1", "1x8-tp", "2x4-tp", "2x4-fsdp", "4x2-tp", "4x2-fsdp", "8x1-tp", 
 # The default run: every layout at 2M, the sizes on a few (a 40M step is ~1e12 FLOPs).
 GRID = {"2M": LAYOUTS, "10M": ("1", "2x4-fsdp", "8x1-fsdp"), "40M": ("1", "2x4-fsdp")}
 ROWS = 8
+TITLES = {"full": "full fine-tuning", "lora": "LoRA (rank 8, every projection)"}
 MB = 2**20
 COLUMNS = (
   "size",
@@ -167,6 +168,7 @@ def measure(size: str, layout: str, method: str, length: int, steps: int, peak: 
 def plot(rows: list[dict], path: str) -> None:
   """Tokens/s against model size, a line per layout; full fine-tuning and LoRA side by side."""
   import matplotlib
+  import matplotlib.ticker
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -177,7 +179,10 @@ def plot(rows: list[dict], path: str) -> None:
     for layout in dict.fromkeys(r["layout"] for r in rows):
       mine = [r for r in rows if (r["layout"], r["method"]) == (layout, method)]
       ax.plot([r["params_m"] for r in mine], [r["tokens_s"] for r in mine], "o-", label=layout)
-    ax.set(xscale="log", yscale="log", xlabel="parameters (M)", title=f"{method} fine-tuning")
+    sizes = sorted({r["params_m"] for r in rows if r["method"] == method})
+    ax.set(xscale="log", yscale="log", xlabel="parameters (M)", title=TITLES[method])
+    ax.set_xticks(sizes, [f"{m:.3g}" for m in sizes], minor=False)
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.grid(True, which="both", alpha=0.3)
   axes[0][0].set_ylabel("real tokens / s")
   axes[0][-1].legend(title="layout (data x model)")
