@@ -30,7 +30,6 @@ decoding is bound by it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import time
@@ -101,14 +100,13 @@ def measure_batch(models: dict, batch: int, sizes: dict, runs: int) -> list[dict
     engines[name] = (run, prefilled)
     cfg = model.config
     slots = run.plan.cache_len
-    itemsize = jnp.dtype(cfg.dtype).itemsize
+    elements = 2 * cfg.num_layers * batch * slots * cfg.kv_heads * cfg.head_size
     rows[name] = {
       "batch": batch,
       "variant": name,
       "kv_heads": cfg.kv_heads,
       "kv_cache_mb": kv_bytes(prefilled.cache) / 1e6,
-      "kv_formula_mb": 2 * cfg.num_layers * batch * slots * cfg.kv_heads * cfg.head_size
-      * itemsize / 1e6,
+      "kv_formula_mb": elements * jnp.dtype(cfg.dtype).itemsize / 1e6,
       "cache_slots": slots,
       "params_mb": sum(x.nbytes for x in jax.tree.leaves(params)) / 1e6,
       "prefill_first_s": t1 - t0,
@@ -153,7 +151,7 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
       [r["batch"] for r in mine],
       [r["decode_tokens_per_s"] for r in mine],
       marker="o",
-      label=f"{name} ({mine[0]['kv_heads']} KV heads)",
+      label=f"{name} (KV heads: {mine[0]['kv_heads']})",
     )
   ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s", title=title)
   ax.set_xticks(BATCHES, [str(b) for b in BATCHES])
