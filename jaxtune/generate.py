@@ -38,14 +38,9 @@ from jaxtune import sharding
 from jaxtune.config import ConfigError
 from jaxtune.data import templates
 from jaxtune.model import transformer
+from jaxtune.model.attention import CACHE_AXES
 
 _SLOT_BUCKET = 32  # Prompt slots are rounded up to a multiple of this, to reuse compilations.
-# Logical axes of the cache arrays (layers first, as `nn.scan` stacks them), by rank.
-_CACHE_AXES = {
-  5: (None, "act_batch", "act_seq", "act_kv_heads", "act_head_dim"),  # key, value
-  3: (None, "act_batch", "act_seq"),  # segment_ids
-  1: (None,),  # index
-}
 
 
 class GenerationError(ValueError):
@@ -145,8 +140,8 @@ def _keys(seed: jax.Array, rows_b: jax.Array, step: jax.Array) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(root, i), step))(rows_b)
 
 
-def _constrain_cache(cache: Any) -> Any:
-  return jax.tree.map(lambda x: nn.with_logical_constraint(x, _CACHE_AXES[x.ndim]), cache)
+def _constrain_cache(cache: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  return {name: nn.with_logical_constraint(x, CACHE_AXES[name]) for name, x in cache.items()}
 
 
 @functools.cache

@@ -28,7 +28,8 @@ def test_grouped_attention_equals_repeated_kv(kv_heads):
   v = rng.standard_normal((b, t, kv_heads, h)).astype(np.float32)
   segments = np.array([[1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1]])
   mask = np.asarray(attention.attention_mask(jnp.asarray(segments), jnp.asarray(segments)))
-  out = np.asarray(attention.dot_product_attention(q, k, v, jnp.asarray(mask)))
+  k_bksh, v_bksh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # The cache's layout.
+  out = np.asarray(attention.dot_product_attention(q, k_bksh, v_bksh, jnp.asarray(mask)))
   ref = _reference_attention(q, k, v, mask)
   real = segments != 0  # Padding queries see no key; their output is unspecified.
   np.testing.assert_allclose(out[real], ref[real], atol=1e-5, rtol=1e-5)

@@ -102,7 +102,7 @@ def test_mqa_conversion_shrinks_the_kv_cache_num_heads_times(tmp_path):
   assert (mqa.config.num_heads, mqa.config.kv_heads) == (8, 1)
 
   def cache_bytes(model):
-    cache = transformer.init_cache(model.module, batch=2, max_length=32)["layers"]["attn"]
+    cache = transformer.init_cache(model.module, batch=2, max_length=32)
     return cache["key"].nbytes + cache["value"].nbytes
 
   assert cache_bytes(source) == 8 * cache_bytes(mqa)

@@ -90,7 +90,25 @@ def test_cache_is_sized_by_kv_heads():
   for name, kv in [("mha", 8), ("gqa", 2), ("mqa", 1)]:
     model = transformer.Transformer(VARIANTS[name])
     cache = transformer.init_cache(model, batch=3, max_length=16)
-    assert cache["layers"]["attn"]["key"].shape == (2, 3, 16, kv, 8)
+    assert cache["key"].shape == cache["value"].shape == (2, 3, kv, 16, 8)
+
+
+def test_decoding_step_writes_the_cache_in_place():
+  """A one-token step with the cache donated returns it in the donated buffers and holds less
+  than half of it in temporaries (a layer's keys and values: 2/L of it), where slicing every
+  layer's part out and writing it back whole would hold at least all of it."""
+  model = transformer.Transformer(dataclasses.replace(BASE, num_layers=8, max_seq_len=256))
+  params = nn.meta.unbox(jax.eval_shape(transformer.init_fn(model), jax.random.key(0)))
+  cache = jax.eval_shape(lambda: transformer.init_cache(model, batch=4, max_length=256))
+  kv_bytes = sum(cache[name].size * cache[name].dtype.itemsize for name in ("key", "value"))
+  step = jax.jit(
+    lambda v, c, x: model.apply({**v, "cache": c}, x, x, decode=True, mutable=["cache"]),
+    donate_argnums=1,
+  )
+  token = jax.ShapeDtypeStruct((4, 1), jnp.int32)
+  memory = step.lower(params, cache, token).compile().memory_analysis()
+  assert memory.alias_size_in_bytes >= kv_bytes
+  assert memory.temp_size_in_bytes < kv_bytes / 2, (memory.temp_size_in_bytes, kv_bytes)
 
 
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])

@@ -1,11 +1,13 @@
 """Attention: RoPE, masks for packed and cached sequences, grouped-query attention, KV cache.
 
-Shape letters: B batch, T query length, S key length, D model dim, N query heads, K KV heads,
-G queries per KV head (N = K * G), H head dim.
+Shape letters: B batch, T query length, S key length (cache slots), D model dim, N query heads,
+K KV heads, G queries per KV head (N = K * G), H head dim, L layers.
 
 One implementation covers multi-head (K = N), grouped-query (1 < K < N) and multi-query (K = 1)
 attention: queries are grouped as [K, G] so each KV head serves its G queries; K/V are never
-repeated. Query head n uses KV head n // G, as in Hugging Face's `repeat_kv`.
+repeated. Query head n uses KV head n // G, as in Hugging Face's `repeat_kv`. Keys and values
+enter the attention as [B, K, S, H], the layout of the KV cache: a decoding step, bound by reading
+the cache, then reads it once, as it is (see `KVCache`).
 
 RoPE here uses the rotate-half layout (Hugging Face): dimension i pairs with i + H/2. Checkpoints
 in the interleaved layout (Meta, llama2.c: 2i pairs with 2i + 1) are converted at import by
@@ -14,6 +16,7 @@ permuting the rows of the q and k projections with `interleaved_to_half`.
 
 from __future__ import annotations
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -73,35 +76,76 @@ def attention_mask(
 
 
 def dot_product_attention(
-  q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array
+  q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array, mask_bts: jax.Array
 ) -> jax.Array:
   """Softmax(q k^T / sqrt(H)) v with queries grouped over the KV heads; float32 softmax.
 
   Rows with no visible key (padding queries) give finite, meaningless outputs.
   """
   b, t, n, h = q_btnh.shape
-  k = k_bskh.shape[2]
+  k = k_bksh.shape[1]
   q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
   scores_bkgts = jnp.einsum(
-    "btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32
+    "btkgh,bksh->bkgts", q_btkgh, k_bksh, preferred_element_type=jnp.float32
   ) / np.sqrt(h).astype(np.float32)
   scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, jnp.finfo(jnp.float32).min)
-  probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskh.dtype)
-  out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
+  probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bksh.dtype)
+  out_btkgh = jnp.einsum("bkgts,bksh->btkgh", probs_bkgts, v_bksh)
   return out_btkgh.reshape(b, t, n, h)
+
+
+# Logical axes of the cache arrays, as `transformer.Transformer` stores them.
+CACHE_AXES = {
+  "key": (None, "act_batch", "act_kv_heads", "act_seq", "act_head_dim"),
+  "value": (None, "act_batch", "act_kv_heads", "act_seq", "act_head_dim"),
+  "segment_ids": ("act_batch", "act_seq"),
+  "index": (),
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+  """The KV cache as the layers of one forward pass see it.
+
+  The keys and values of all layers are stacked, [L, B, K, S, H], and the stack is carried through
+  the layers: layer l writes its T new keys and values into it in place and its attention reads
+  its own [B, K, S, H] from it. (A cache scanned over like the weights would be sliced out for
+  each layer and written back whole: copies of the whole cache at every token, several times
+  what the attention itself reads.) The T new tokens go to slots `offset` ..;
+  `segment_ids_bs` are those of all S slots, the new tokens' included.
+  """
+
+  key_lbksh: jax.Array
+  value_lbksh: jax.Array
+  segment_ids_bs: jax.Array
+  offset: jax.Array
+
+  def write(self, layer: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array) -> KVCache:
+    def put(cache_lbksh, x_btkh):
+      x_1bkth = jnp.swapaxes(x_btkh, 1, 2)[None].astype(cache_lbksh.dtype)
+      return jax.lax.dynamic_update_slice(cache_lbksh, x_1bkth, (layer, 0, 0, self.offset, 0))
+
+    return self.replace(
+      key_lbksh=put(self.key_lbksh, k_btkh), value_lbksh=put(self.value_lbksh, v_btkh)
+    )
+
+  def read(self, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Layer `layer`'s keys and values [B, K, S, H]."""
+    return tuple(
+      jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)
+      for x in (self.key_lbksh, self.value_lbksh)
+    )
 
 
 class Attention(nn.Module):
   """Self-attention with q/k/v/o projections, RoPE, packing and an optional KV cache.
 
-  With `decode=True` the keys and values of the T new tokens are written into the 'cache'
-  collection at its current index and the queries attend to everything cached so far: prefill
-  (T = prompt length) and one-token steps are the same code. The cache is created, sized by its
-  first input, when the module is initialized with `decode=True` (see `transformer.init_cache`).
+  With a `cache`, the keys and values of the T new tokens are written into layer `layer`'s part of
+  it and the queries attend to everything cached so far: prefill (T = prompt length) and one-token
+  steps are the same code. Returns the output and the cache (None without one).
   """
 
   config: ModelConfig
-  decode: bool = False
   peft: PeftConfig = PeftConfig()
   adapters: int = 0  # LoRA bank size (0: one adapter).
   deterministic: bool = True
@@ -114,7 +158,9 @@ class Attention(nn.Module):
     segment_ids_bt: jax.Array,
     prefix_kv: tuple[jax.Array, jax.Array] | None = None,
     adapter_ids_b: jax.Array | None = None,
-  ) -> jax.Array:
+    cache: KVCache | None = None,
+    layer: jax.Array | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
     cfg = self.config
     d, n, k, h = cfg.dim, cfg.num_heads, cfg.kv_heads, cfg.head_size
     qkv_bias = cfg.use_bias or cfg.qkv_bias
@@ -139,40 +185,20 @@ class Attention(nn.Module):
     v_btkh = constrain(v_btkh, ("act_batch", "act_seq", "act_kv_heads", "act_head_dim"))
     self.sow("intermediates", "kv", (k_btkh, v_btkh))  # For prefixes from real activations.
 
-    if self.decode:
-      k_bskh, v_bskh, kv_segments_bs, offset = self._update_cache(k_btkh, v_btkh, segment_ids_bt)
+    if cache is None:
+      k_bksh, v_bksh = jnp.swapaxes(k_btkh, 1, 2), jnp.swapaxes(v_btkh, 1, 2)
+      mask_bts = attention_mask(segment_ids_bt, segment_ids_bt)
     else:
-      k_bskh, v_bskh, kv_segments_bs, offset = k_btkh, v_btkh, segment_ids_bt, 0
-    mask_bts = attention_mask(segment_ids_bt, kv_segments_bs, offset)
+      cache = cache.write(layer, k_btkh, v_btkh)
+      k_bksh, v_bksh = cache.read(layer)
+      mask_bts = attention_mask(segment_ids_bt, cache.segment_ids_bs, cache.offset)
     if prefix_kv is not None:  # Prefix tuning: P more keys and values that every query sees.
-      k_bpkh, v_bpkh = prefix_kv
-      k_bskh = jnp.concatenate([k_bpkh.astype(k_bskh.dtype), k_bskh], axis=1)
-      v_bskh = jnp.concatenate([v_bpkh.astype(v_bskh.dtype), v_bskh], axis=1)
-      visible_btp = jnp.ones((*mask_bts.shape[:2], k_bpkh.shape[1]), bool)
+      k_bkph, v_bkph = (jnp.swapaxes(x, 1, 2).astype(k_bksh.dtype) for x in prefix_kv)
+      k_bksh = jnp.concatenate([k_bkph, k_bksh], axis=2)
+      v_bksh = jnp.concatenate([v_bkph, v_bksh], axis=2)
+      visible_btp = jnp.ones((*mask_bts.shape[:2], k_bkph.shape[2]), bool)
       mask_bts = jnp.concatenate([visible_btp, mask_bts], axis=-1)
-    out_btnh = dot_product_attention(q_btnh, k_bskh, v_bskh, mask_bts)
+    out_btnh = dot_product_attention(q_btnh, k_bksh, v_bksh, mask_bts)
     out_btnh = constrain(out_btnh, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
     o = einsum("o", "btnh,nhd->btd", (n, h, d), ("q_heads", "head_dim", "embed"), cfg.use_bias, 1)
-    return o(out_btnh)
-
-  def _update_cache(self, k_btkh, v_btkh, segment_ids_bt):
-    """Writes the new keys/values at the cache index; returns the whole cache and the offset."""
-    initialized = self.has_variable("cache", "key")
-    key = self.variable("cache", "key", jnp.zeros, k_btkh.shape, k_btkh.dtype)
-    value = self.variable("cache", "value", jnp.zeros, v_btkh.shape, v_btkh.dtype)
-    segments = self.variable("cache", "segment_ids", jnp.zeros, segment_ids_bt.shape, jnp.int32)
-    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-    if not initialized:  # Creating the cache: its size is that of this first input.
-      return k_btkh, v_btkh, segment_ids_bt, 0
-    offset = index.value
-    key.value = jax.lax.dynamic_update_slice(
-      key.value, k_btkh.astype(key.value.dtype), (0, offset, 0, 0)
-    )
-    value.value = jax.lax.dynamic_update_slice(
-      value.value, v_btkh.astype(value.value.dtype), (0, offset, 0, 0)
-    )
-    segments.value = jax.lax.dynamic_update_slice(
-      segments.value, segment_ids_bt.astype(jnp.int32), (0, offset)
-    )
-    index.value = offset + k_btkh.shape[1]
-    return key.value, value.value, segments.value, offset
+    return o(out_btnh), cache

@@ -3,7 +3,8 @@
 Shape letters: B batch, T length, D model dim, V vocab, L layers.
 
 Inputs are token ids with optional `segment_ids` (packed sequences; 0 = padding) and positions
-(default: restarting at each segment). Layer weights are stacked on a leading `layers` axis.
+(default: restarting at each segment). Layer weights are stacked on a leading `layers` axis, and
+so are the keys and values of the KV cache (see `attention.KVCache`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune.config import ModelConfig, PeftConfig
-from jaxtune.model.attention import Attention, segment_positions
+from jaxtune.model.attention import CACHE_AXES, Attention, KVCache, segment_positions
 from jaxtune.model.layers import Embed, Mlp, Norm, constrain, dropout, dtypes
 from jaxtune.peft import neftune
 from jaxtune.peft import prefix as prefix_lib
@@ -36,21 +37,22 @@ class Block(nn.Module):
 
   config: ModelConfig
   deterministic: bool = True
-  decode: bool = False
   peft: PeftConfig = PeftConfig()
   adapters: int = 0
 
   @nn.compact
   def __call__(
     self,
-    x_btd: jax.Array,
+    carry: tuple[jax.Array, KVCache | None],
     dropout_rate: jax.Array,
+    layer: jax.Array,
     prefix_kv: tuple[jax.Array, jax.Array] | None,
     positions_bt: jax.Array,
     segment_ids_bt: jax.Array,
     adapter_ids_b: jax.Array | None,
-  ) -> tuple[jax.Array, None]:
+  ) -> tuple[tuple[jax.Array, KVCache | None], None]:
     cfg = self.config
+    x_btd, cache = carry
 
     def residual(y_btd):
       if self.deterministic or max(cfg.layer_dropout_rates) == 0.0:
@@ -58,22 +60,26 @@ class Block(nn.Module):
       return dropout(y_btd, dropout_rate, self.make_rng("dropout"))
 
     peft = dict(peft=self.peft, adapters=self.adapters, deterministic=self.deterministic)
-    attn_module = Attention(cfg, self.decode, **peft, name="attn")
+    attn_module = Attention(cfg, **peft, name="attn")
     mlp_module = Mlp(cfg, **peft, name="mlp")
 
     def attn(h_btd):
-      return attn_module(h_btd, positions_bt, segment_ids_bt, prefix_kv, adapter_ids_b)
+      return attn_module(
+        h_btd, positions_bt, segment_ids_bt, prefix_kv, adapter_ids_b, cache, layer
+      )
 
     def mlp(h_btd):
       return mlp_module(h_btd, adapter_ids_b)
 
     if cfg.parallel_block:
       h_btd = Norm(cfg, name="norm")(x_btd)
-      x_btd = x_btd + residual(attn(h_btd) + mlp(h_btd))
+      a_btd, cache = attn(h_btd)
+      x_btd = x_btd + residual(a_btd + mlp(h_btd))
     else:
-      x_btd = x_btd + residual(attn(Norm(cfg, name="attn_norm")(x_btd)))
+      a_btd, cache = attn(Norm(cfg, name="attn_norm")(x_btd))
+      x_btd = x_btd + residual(a_btd)
       x_btd = x_btd + residual(mlp(Norm(cfg, name="mlp_norm")(x_btd)))
-    return constrain(x_btd, _ACT_BTD), None
+    return (constrain(x_btd, _ACT_BTD), cache), None
 
 
 class Transformer(nn.Module):
@@ -87,6 +93,9 @@ class Transformer(nn.Module):
   row. With a prefix or a prompt, the tokens' positions start at P (the first P are theirs).
   `adapters` = M > 0 makes a bank of M adapters (LoRA or prefix), one chosen per row by
   `adapter_ids` [B].
+
+  `decode=True` runs the tokens through the KV cache (the mutable 'cache' collection, made by
+  `init_cache`): they attend to every token cached before them, and are cached in turn.
   """
 
   config: ModelConfig
@@ -155,14 +164,20 @@ class Transformer(nn.Module):
       block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
     layers = nn.scan(
       block,
-      variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+      variable_axes={"params": 0, "intermediates": 0},
       split_rngs={"params": True, "dropout": True},
-      in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+      in_axes=(0, 0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
       length=cfg.num_layers,
       metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, deterministic, decode, peft, self.adapters, name="layers")
+    )(cfg, deterministic, peft, self.adapters, name="layers")
     rates_l = jnp.asarray(cfg.layer_dropout_rates, jnp.float32)
-    x_btd, _ = layers(x_btd, rates_l, prefix_kv, positions_bt, segment_ids_bt, adapter_ids)
+    layers_l = jnp.arange(cfg.num_layers)
+    cache = self._cache(segment_ids_bt) if decode else None
+    (x_btd, cache), _ = layers(
+      (x_btd, cache), rates_l, layers_l, prefix_kv, positions_bt, segment_ids_bt, adapter_ids
+    )
+    if decode:
+      self._store(cache, segment_ids_bt.shape[1])
     x_btd = x_btd[:, prompt:]
 
     x_btd = Norm(cfg, name="final_norm")(x_btd)
@@ -173,6 +188,33 @@ class Transformer(nn.Module):
     else:
       logits_btv = Embed(cfg.vocab_size, cfg, name="lm_head").attend(x_btd)
     return constrain(logits_btv.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
+
+  def _cache(self, segment_ids_bt: jax.Array) -> KVCache:
+    """The 'cache' collection as this pass's layers see it: the segment ids of its T tokens
+    written at the index. The cache is created, sized by its first input, when the model is
+    initialized with `decode=True` (see `init_cache`)."""
+    cfg = self.config
+    b, t = segment_ids_bt.shape
+    shape = (cfg.num_layers, b, cfg.kv_heads, t, cfg.head_size)
+
+    def variable(name, init, *args):
+      return constrain(self.variable("cache", name, init, *args).value, CACHE_AXES[name])
+
+    key_lbksh = variable("key", jnp.zeros, shape, dtypes(cfg)[0])
+    value_lbksh = variable("value", jnp.zeros, shape, dtypes(cfg)[0])
+    segment_ids_bs = variable("segment_ids", jnp.zeros, (b, t), jnp.int32)
+    offset = variable("index", lambda: jnp.zeros((), jnp.int32))
+    segment_ids_bs = jax.lax.dynamic_update_slice(
+      segment_ids_bs, segment_ids_bt.astype(jnp.int32), (0, offset)
+    )
+    return KVCache(key_lbksh, value_lbksh, segment_ids_bs, offset)
+
+  def _store(self, cache: KVCache, t: int) -> None:
+    """Keeps what the layers wrote and moves the index past the T new tokens."""
+    self.put_variable("cache", "key", cache.key_lbksh)
+    self.put_variable("cache", "value", cache.value_lbksh)
+    self.put_variable("cache", "segment_ids", cache.segment_ids_bs)
+    self.put_variable("cache", "index", cache.offset + t)
 
 
 def _adapter_ids(model: Transformer, batch: int) -> dict[str, jax.Array]:
@@ -189,7 +231,8 @@ def init_fn(model: Transformer, length: int = 8):
 
 
 def init_cache(model: Transformer, batch: int, max_length: int) -> Any:
-  """An empty KV cache for `batch` sequences of up to `max_length` tokens."""
+  """An empty KV cache for `batch` sequences of up to `max_length` tokens: keys and values
+  [L, B, K, S, H], segment ids [B, S] and the index of the next free slot."""
   tokens = jnp.zeros((batch, max_length), jnp.int32)
   ids = _adapter_ids(model, batch)
   shapes = jax.eval_shape(

@@ -1,0 +1,215 @@
+"""Decoding throughput with the KV cache: MHA, GQA and MQA versions of one model, batch 1 to 64.
+
+The GQA paper (Ainslie et al. 2023) reports that multi-query and grouped-query attention decode
+several times faster than multi-head attention at large batch: one decoding step reads every
+weight once but the whole KV cache of every row, so at large batch and long context the cache
+dominates the bytes read, and it shrinks with the number of KV heads.
+
+One Llama-style MHA model (random weights) is converted to GQA and MQA the paper's way, by
+mean-pooling K/V heads (`jaxtune.convert.uptrain.to_kv_heads`). Each version generates, greedily
+and without stop ids, `new` tokens after prompts of `prompt` random tokens, on one CPU device
+through jaxtune's own engine (`jaxtune.generate`: the jitted prefill, then the compiled decode
+loop, here called one after the other as `generate.generate` calls them for a batch), so prefill
+and decode are timed apart:
+
+- prefill: one timed run after a first one that compiles (it also picks the first new token);
+- decode: the loop making the other `new - 1` tokens of every row, compiled first on a copy of
+  the prefilled state, then `runs` timed runs each on a fresh copy; median. Decode tokens/s is
+  batch * (new - 1) / decode time. The variants take turns run by run, so that the load of a
+  shared machine falls on all alike.
+
+KV-cache bytes are those of the key and value arrays the engine allocates
+(`transformer.init_cache`), checked against 2 * L * B * S * K * H * bytes per element (S: the
+cache slots, prompt + new - 1). "GB/s" is what one decoding step must read at least, the
+weights once plus the whole cache, over its time: near the machine's memory bandwidth when
+decoding is bound by it.
+
+  python benchmarks/decode.py [--quick] [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Any
+
+import common
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtune import generate
+from jaxtune.config import ModelConfig
+from jaxtune.convert import uptrain
+from jaxtune.model import transformer
+
+# dim 512 with 8 heads of 64 keeps the prefill of 64 prompts of 512 tokens within seconds on two
+# cores while the MHA cache at batch 64 (1.3 GB) is 13 times the weights. A small vocabulary keeps
+# the output layer from dominating a step.
+MODEL = dict(vocab_size=512, dim=512, num_layers=8, num_heads=8, mlp_dim=1408, max_seq_len=1024)
+QUICK_MODEL = dict(vocab_size=128, dim=64, num_layers=2, num_heads=8, mlp_dim=128, max_seq_len=96)
+SIZES = dict(prompt=512, new=128)
+QUICK_SIZES = dict(prompt=32, new=16)
+BATCHES = (1, 16, 64)
+KV_HEADS = {"MHA": 8, "GQA": 2, "MQA": 1}
+
+
+def variants(cfg: ModelConfig) -> dict[str, tuple[transformer.Transformer, Any]]:
+  """The MHA model (random weights) and its versions with fewer KV heads, pooled from it."""
+  model = transformer.Transformer(cfg)
+  params = nn.meta.unbox(jax.jit(transformer.init_fn(model))(jax.random.key(0)))["params"]
+  out = {}
+  for name, kv_heads in KV_HEADS.items():
+    pooled_cfg, pooled = uptrain.to_kv_heads(cfg, {"params": params}, kv_heads)
+    out[name] = (transformer.Transformer(pooled_cfg), pooled["params"])
+  return out
+
+
+def kv_bytes(cache: Any) -> int:
+  """Bytes of the key and value arrays of a cache."""
+  leaves = jax.tree_util.tree_flatten_with_path(cache)[0]
+  return sum(x.nbytes for path, x in leaves if path[-1].key in ("key", "value"))
+
+
+def copy(state: Any) -> Any:
+  return jax.tree.map(jnp.copy, state)
+
+
+def measure_batch(models: dict, batch: int, sizes: dict, runs: int) -> list[dict[str, Any]]:
+  """Prefill and decode timings of every variant at one batch size."""
+  prompts = np.random.default_rng(batch).integers(1, 100, (batch, sizes["prompt"])).tolist()
+  sampling = generate.Sampling(max_new_tokens=sizes["new"])
+  engines, rows = {}, {}
+  for name, (model, params) in models.items():
+
+    def prefill(model=model, params=params):
+      return generate._Run(model, params, prompts, range(batch), sampling, (), 0, None, ())
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(prefill().state)  # Compiles.
+    t1 = time.perf_counter()
+    run = prefill()
+    jax.block_until_ready(run.state)
+    t2 = time.perf_counter()
+    prefilled = run.state
+    run.state = copy(prefilled)
+    run.advance(2)  # Compiles the decode loop (the limit is an argument, not a shape).
+    engines[name] = (run, prefilled)
+    cfg = model.config
+    slots = run.plan.cache_len
+    elements = 2 * cfg.num_layers * batch * slots * cfg.kv_heads * cfg.head_size
+    rows[name] = {
+      "batch": batch,
+      "variant": name,
+      "kv_heads": cfg.kv_heads,
+      "kv_cache_mb": kv_bytes(prefilled.cache) / 1e6,
+      "kv_formula_mb": elements * jnp.dtype(cfg.dtype).itemsize / 1e6,
+      "cache_slots": slots,
+      "params_mb": sum(x.nbytes for x in jax.tree.leaves(params)) / 1e6,
+      "prefill_first_s": t1 - t0,
+      "prefill_s": t2 - t1,
+      "decode_runs_s": [],
+    }
+  for _ in range(runs):
+    for name, (run, prefilled) in engines.items():
+      run.state = copy(prefilled)
+      jax.block_until_ready(run.state)
+      t0 = time.perf_counter()
+      tokens_bn = run.advance(sizes["new"])
+      rows[name]["decode_runs_s"].append(time.perf_counter() - t0)
+      assert tokens_bn.shape == (batch, sizes["new"]), tokens_bn.shape
+  for row in rows.values():
+    steps = sizes["new"] - 1
+    row["decode_s"] = statistics.median(row["decode_runs_s"])
+    row["ms_per_step"] = 1e3 * row["decode_s"] / steps
+    row["decode_tokens_per_s"] = batch * steps / row["decode_s"]
+    row["speedup_vs_mha"] = row["decode_tokens_per_s"] / rows["MHA"]["decode_tokens_per_s"]
+    read_bytes = (row["params_mb"] + row["kv_cache_mb"]) * 1e6
+    row["read_gb_per_s"] = read_bytes / (row["ms_per_step"] / 1e3) / 1e9
+    print(
+      f"batch {batch:3d} {row['variant']}: {row['decode_tokens_per_s']:9.1f} tokens/s "
+      f"({row['ms_per_step']:.1f} ms/step, x{row['speedup_vs_mha']:.2f} MHA), "
+      f"prefill {row['prefill_s']:.2f} s, KV cache {row['kv_cache_mb']:.1f} MB",
+      flush=True,
+    )
+  return list(rows.values())
+
+
+def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name in KV_HEADS:
+    mine = [r for r in rows if r["variant"] == name]
+    ax.plot(
+      [r["batch"] for r in mine],
+      [r["decode_tokens_per_s"] for r in mine],
+      marker="o",
+      label=f"{name} (KV heads: {mine[0]['kv_heads']})",
+    )
+  ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s", title=title)
+  ax.set_xticks(BATCHES, [str(b) for b in BATCHES])
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="a tiny model, to check it works")
+  parser.add_argument("--runs", type=int, default=3, help="timed decode runs per variant")
+  args = parser.parse_args()
+  model = QUICK_MODEL if args.quick else MODEL
+  sizes = QUICK_SIZES if args.quick else SIZES
+  cfg = ModelConfig(**model)
+  cfg.validate()
+  models = variants(cfg)
+  rows = []
+  for batch in BATCHES:
+    rows += measure_batch(models, batch, sizes, args.runs)
+
+  name = "decode_quick" if args.quick else "decode"
+  at_64 = {r["variant"]: r["speedup_vs_mha"] for r in rows if r["batch"] == BATCHES[-1]}
+  summary = ", ".join(f"{v} x{at_64[v]:.2f}" for v in ("GQA", "MQA"))
+  columns = [
+    "batch",
+    "variant",
+    "kv_heads",
+    "decode_tokens_per_s",
+    "speedup_vs_mha",
+    "ms_per_step",
+    "read_gb_per_s",
+    "prefill_s",
+    "kv_cache_mb",
+    "kv_formula_mb",
+  ]
+  shape = ", ".join(f"{k} {v}" for k, v in model.items())
+  title = f"Decoding with the KV cache ({'quick' if args.quick else 'full'})"
+  markdown = "\n\n".join(
+    [
+      f"# {title}",
+      f"Model: {shape}; float32; {KV_HEADS['GQA']} KV heads for GQA, pooled from MHA. Prompts of "
+      f"{sizes['prompt']} tokens, {sizes['new']} new tokens (greedy); {args.runs} decode runs, "
+      "median. One CPU device.",
+      f"Decode tokens/s against MHA at batch {BATCHES[-1]}: {summary}.",
+      common.markdown_table(rows, columns),
+      f"![decode tokens/s]({name}.png)",
+    ]
+  )
+  results = {"model": model, "sizes": sizes, "kv_heads": KV_HEADS, "rows": rows}
+  path = common.write(name, results, markdown)
+  plot(rows, os.path.join(common.RESULTS, f"{name}.png"), title)
+  print(markdown)
+  print(f"written: {path}")
+
+
+if __name__ == "__main__":
+  main()
