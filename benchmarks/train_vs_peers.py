@@ -7,19 +7,22 @@ untied output layer) in float32 with AdamW and global-norm clipping on the same 
 real tokens (no padding), by full fine-tuning and by LoRA (same rank, alpha and projections).
 
 Measured: first the peak of a large matmul (`common.matmul_peak`), then, for each mode, every
-framework's first step (compile included) and then its timed steps, one step of each framework in
-turn (jaxtune, tunix, transformers, jaxtune, ...) so that the load of a shared machine falls on
-all alike. jaxtune runs in this process (one CPU device, built by `jaxtune.train.loop.build`, the
-objects `jaxtune train` uses); each peer is a process of its own, idle while another steps.
+framework's first step (compile included) and a warm-up step, then its timed steps, one step of
+each framework in turn (jaxtune, tunix, transformers, jaxtune, ...) so that the load of a shared
+machine falls on all alike. jaxtune runs in this process (one CPU device, built by
+`jaxtune.train.loop.build`, the objects `jaxtune train` uses); each peer is a process of its own,
+idle while another steps.
 
 Reported per framework and mode: median step time, tokens/s (batch * sequence / step), the
-ratio jaxtune / peer of tokens/s (>= 1: jaxtune at least as fast), first-step time, peak resident
-memory (of jaxtune's run alone: the peak is reset before it), and MFU against the measured matmul
-peak. FLOPs per token follow PaLM (6N + 12*L*H*Q*T, `jaxtune.train.metrics`; N the matmul
-parameters, counted once by jaxtune for all three); for LoRA the frozen weights get no gradients,
-so their 2N of weight-gradient FLOPs are left out (4N_frozen + 6N_adapters + 12*L*H*Q*T).
+ratio jaxtune / peer of tokens/s (>= 1: jaxtune at least as fast) and of CPU time per step,
+first-step time, peak resident memory (of jaxtune's run alone: the peak is reset before it), and
+MFU against the measured matmul peak. FLOPs per token follow PaLM (6N + 12*L*H*Q*T,
+`jaxtune.train.metrics`; N the matmul parameters, counted once by jaxtune for all three); for
+LoRA the frozen weights get no gradients, so their 2N of weight-gradient FLOPs are left out
+(4N_frozen + 6N_adapters + 12*L*H*Q*T).
 
-  python benchmarks/train_vs_peers.py [--quick] [--steps N]
+  python benchmarks/train_vs_peers.py [--quick] [--steps N] [--peers tunix,transformers]
+                                      [--modes full,lora]
 """
 
 from __future__ import annotations
@@ -28,10 +31,8 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import subprocess
 import tempfile
-import time
 from typing import Any
 
 import common
@@ -95,15 +96,6 @@ def jaxtune_config(spec: dict[str, Any]) -> config_lib.Config:
   return config_lib.load(None, overrides)
 
 
-def _timed_steps(step, n: int) -> list[float]:
-  times = []
-  for _ in range(n):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  return times
-
-
 class Jaxtune:
   """jaxtune's step in this process, on one CPU device (all cores, like the peers)."""
 
@@ -133,13 +125,12 @@ class Jaxtune:
       self.state, step_metrics = trainer.train_step(self.state, trainer.frozen, batch)
       return float(step_metrics["loss"])
 
-    self._step = step
     self.cfg = cfg
-    t0 = time.perf_counter()
-    self.loss_first = step()
-    self.first_s = time.perf_counter() - t0
-    _timed_steps(step, spec["warmup"])
-    self.times: list[float] = []
+    self.tokens = b * t
+    self.first = harness.Steps().run(step, 1)
+    harness.Steps().run(step, spec["warmup"])
+    self._step = step
+    self.timed = harness.Steps()
     self.info = {
       "framework": "jaxtune",
       "jax": jax.__version__,
@@ -148,16 +139,16 @@ class Jaxtune:
     }
 
   def steps(self, n: int) -> None:
-    self.times += _timed_steps(self._step, n)
+    self.timed.run(self._step, n)
 
   def result(self) -> dict[str, Any]:
     return {
       **self.info,
-      "first_step_s": self.first_s,
-      "step_s": self.times,
+      "first_step_s": self.first.wall_s[0],
+      **self.timed.summary(self.tokens),
       "peak_rss_mb": harness.peak_rss_mb(),
-      "loss_first": self.loss_first,
-      "loss_last": self._step(),
+      "loss_first": self.first.loss,
+      "loss_last": self.timed.loss,
     }
 
 
@@ -175,8 +166,7 @@ class Peer:
       stderr=self.log,
       text=True,
     )
-    ready = self._read()
-    self.first_s = ready["first_step_s"]
+    self._read()  # Ready: built, and its first steps taken.
 
   def _read(self) -> dict[str, Any]:
     line = self.proc.stdout.readline()
@@ -196,7 +186,7 @@ class Peer:
     result = self._read()
     self.proc.wait()
     os.unlink(self.log.name)
-    return {k: v for k, v in result.items() if k not in ("event", "tokens_per_s", "step_s_median")}
+    return {k: v for k, v in result.items() if k != "event"}
 
 
 def flops_per_token(cfg: config_lib.Config, n_params: int, n_trainable: int) -> float:
@@ -218,21 +208,10 @@ def run_mode(spec: dict[str, Any], peers: list[str], steps: int, peak: float) ->
   results = [c.result() for c in contestants]
   cfg = contestants[0].cfg
   flops = flops_per_token(cfg, results[0]["n_params"], results[0]["n_trainable"])
-  tokens = spec["batch"] * spec["seq"]
-  rows = []
-  for r in results:
-    median = statistics.median(r["step_s"])
-    rows.append(
-      {
-        "mode": spec["mode"],
-        **r,
-        "step_s_median": median,
-        "tokens_per_s": tokens / median,
-        "mfu": flops * tokens / median / peak,
-      }
-    )
+  rows = [{"mode": spec["mode"], **r, "mfu": flops * r["tokens_per_s"] / peak} for r in results]
   for row in rows:
     row["jaxtune_ratio"] = rows[0]["tokens_per_s"] / row["tokens_per_s"]
+    row["jaxtune_cpu_ratio"] = row["step_cpu_s_median"] / rows[0]["step_cpu_s_median"]
     if row["n_params"] != rows[0]["n_params"] or row["n_trainable"] != rows[0]["n_trainable"]:
       print(
         f"   WARNING: {row['framework']} has {row['n_params']} parameters "
@@ -246,13 +225,22 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="a tiny model, to check it works")
   parser.add_argument("--steps", type=int, help="timed steps per framework (default 3; quick 2)")
+  parser.add_argument(
+    "--peers",
+    default=",".join(PEERS),
+    help=f"which peers, comma-separated (default: all of {list(PEERS)})",
+  )
+  parser.add_argument("--modes", default="full,lora", help="full, lora or both (default)")
   args = parser.parse_args()
   logging.basicConfig(level=logging.WARNING)
   steps = args.steps or (2 if args.quick else 3)
   model = QUICK_MODEL if args.quick else MODEL
 
   peers = []
-  for name, (python, _) in PEERS.items():
+  for name in args.peers.split(",") if args.peers else []:
+    if name not in PEERS:
+      parser.error(f"--peers: unknown peer {name!r}; known: {list(PEERS)}")
+    python = PEERS[name][0]
     if os.path.exists(python):
       peers.append(name)
     else:
@@ -263,7 +251,10 @@ def main() -> None:
   peak = common.matmul_peak(512 if args.quick else 2048)
   print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s (float32)", flush=True)
   rows = []
-  for mode in ("full", "lora"):
+  modes = args.modes.split(",")
+  if not set(modes) <= {"full", "lora"}:
+    parser.error(f"--modes: choose among full, lora; got {args.modes!r}")
+  for mode in modes:
     rows += run_mode({**model, **TRAINING, "mode": mode}, peers, steps, peak)
 
   columns = [
@@ -271,7 +262,9 @@ def main() -> None:
     "framework",
     "tokens_per_s",
     "jaxtune_ratio",
+    "jaxtune_cpu_ratio",
     "step_s_median",
+    "step_cpu_s_median",
     "first_step_s",
     "peak_rss_mb",
     "mfu",

@@ -17,6 +17,7 @@ v, o, gate, up, down), lr, weight_decay, clip_norm, steps, warmup, seed, interac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -51,42 +52,61 @@ def _emit(record: dict[str, Any]) -> None:
   print(json.dumps(record), flush=True)
 
 
-def _time(step: Callable[[], float], n: int) -> tuple[list[float], float]:
-  times, loss = [], float("nan")
-  for _ in range(n):
-    t0 = time.perf_counter()
-    loss = step()
-    times.append(time.perf_counter() - t0)
-  return times, loss
+@dataclasses.dataclass
+class Steps:
+  """Seconds of each timed step: wall clock, and this process's CPU time (all its threads: less
+  disturbed than wall time by other processes on a shared machine), and the last loss."""
+
+  wall_s: list[float] = dataclasses.field(default_factory=list)
+  cpu_s: list[float] = dataclasses.field(default_factory=list)
+  loss: float = float("nan")
+
+  def run(self, step: Callable[[], float], n: int) -> Steps:
+    """Times `n` calls of `step`, appended to these; returns those `n` alone."""
+    new = Steps()
+    for _ in range(n):
+      t0, c0 = time.perf_counter(), time.process_time()
+      new.loss = step()
+      new.wall_s.append(time.perf_counter() - t0)
+      new.cpu_s.append(time.process_time() - c0)
+    self.wall_s += new.wall_s
+    self.cpu_s += new.cpu_s
+    self.loss = new.loss
+    return new
+
+  def summary(self, tokens: int) -> dict[str, Any]:
+    """Medians, tokens per second of the median step, and every step's times."""
+    median = statistics.median(self.wall_s)
+    return {
+      "step_s_median": median,
+      "step_cpu_s_median": statistics.median(self.cpu_s),
+      "tokens_per_s": tokens / median,
+      "step_s": self.wall_s,
+      "step_cpu_s": self.cpu_s,
+    }
 
 
 def serve(cfg: dict[str, Any], step: Callable[[], float], info: dict[str, Any]) -> None:
   """Times `step` as the module docstring says; `info` (framework, versions, parameter counts)
   goes into every line printed."""
   info = {**info, "threads": os.cpu_count()}
-  (first_s,), loss_first = _time(step, 1)
-  _time(step, cfg.get("warmup", 1))
-  times: list[float] = []
-  loss = loss_first
+  first = Steps().run(step, 1)
+  Steps().run(step, cfg.get("warmup", 1))
+  timed = Steps()
   if cfg.get("interactive"):
-    _emit({"event": "ready", "first_step_s": first_s, **info})
+    _emit({"event": "ready", "first_step_s": first.wall_s[0], **info})
     for line in sys.stdin:
-      more, loss = _time(step, int(line))
-      times += more
-      _emit({"event": "steps", "step_s": more})
+      _emit({"event": "steps", **vars(timed.run(step, int(line)))})
   else:
-    times, loss = _time(step, cfg.get("steps", 3))
-  median = statistics.median(times) if times else float("nan")
+    timed.run(step, cfg.get("steps", 3))
   _emit(
     {
       "event": "result",
       **info,
-      "first_step_s": first_s,
-      "step_s": times,
-      "step_s_median": median,
-      "tokens_per_s": cfg["batch"] * cfg["seq"] / median,
+      "first_step_s": first.wall_s[0],
+      **timed.summary(cfg["batch"] * cfg["seq"]),
       "peak_rss_mb": peak_rss_mb(),
-      "loss_first": loss_first,
-      "loss_last": loss,
+      "loss_first": first.loss,
+      "loss_last": timed.loss,
     }
   )
