@@ -231,9 +231,18 @@ def main() -> None:
     help=f"which peers, comma-separated (default: all of {list(PEERS)})",
   )
   parser.add_argument("--modes", default="full,lora", help="full, lora or both (default)")
+  parser.add_argument(
+    "--threads",
+    type=int,
+    default=os.cpu_count(),
+    help="intra-op threads of every framework (default: all cores; 1 compares the work per "
+    "core, which a loaded machine disturbs less)",
+  )
   args = parser.parse_args()
   logging.basicConfig(level=logging.WARNING)
   steps = args.steps or (2 if args.quick else 3)
+  # Before JAX starts its backend; the peers' processes inherit it.
+  os.environ["XLA_FLAGS"] = harness.xla_flags(args.threads)
   model = QUICK_MODEL if args.quick else MODEL
 
   peers = []
@@ -255,7 +264,9 @@ def main() -> None:
   if not set(modes) <= {"full", "lora"}:
     parser.error(f"--modes: choose among full, lora; got {args.modes!r}")
   for mode in modes:
-    rows += run_mode({**model, **TRAINING, "mode": mode}, peers, steps, peak)
+    rows += run_mode(
+      {**model, **TRAINING, "mode": mode, "threads": args.threads}, peers, steps, peak
+    )
 
   columns = [
     "mode",

@@ -12,7 +12,9 @@ or warm-up included) and then:
 
 The configuration (every runner reads the same keys): vocab, dim, layers, heads, kv_heads, mlp,
 seq, batch, mode ("full" or "lora"), lora_rank, lora_alpha, lora_targets (jaxtune's names: q, k,
-v, o, gate, up, down), lr, weight_decay, clip_norm, steps, warmup, seed, interactive.
+v, o, gate, up, down), lr, weight_decay, clip_norm, steps, warmup, seed, interactive, and
+threads (torch's intra-op threads; JAX's come from XLA_FLAGS, see `xla_flags`; default: all
+cores).
 """
 
 from __future__ import annotations
@@ -32,6 +34,15 @@ def config() -> dict[str, Any]:
   if len(sys.argv) != 2:
     sys.exit(f"usage: {sys.argv[0]} '<JSON configuration>' (see benchmarks/peers/harness.py)")
   return json.loads(sys.argv[1])
+
+
+def xla_flags(threads: int) -> str:
+  """XLA_FLAGS that keep JAX's CPU computations to `threads` threads (set before JAX starts)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if threads >= (os.cpu_count() or 1):
+    return flags
+  multi = "true" if threads > 1 else "false"
+  return f"{flags} --xla_cpu_multi_thread_eigen={multi} intra_op_parallelism_threads={threads}"
 
 
 def reset_peak_rss() -> None:
@@ -89,7 +100,7 @@ class Steps:
 def serve(cfg: dict[str, Any], step: Callable[[], float], info: dict[str, Any]) -> None:
   """Times `step` as the module docstring says; `info` (framework, versions, parameter counts)
   goes into every line printed."""
-  info = {**info, "threads": os.cpu_count()}
+  info = {**info, "threads": cfg.get("threads", os.cpu_count())}
   first = Steps().run(step, 1)
   Steps().run(step, cfg.get("warmup", 1))
   timed = Steps()

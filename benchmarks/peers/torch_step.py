@@ -2,9 +2,10 @@
 environment of `benchmarks/setup_peers.sh`; see `harness.py` for the arguments and output).
 
 Used the way Hugging Face's Trainer uses it by default: `LlamaForCausalLM` (SDPA attention) on
-the CPU with one intra-op thread per core, `loss.backward()`, gradients clipped to global norm
-`clip_norm`, and `torch.optim.AdamW(fused=True)` (the Trainer's default optimizer for
-torch >= 2.8). LoRA through `peft` on the same projections, with the same rank and alpha.
+the CPU with one intra-op thread per core (or the configuration's `threads`), `loss.backward()`,
+gradients clipped to global norm `clip_norm`, and `torch.optim.AdamW(fused=True)` (the Trainer's
+default optimizer for torch >= 2.8). LoRA through `peft` on the same projections, with the same
+rank and alpha.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ PROJECTIONS = {
 
 def main() -> None:
   cfg = harness.config()
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(cfg.get("threads", os.cpu_count()))
   torch.manual_seed(cfg["seed"])
   model = LlamaForCausalLM(
     LlamaConfig(
