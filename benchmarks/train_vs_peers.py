@@ -234,15 +234,13 @@ def main() -> None:
   parser.add_argument(
     "--threads",
     type=int,
-    default=os.cpu_count(),
-    help="intra-op threads of every framework (default: all cores; 1 compares the work per "
+    help="CPUs (and torch threads) of every framework (default: all; 1 compares the work per "
     "core, which a loaded machine disturbs less)",
   )
   args = parser.parse_args()
   logging.basicConfig(level=logging.WARNING)
   steps = args.steps or (2 if args.quick else 3)
-  # Before JAX starts its backend; the peers' processes inherit it.
-  os.environ["XLA_FLAGS"] = harness.xla_flags(args.threads)
+  threads = harness.pin(args.threads)  # Before JAX starts; the peers' processes inherit it.
   model = QUICK_MODEL if args.quick else MODEL
 
   peers = []
@@ -264,9 +262,7 @@ def main() -> None:
   if not set(modes) <= {"full", "lora"}:
     parser.error(f"--modes: choose among full, lora; got {args.modes!r}")
   for mode in modes:
-    rows += run_mode(
-      {**model, **TRAINING, "mode": mode, "threads": args.threads}, peers, steps, peak
-    )
+    rows += run_mode({**model, **TRAINING, "mode": mode, "threads": threads}, peers, steps, peak)
 
   columns = [
     "mode",
@@ -293,14 +289,21 @@ def main() -> None:
     [
       f"# Training step vs peers ({'quick' if args.quick else 'full'})",
       f"Model: {shape}; float32; AdamW; LoRA rank {TRAINING['lora_rank']} on "
-      f"{', '.join(TRAINING['lora_targets'])}. Matmul peak {peak / 1e9:.1f} GFLOP/s.",
+      f"{', '.join(TRAINING['lora_targets'])}; {threads} CPU(s) per framework. "
+      f"Matmul peak {peak / 1e9:.1f} GFLOP/s.",
       "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
       common.markdown_table(rows, columns),
     ]
   )
   path = common.write(
     "train_vs_peers_quick" if args.quick else "train_vs_peers",
-    {"model": model, "training": TRAINING, "matmul_peak_flops": peak, "rows": rows},
+    {
+      "model": model,
+      "training": TRAINING,
+      "threads": threads,
+      "matmul_peak_flops": peak,
+      "rows": rows,
+    },
     markdown,
   )
   print(markdown)

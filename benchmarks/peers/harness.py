@@ -13,8 +13,8 @@ or warm-up included) and then:
 The configuration (every runner reads the same keys): vocab, dim, layers, heads, kv_heads, mlp,
 seq, batch, mode ("full" or "lora"), lora_rank, lora_alpha, lora_targets (jaxtune's names: q, k,
 v, o, gate, up, down), lr, weight_decay, clip_norm, steps, warmup, seed, interactive, and
-threads (torch's intra-op threads; JAX's come from XLA_FLAGS, see `xla_flags`; default: all
-cores).
+threads (the process keeps to that many CPUs, see `pin`, and torch uses as many intra-op
+threads; default: all).
 """
 
 from __future__ import annotations
@@ -30,19 +30,22 @@ from typing import Any
 
 
 def config() -> dict[str, Any]:
-  """The configuration given as the runner's one argument."""
+  """The configuration given as the runner's one argument; the process is pinned to its
+  `threads` CPUs."""
   if len(sys.argv) != 2:
     sys.exit(f"usage: {sys.argv[0]} '<JSON configuration>' (see benchmarks/peers/harness.py)")
-  return json.loads(sys.argv[1])
+  cfg = json.loads(sys.argv[1])
+  cfg["threads"] = pin(cfg.get("threads"))
+  return cfg
 
 
-def xla_flags(threads: int) -> str:
-  """XLA_FLAGS that keep JAX's CPU computations to `threads` threads (set before JAX starts)."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  if threads >= (os.cpu_count() or 1):
-    return flags
-  multi = "true" if threads > 1 else "false"
-  return f"{flags} --xla_cpu_multi_thread_eigen={multi} intra_op_parallelism_threads={threads}"
+def pin(threads: int | None) -> int:
+  """Keeps this process (and the threads and processes it starts later) on its first `threads`
+  CPUs (None: all); returns how many it has. Before JAX starts, this also sizes its pools."""
+  cpus = sorted(os.sched_getaffinity(0))
+  if threads:
+    os.sched_setaffinity(0, cpus[:threads])
+  return len(os.sched_getaffinity(0))
 
 
 def reset_peak_rss() -> None:
@@ -100,7 +103,7 @@ class Steps:
 def serve(cfg: dict[str, Any], step: Callable[[], float], info: dict[str, Any]) -> None:
   """Times `step` as the module docstring says; `info` (framework, versions, parameter counts)
   goes into every line printed."""
-  info = {**info, "threads": cfg.get("threads", os.cpu_count())}
+  info = {**info, "threads": cfg["threads"]}
   first = Steps().run(step, 1)
   Steps().run(step, cfg.get("warmup", 1))
   timed = Steps()

@@ -2,15 +2,13 @@
 environment of `benchmarks/setup_peers.sh`; see `harness.py` for the arguments and output).
 
 Used the way Hugging Face's Trainer uses it by default: `LlamaForCausalLM` (SDPA attention) on
-the CPU with one intra-op thread per core (or the configuration's `threads`), `loss.backward()`,
+the CPU with one intra-op thread per CPU it may use (`threads`), `loss.backward()`,
 gradients clipped to global norm `clip_norm`, and `torch.optim.AdamW(fused=True)` (the Trainer's
 default optimizer for torch >= 2.8). LoRA through `peft` on the same projections, with the same
 rank and alpha.
 """
 
 from __future__ import annotations
-
-import os
 
 import harness
 import torch
@@ -30,7 +28,7 @@ PROJECTIONS = {
 
 def main() -> None:
   cfg = harness.config()
-  torch.set_num_threads(cfg.get("threads", os.cpu_count()))
+  torch.set_num_threads(cfg["threads"])
   torch.manual_seed(cfg["seed"])
   model = LlamaForCausalLM(
     LlamaConfig(
