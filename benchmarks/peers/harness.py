@@ -41,10 +41,14 @@ def config() -> dict[str, Any]:
 
 def pin(threads: int | None) -> int:
   """Keeps this process (and the threads and processes it starts later) on its first `threads`
-  CPUs (None: all); returns how many it has. Before JAX starts, this also sizes its pools."""
+  CPUs (None: all); returns how many it has. Call it before JAX starts: its pools follow."""
   cpus = sorted(os.sched_getaffinity(0))
   if threads:
     os.sched_setaffinity(0, cpus[:threads])
+  flags = os.environ.get("XLA_FLAGS", "")
+  if len(os.sched_getaffinity(0)) == 1 and "xla_cpu_multi_thread_eigen" not in flags:
+    # XLA's Eigen pool is sized by all the cores: on one CPU its threads would spin.
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false"
   return len(os.sched_getaffinity(0))
 
 
