@@ -8,10 +8,11 @@ real tokens (no padding), by full fine-tuning and by LoRA (same rank, alpha and 
 
 Measured: first the peak of a large matmul (`common.matmul_peak`), then, for each mode, every
 framework's first step (compile included) and a warm-up step, then its timed steps, one step of
-each framework in turn (jaxtune, tunix, transformers, jaxtune, ...) so that the load of a shared
-machine falls on all alike. jaxtune runs in this process (one CPU device, built by
-`jaxtune.train.loop.build`, the objects `jaxtune train` uses); each peer is a process of its own,
-idle while another steps.
+each framework in turn (jaxtune, tunix, transformers, then tunix, transformers, jaxtune, ...) so
+that the load of a shared machine falls on all alike. jaxtune runs in this process (one CPU
+device, built by `jaxtune.train.loop.build`, the objects `jaxtune train` uses); each peer is a
+process of its own, idle while another steps. `--threads N` keeps every framework to the first N
+CPUs (default: all).
 
 Reported per framework and mode: median step time, tokens/s (batch * sequence / step), the
 ratio jaxtune / peer of tokens/s (>= 1: jaxtune at least as fast) and of CPU time per step,
@@ -202,8 +203,8 @@ def run_mode(spec: dict[str, Any], peers: list[str], steps: int, peak: float) ->
   print(f"== {spec['mode']}: building and compiling (jaxtune, then {', '.join(peers)})", flush=True)
   contestants = [Jaxtune(spec)] + [Peer(name, spec) for name in peers]
   for i in range(steps):
-    for c in contestants:
-      c.steps(1)
+    for c in contestants[i % len(contestants) :] + contestants[: i % len(contestants)]:
+      c.steps(1)  # Each round starts with the next framework: none always follows the same.
     print(f"   round {i + 1}/{steps} done", flush=True)
   results = [c.result() for c in contestants]
   cfg = contestants[0].cfg
