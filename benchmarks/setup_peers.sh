@@ -9,7 +9,7 @@ set -euo pipefail
 PYTHON=${1:-python3}
 ENVS="$(cd "$(dirname "$0")" && pwd)/.envs"
 TUNIX=(google-tunix==0.1.7)
-TORCH=(torch==2.13.0 transformers peft)
+TORCH=(torch==2.13.0 transformers==5.23.0 peft==0.21.2)
 
 # make_env NAME PACKAGE...: a venv at $ENVS/NAME with the packages installed.
 make_env() {
