@@ -249,7 +249,10 @@ def test_micro_batches_equal_one_batch_and_a_plain_gradient():
   (one_state, one), (four_state, four) = results[1], results[4]
   for key in ("loss", "nll", "grad_norm", "supervised_tokens"):
     np.testing.assert_allclose(four[key], one[key], atol=1e-6, rtol=1e-6, err_msg=key)
-  _assert_trees_close(four_state.params, one_state.params, atol=1e-6, what="4 micro-batches ")
+  # Adam divides each gradient by its own size, so a near-zero gradient, rounded differently in
+  # one batch than in four sums, moves its parameter by up to a few 1e-6 (the step is lr = 1e-3);
+  # the moments, which carry the gradients themselves, agree to 1e-6.
+  _assert_trees_close(four_state.params, one_state.params, atol=5e-6, what="4 micro-batches ")
   _assert_trees_close(four_state.opt_state, one_state.opt_state, atol=1e-6, what="4 micro-batches ")
 
   # An independent reference: jax.grad of the masked token mean, outside the step.

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.config import ModelConfig, PeftConfig
+from jaxtune.model.matmul import matmul
 from jaxtune.peft import lora as lora_lib
 from jaxtune.sharding import LOGICAL_NAMES
 
@@ -61,7 +62,7 @@ class Einsum(nn.Module):
     init = nn.with_logical_partitioning(nn.initializers.normal(INIT_STDDEV), self.names)
     kernel = self.param("kernel", init, self.shape, param_dtype)
     x = x.astype(dtype)
-    y = jnp.einsum(self.equation, x, kernel.astype(dtype))
+    y = matmul(self.equation, x, kernel.astype(dtype))
     if self.use_bias:
       bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.names[-self.bias_axes :])
       bias = self.param("bias", bias_init, self.shape[-self.bias_axes :], param_dtype)

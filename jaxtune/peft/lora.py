@@ -24,6 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxtune.config import PeftConfig
+from jaxtune.model.matmul import matmul
 from jaxtune.peft import partition
 
 A, B = partition.LORA_A, partition.LORA_B
@@ -99,8 +100,10 @@ def update(
   if dropout_rng is not None and lora.dropout > 0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - lora.dropout, x.shape)
     x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
-  h = jnp.einsum(eqs.down, x, a.astype(x.dtype))
-  return jnp.einsum(eqs.up, h, b.astype(x.dtype)) * jnp.asarray(lora.scale, x.dtype)
+  # A bank's A and B differ per row: batched einsums. One adapter's are projections.
+  product = jnp.einsum if lora.adapters else matmul
+  h = product(eqs.down, x, a.astype(x.dtype))
+  return product(eqs.up, h, b.astype(x.dtype)) * jnp.asarray(lora.scale, x.dtype)
 
 
 def _delta(a: jax.Array, b: jax.Array, kernel_shape: tuple[int, ...]) -> jax.Array:
