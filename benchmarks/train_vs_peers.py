@@ -38,8 +38,6 @@ from typing import Any
 
 import common
 import jax
-import jax.numpy as jnp
-import numpy as np
 from peers import harness
 
 from jaxtune import config as config_lib
@@ -106,20 +104,7 @@ class Jaxtune:
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
     trainer = loop.build(cfg, mesh, steps=1000)
     b, t = spec["batch"], spec["seq"]
-    ids_bt = np.random.default_rng(spec["seed"]).integers(0, spec["vocab"], (b, t + 1))
-    batch = {
-      "inputs": ids_bt[:, :-1],
-      "targets": ids_bt[:, 1:],
-      "weights": np.ones((b, t), np.float32),
-      "segment_ids": np.ones((b, t), np.int32),
-      "positions": np.broadcast_to(np.arange(t), (b, t)),
-    }
-    batch = {
-      k: jax.device_put(
-        jnp.asarray(v, jnp.float32 if k == "weights" else jnp.int32), trainer.batch_sharding
-      )
-      for k, v in batch.items()
-    }
+    batch = common.train_batch(b, t, spec["vocab"], trainer.batch_sharding)
     self.state = trainer.state
 
     def step() -> float:

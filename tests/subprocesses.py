@@ -6,6 +6,18 @@ import subprocess
 import sys
 
 JAXTUNE = [sys.executable, "-m", "jaxtune.cli"]
+# A GQA model and data small enough that a run of a few steps takes seconds.
+TINY_RUN = [
+  "data.synthetic_examples=40",
+  "data.max_length=64",
+  "data.tokenizer_vocab_size=400",
+  "model.vocab_size=416",
+  "model.dim=32",
+  "model.num_layers=2",
+  "model.num_heads=4",
+  "model.num_kv_heads=2",
+  "model.mlp_dim=64",
+]
 
 
 def one_device_env(**extra: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from subprocesses import JAXTUNE, Background
+from subprocesses import JAXTUNE, TINY_RUN, Background
 
 from jaxtune import config, distributed, sharding
 from jaxtune.config import ConfigError
@@ -35,15 +35,7 @@ RUN = [
   "train.schedule=constant",  # Runs of different lengths share a schedule.
   "train.warmup_steps=0",
   "train.neftune_alpha=5",  # Noise drawn on sharded arrays, identical on any mesh.
-  "data.synthetic_examples=40",
-  "data.max_length=64",
-  "data.tokenizer_vocab_size=400",
-  "model.vocab_size=416",
-  "model.dim=32",
-  "model.num_layers=2",
-  "model.num_heads=4",
-  "model.num_kv_heads=2",
-  "model.mlp_dim=64",
+  *TINY_RUN,
   "model.max_seq_len=64",  # No room for the held-out answers: nothing to decode at the end.
   "distributed.heartbeat_timeout_s=10",
   "distributed.shutdown_timeout_s=30",

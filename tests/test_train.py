@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from subprocesses import JAXTUNE, Background, one_device_env
+from subprocesses import JAXTUNE, TINY_RUN, Background, one_device_env
 
 from jaxtune import config, sharding
 from jaxtune.config import MeshConfig, ModelConfig, TrainConfig
@@ -487,15 +487,7 @@ RUN = [
   "train.warmup_steps=2",
   "train.neftune_alpha=5",
   "model.residual_dropout=0.1",
-  "data.synthetic_examples=40",
-  "data.max_length=64",
-  "data.tokenizer_vocab_size=400",
-  "model.vocab_size=416",
-  "model.dim=32",
-  "model.num_layers=2",
-  "model.num_heads=4",
-  "model.num_kv_heads=2",
-  "model.mlp_dim=64",
+  *TINY_RUN,
   "model.max_seq_len=256",  # Room for the held-out prompts and answers printed at the end.
 ]
 

@@ -14,15 +14,7 @@ from jaxtune.peft import partition
 from jaxtune.train import loop, metrics
 
 # D=64, L=2, N=8 query heads of Q=8, K=2 KV heads, F=128, V=512, untied; rows of T=32.
-SMALL = ModelConfig(
-  vocab_size=512,
-  dim=64,
-  num_layers=2,
-  num_heads=8,
-  num_kv_heads=2,
-  mlp_dim=128,
-  tie_embeddings=False,
-)
+SMALL = config.load(None, ["model.preset=tiny"]).model
 T = 32
 # By hand: a layer has q 64*64, k and v 64*16 each, o 64*64, gate/up/down 64*128 each and two
 # norms of 64: 34,944; two layers, the embedding table and the output layer (512*64 each) and the

@@ -28,6 +28,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+# jaxtune's LoRA target names -> the module names of Llama in transformers and in tunix.
+PROJECTIONS = {
+  "q": "q_proj",
+  "k": "k_proj",
+  "v": "v_proj",
+  "o": "o_proj",
+  "gate": "gate_proj",
+  "up": "up_proj",
+  "down": "down_proj",
+}
+
 
 def config() -> dict[str, Any]:
   """The configuration given as the runner's one argument; the process is pinned to its

@@ -15,16 +15,6 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-PROJECTIONS = {
-  "q": "q_proj",
-  "k": "k_proj",
-  "v": "v_proj",
-  "o": "o_proj",
-  "gate": "gate_proj",
-  "up": "up_proj",
-  "down": "down_proj",
-}
-
 
 def main() -> None:
   cfg = harness.config()
@@ -51,7 +41,7 @@ def main() -> None:
     lora = peft.LoraConfig(
       r=cfg["lora_rank"],
       lora_alpha=cfg["lora_alpha"],
-      target_modules=[PROJECTIONS[t] for t in cfg["lora_targets"]],
+      target_modules=[harness.PROJECTIONS[t] for t in cfg["lora_targets"]],
     )
     model = peft.get_peft_model(model, lora)
     info["peft"] = peft.__version__

@@ -23,16 +23,6 @@ from flax import nnx
 from tunix.models.llama3 import model as llama3
 from tunix.sft import peft_trainer
 
-PROJECTIONS = {
-  "q": "q_proj",
-  "k": "k_proj",
-  "v": "v_proj",
-  "o": "o_proj",
-  "gate": "gate_proj",
-  "up": "up_proj",
-  "down": "down_proj",
-}
-
 
 def redraw(model: nnx.Module, seed: int) -> None:
   """Weights (every parameter of 2+ dims) from N(0, 0.02); norm scales stay at one."""
@@ -66,7 +56,7 @@ def main() -> None:
   redraw(model, cfg["seed"])
   if cfg["mode"] == "lora":
     provider = qwix.LoraProvider(
-      module_path=".*(" + "|".join(PROJECTIONS[t] for t in cfg["lora_targets"]) + ")",
+      module_path=".*(" + "|".join(harness.PROJECTIONS[t] for t in cfg["lora_targets"]) + ")",
       rank=cfg["lora_rank"],
       alpha=cfg["lora_alpha"],
     )
