@@ -191,7 +191,8 @@ def load(cfg: DataConfig, seed: int, blocks: BatchBlocks | None = None) -> Data:
   train_tokenizer = not cfg.tokenizer
   convs = conversations(cfg, seed, stats, None if train_tokenizer else blocks)
   tok = make_tokenizer(cfg, convs.train)
-  convs = convs.sharded(blocks)
+  if train_tokenizer:  # Read whole for the tokenizer; this process keeps its shards.
+    convs = convs.sharded(blocks)
   train, positions = _positioned_examples(convs.train, convs.positions, cfg, tok, stats)
   if not train:
     raise DataError(
