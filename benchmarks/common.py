@@ -1,6 +1,9 @@
 """What every benchmark shares: the machine it ran on, the measured matmul peak, timing of a
 jitted function, and the results written as JSON plus a Markdown table.
 
+Importing it sets the host's malloc as the `jaxtune` command does (`jaxtune.host`), so jaxtune runs
+here as it runs there; import it before JAX starts.
+
 Results go to `benchmarks/results/<name>.json` and `<name>.md` (and PNG plots beside them), each
 stamped with the machine, so figures from different runs are never mixed up.
 """
@@ -19,6 +22,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxtune import host
+
+host.keep_freed_memory()
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

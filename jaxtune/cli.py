@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from jaxtune import commands
+from jaxtune import commands, host
 from jaxtune.checkpoint import CheckpointError as RestoreError
 from jaxtune.config import ConfigError
 from jaxtune.convert.llama2c import CheckpointError
@@ -131,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  host.keep_freed_memory()  # Before JAX starts its threads.
   parser = _parser()
   args, extra = parser.parse_known_args(argv)  # Options and overrides may come in any order.
   if any(a.startswith("-") for a in extra):

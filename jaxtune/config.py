@@ -54,7 +54,7 @@ class ModelConfig:
   residual_dropout_schedule: Literal["constant", "linear"] = "constant"  # LIMA: linear from 0.
   dtype: Literal["float32", "bfloat16"] = "float32"  # Compute dtype.
   param_dtype: Literal["float32", "bfloat16"] = "float32"
-  remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+  remat: Literal["none", "full", "dots", "dots_no_batch", "minimal"] = "none"
 
   @property
   def kv_heads(self) -> int:

@@ -1,8 +1,11 @@
-"""Attention math against independent numpy references: repeated-K/V attention, interleaved RoPE."""
+"""Attention math against independent references: repeated-K/V attention in numpy (values) and
+PyTorch (gradients), interleaved RoPE."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from jaxtune.model import attention
 
@@ -33,6 +36,77 @@ def test_grouped_attention_equals_repeated_kv(kv_heads):
   ref = _reference_attention(q, k, v, mask)
   real = segments != 0  # Padding queries see no key; their output is unspecified.
   np.testing.assert_allclose(out[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+def _torch_attention(q, k, v, mask):
+  """`_reference_attention` in PyTorch, for its autograd."""
+  g = q.shape[2] // k.shape[2]
+  k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+  scores = torch.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+  scores = scores.masked_fill(~mask[:, None], -1e30)
+  return torch.einsum("bnts,bsnh->btnh", torch.softmax(scores, -1), v)
+
+
+@pytest.mark.parametrize(
+  ("kv_heads", "t", "prefix"),
+  [(8, 200, 0), (2, 200, 0), (1, 200, 0), (2, 130, 5), (2, 7, 0)],
+  ids=["mha", "gqa", "mqa", "gqa-prefix", "one-block"],
+)
+def test_causal_attention_equals_reference_values_and_gradients(kv_heads, t, prefix):
+  """Several query blocks (the last one short), packed segments, padding, prefix keys."""
+  rng = np.random.default_rng(1)
+  b, n, h = 2, 8, 16
+  q = rng.standard_normal((b, t, n, h)).astype(np.float32)
+  k = rng.standard_normal((b, prefix + t, kv_heads, h)).astype(np.float32)
+  v = rng.standard_normal((b, prefix + t, kv_heads, h)).astype(np.float32)
+  dout = rng.standard_normal((b, t, n, h)).astype(np.float32)
+  segments = np.ones((b, t), np.int32)
+  segments[0, t // 3 :] = 2
+  segments[0, t - t // 5 :] = 0  # Padding at the end of row 0.
+  mask = np.asarray(attention.attention_mask(jnp.asarray(segments), jnp.asarray(segments)))
+  mask = np.concatenate([np.ones((b, t, prefix), bool), mask], axis=-1)
+  real = segments != 0
+  assert len(attention.query_blocks(t)) > 1 or t < 64
+
+  def loss(q, k_bksh, v_bksh):
+    out = attention.causal_attention(q, k_bksh, v_bksh, jnp.asarray(mask), prefix)
+    return jnp.sum(out * (dout * real[..., None, None])), out
+
+  k_bksh, v_bksh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k_bksh, v_bksh)
+  np.testing.assert_allclose(
+    np.asarray(out)[real], _reference_attention(q, k, v, mask)[real], atol=1e-5, rtol=1e-5
+  )
+  if not prefix:  # Padding queries see no key (with a prefix, they see its keys).
+    assert np.all(np.asarray(out)[~real] == 0)
+
+  tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
+  ref = _torch_attention(tq, tk, tv, torch.tensor(mask))
+  (ref * torch.tensor(dout * real[..., None, None])).sum().backward()
+  dq, dk_bksh, dv_bksh = (np.asarray(x) for x in grads)
+  np.testing.assert_allclose(dq, tq.grad.numpy(), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(dk_bksh.transpose(0, 2, 1, 3), tk.grad.numpy(), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(dv_bksh.transpose(0, 2, 1, 3), tv.grad.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_causal_attention_in_bfloat16_follows_float32():
+  rng = np.random.default_rng(2)
+  q, k, v = (
+    jnp.asarray(rng.standard_normal(s), jnp.float32)
+    for s in [(1, 150, 4, 32), (1, 2, 150, 32), (1, 2, 150, 32)]
+  )
+  segments = jnp.ones((1, 150), jnp.int32)
+  mask = attention.attention_mask(segments, segments)
+
+  def loss(q, k, v):
+    return jnp.sum(attention.causal_attention(q, k, v, mask).astype(jnp.float32) ** 2)
+
+  def grads(dtype):
+    return jax.grad(loss, argnums=(0, 1, 2))(q.astype(dtype), k.astype(dtype), v.astype(dtype))
+
+  for low, high in zip(grads(jnp.bfloat16), grads(jnp.float32), strict=True):
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(low, np.float32), high, atol=0.05, rtol=0.05)
 
 
 def test_mask_is_causal_within_segments():

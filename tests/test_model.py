@@ -111,7 +111,7 @@ def test_decoding_step_writes_the_cache_in_place():
   assert memory.temp_size_in_bytes < kv_bytes / 2, (memory.temp_size_in_bytes, kv_bytes)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "minimal"])
 def test_remat_keeps_logits_and_gradients(remat):
   cfg = VARIANTS["gqa"]
   model, variables = _init(cfg)

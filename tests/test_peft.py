@@ -303,7 +303,9 @@ def _peft_results(mesh_shape):
       # B != 0 so the adapters matter.
       trainable = jax.tree.map(lambda x: x + 0.1, trainable)
       if name == "lora":
-        optimizer = optax.adamw(1e-2)
+        # SGD: Adam's update g / (|g| + eps) would turn float-level differences of gradients
+        # near eps into differences of the parameters as large as the learning rate.
+        optimizer = optax.sgd(1.0)
         state = TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
         state, metrics = jax.jit(make_train_step(model, optimizer, jax.random.key(0)))(
           state, frozen, _batch(tokens)
@@ -324,7 +326,7 @@ def test_peft_on_every_mesh_equals_single_device(mesh_shape):
   got = _peft_results(mesh_shape)
   np.testing.assert_allclose(got["lora"][0], expected["lora"][0], rtol=1e-5)
   jax.tree.map(
-    lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), got["lora"][1], expected["lora"][1]
+    lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), got["lora"][1], expected["lora"][1]
   )
   np.testing.assert_allclose(got["prefix_bank"], expected["prefix_bank"], atol=1e-5)
 

@@ -41,26 +41,32 @@ def test_model_flops_are_palms():
 
 
 def test_hardware_flops():
-  # Every parameter trained, nothing recomputed: the model FLOPs.
-  assert metrics.hardware_flops_per_token(SMALL, TOTAL, T) == 6 * N + 12 * LHQT
-  assert (
-    metrics.hardware_flops_per_token(dataclasses.replace(SMALL, remat="dots"), TOTAL, T)
-    == 6 * N + 12 * LHQT
-  )
+  # Rows of 256 make 4 query blocks of 64; a query's products cover the keys up to its block's
+  # end: 64 * (64 + 128 + 192 + 256) = 40,960 of the 65,536 pairs, 160 keys per query.
+  t = 256
+  lhqs = 2 * 8 * 8 * 160
+  # Every parameter trained, nothing recomputed: the model's matmuls, and the attention's 2
+  # products forward and 5 backward (its scores recomputed).
+  assert metrics.hardware_flops_per_token(SMALL, TOTAL, t) == 6 * N + 14 * lhqs
+  minimal = dataclasses.replace(SMALL, remat="minimal")
+  assert metrics.hardware_flops_per_token(minimal, TOTAL, t) == 6 * N + 14 * lhqs
   # Full remat runs the layers' forward again (2 per parameter of the layers: all matmul
-  # parameters but the 512*64 output layer) and the attention's products (4*LHQT).
+  # parameters but the 512*64 output layer) and the attention's forward products (4*LHQS).
   full = dataclasses.replace(SMALL, remat="full")
   assert (
-    metrics.hardware_flops_per_token(full, TOTAL, T)
-    == 6 * N + 12 * LHQT + 2 * (N - 512 * 64) + 4 * LHQT
+    metrics.hardware_flops_per_token(full, TOTAL, t)
+    == 6 * N + 14 * lhqs + 2 * (N - 512 * 64) + 4 * lhqs
   )
-  # dots_no_batch keeps the weight products and recomputes only the attention's.
-  no_batch = dataclasses.replace(SMALL, remat="dots_no_batch")
-  assert metrics.hardware_flops_per_token(no_batch, TOTAL, T) == 6 * N + 16 * LHQT
+  # dots and dots_no_batch keep the weight products and recompute the attention's forward.
+  for remat in ("dots", "dots_no_batch"):
+    cfg = dataclasses.replace(SMALL, remat=remat)
+    assert metrics.hardware_flops_per_token(cfg, TOTAL, t) == 6 * N + 18 * lhqs
   # LoRA: forward and activation gradients through every matmul (4 per parameter, adapters
   # included), weight gradients for the adapters alone.
-  got = metrics.hardware_flops_per_token(SMALL, TOTAL + LORA, T, frozen_params=TOTAL)
-  assert got == 4 * (N + LORA) + 2 * LORA + 12 * LHQT
+  got = metrics.hardware_flops_per_token(SMALL, TOTAL + LORA, t, frozen_params=TOTAL)
+  assert got == 4 * (N + LORA) + 2 * LORA + 14 * lhqs
+  # A row of one block (T = 32 < 64): the whole square, T keys per query.
+  assert metrics.hardware_flops_per_token(SMALL, TOTAL, T) == 6 * N + 14 * LHQT
 
 
 @pytest.mark.parametrize("method", ["none", "lora"])

@@ -17,11 +17,14 @@ permuting the rows of the q and k projections with `interleaved_to_half`.
 
 from __future__ import annotations
 
+import functools
+
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.config import ModelConfig, PeftConfig
 from jaxtune.model.layers import Einsum, constrain
@@ -82,9 +85,8 @@ def dot_product_attention(
   """Softmax(q k^T / sqrt(H)) v with queries grouped over the KV heads; float32 softmax.
 
   The products run head-major, as batched matmuls of M = G*T queries by S keys per (B, K):
-  then XLA needs no transposing copies of the [T, S] scores, which cost ~10% of a training step
-  on CPU when the einsums were written token-major. Rows with no visible key (padding queries)
-  give finite, meaningless outputs.
+  then XLA needs no transposing copies of the [T, S] scores. Rows with no visible key (padding
+  queries) give finite, meaningless outputs. Decoding uses it; training uses `causal_attention`.
   """
   b, t, n, h = q_btnh.shape
   k = k_bksh.shape[1]
@@ -98,6 +100,140 @@ def dot_product_attention(
   probs_bkms = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bksh.dtype).reshape(b, k, g * t, -1)
   out_bkmh = jnp.einsum("bkms,bksh->bkmh", probs_bkms, v_bksh)
   return out_bkmh.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+CONTEXT, CONTEXT_LSE = "context", "context_lse"  # The residuals of `causal_attention`.
+
+
+def query_blocks(t: int) -> list[tuple[int, int]]:
+  """The [start, end) query blocks of `causal_attention`: at most 16, of at least 64 queries."""
+  size = max(64, -(-t // 16))
+  return [(start, min(start + size, t)) for start in range(0, t, size)]
+
+
+def keys_computed(t: int) -> float:
+  """The mean number of keys per query whose products `causal_attention` computes, for T queries
+  (and no prefix): T for a single block, about T/2 + T/32 for 16 blocks."""
+  return sum((end - start) * end for start, end in query_blocks(t)) / t
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def causal_attention(
+  q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array, mask_bts: jax.Array, prefix: int = 0
+) -> jax.Array:
+  """`dot_product_attention` for a causal mask, computing only the keys each query can see.
+
+  The mask must hide key `prefix + s` from query t for s > t (true of `attention_mask(x, x)`; the
+  first `prefix` keys, e.g. prefix tuning's, may be visible to all). Query block [t0, t1) (see
+  `query_blocks`) then attends to keys [0, prefix + t1) only: with 8 blocks, 56% of the scores of
+  the full [T, S] square. Its softmax is whole (every visible key is in the block), so no
+  online rescaling is needed.
+
+  The gradient is custom, as in FlashAttention (Dao et al., 2022): the forward pass keeps the
+  output and the log-sum-exp of each query's scores, and the backward pass recomputes the
+  probabilities block by block, so no [T, S] array outlives the layer. The backward products run
+  key-major ([S, G*T] per (B, K)) so that the key and value gradients are plain matmuls, with no
+  transposing copies of the scores. Padding queries (no visible key) give zeros.
+  """
+  return _causal_fwd(q_btnh, k_bksh, v_bksh, mask_bts, prefix)[0]
+
+
+def _heads_major(x_btnh: jax.Array, k: int) -> jax.Array:
+  b, t, n, h = x_btnh.shape
+  return x_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+
+
+def _causal_fwd(q_btnh, k_bksh, v_bksh, mask_bts, prefix):
+  b, t, n, h = q_btnh.shape
+  q_bkgth = _heads_major(q_btnh, k_bksh.shape[1])
+  scale = np.float32(1 / np.sqrt(h))
+  outs, lses = [], []
+  for t0, t1 in query_blocks(t):
+    e = prefix + t1
+    scores_bkgts = (
+      jnp.einsum(
+        "bkgth,bksh->bkgts",
+        q_bkgth[:, :, :, t0:t1],
+        k_bksh[:, :, :e],
+        preferred_element_type=jnp.float32,
+      )
+      * scale
+    )
+    mask_b11ts = mask_bts[:, None, None, t0:t1, :e]
+    scores_bkgts = jnp.where(mask_b11ts, scores_bkgts, jnp.finfo(jnp.float32).min)
+    max_bkgt1 = jnp.max(scores_bkgts, axis=-1, keepdims=True)
+    exp_bkgts = jnp.where(mask_b11ts, jnp.exp(scores_bkgts - max_bkgt1), 0.0)
+    sum_bkgt1 = jnp.sum(exp_bkgts, axis=-1, keepdims=True)
+    sum_bkgt1 = jnp.where(sum_bkgt1 == 0.0, 1.0, sum_bkgt1)  # Padding queries.
+    out_bkgth = (
+      jnp.einsum(
+        "bkgts,bksh->bkgth",
+        exp_bkgts.astype(v_bksh.dtype),
+        v_bksh[:, :, :e],
+        preferred_element_type=jnp.float32,
+      )
+      / sum_bkgt1
+    )
+    outs.append(out_bkgth)
+    lses.append((max_bkgt1 + jnp.log(sum_bkgt1))[..., 0])
+  out_bkgth = jnp.concatenate(outs, axis=3).astype(q_btnh.dtype)
+  lse_bkgt = jnp.concatenate(lses, axis=3)
+  out_btnh = out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  # Named for the "minimal" remat policy, which saves them rather than rerun this pass.
+  out_bkgth = checkpoint_name(out_bkgth, CONTEXT)
+  lse_bkgt = checkpoint_name(lse_bkgt, CONTEXT_LSE)
+  return out_btnh, (q_bkgth, k_bksh, v_bksh, mask_bts, out_bkgth, lse_bkgt)
+
+
+def _causal_bwd(prefix, residuals, dout_btnh):
+  q_bkgth, k_bksh, v_bksh, mask_bts, out_bkgth, lse_bkgt = residuals
+  b, k, g, t, h = q_bkgth.shape
+  scale = np.float32(1 / np.sqrt(h))
+  dout_bkgth = _heads_major(dout_btnh, k)
+  delta_bkgt = jnp.einsum(
+    "bkgth,bkgth->bkgt", dout_bkgth, out_bkgth, preferred_element_type=jnp.float32
+  )
+  dk_bksh = jnp.zeros(k_bksh.shape, jnp.float32)
+  dv_bksh = jnp.zeros(v_bksh.shape, jnp.float32)
+  dq_blocks = []
+  for t0, t1 in query_blocks(t):
+    e = prefix + t1
+    q_i, dout_i = q_bkgth[:, :, :, t0:t1], dout_bkgth[:, :, :, t0:t1]
+    k_i, v_i = k_bksh[:, :, :e], v_bksh[:, :, :e]
+    scores_bksgt = jnp.einsum("bksh,bkgth->bksgt", k_i, q_i, preferred_element_type=jnp.float32)
+    mask_b1s1t = jnp.swapaxes(mask_bts[:, t0:t1, :e], 1, 2)[:, None, :, None, :]
+    lse_bk1gt = lse_bkgt[:, :, None, :, t0:t1]
+    probs_bksgt = jnp.where(mask_b1s1t, jnp.exp(scores_bksgt * scale - lse_bk1gt), 0.0)
+    dv_bksh = dv_bksh.at[:, :, :e].add(
+      jnp.einsum(
+        "bksgt,bkgth->bksh",
+        probs_bksgt.astype(dout_i.dtype),
+        dout_i,
+        preferred_element_type=jnp.float32,
+      )
+    )
+    dprobs_bksgt = jnp.einsum("bksh,bkgth->bksgt", v_i, dout_i, preferred_element_type=jnp.float32)
+    dscores_bksgt = (
+      probs_bksgt * (dprobs_bksgt - delta_bkgt[:, :, None, :, t0:t1]) * scale
+    ).astype(q_i.dtype)
+    dk_bksh = dk_bksh.at[:, :, :e].add(
+      jnp.einsum("bksgt,bkgth->bksh", dscores_bksgt, q_i, preferred_element_type=jnp.float32)
+    )
+    # dq^T = k^T ds^T: contracts the keys, the major axis of both (no copy of the scores).
+    dq_blocks.append(
+      jnp.einsum("bksh,bksgt->bkhgt", k_i, dscores_bksgt, preferred_element_type=jnp.float32)
+    )
+
+  dq_btnh = jnp.concatenate(dq_blocks, axis=-1).transpose(0, 4, 1, 3, 2).reshape(b, t, k * g, h)
+  return (
+    dq_btnh.astype(q_bkgth.dtype),
+    dk_bksh.astype(k_bksh.dtype),
+    dv_bksh.astype(v_bksh.dtype),
+    None,
+  )
+
+
+causal_attention.defvjp(_causal_fwd, _causal_bwd)
 
 
 # Logical axes of the cache arrays, as `transformer.Transformer` stores them.
@@ -204,7 +340,11 @@ class Attention(nn.Module):
       v_bksh = jnp.concatenate([v_bkph, v_bksh], axis=2)
       visible_btp = jnp.ones((*mask_bts.shape[:2], k_bkph.shape[2]), bool)
       mask_bts = jnp.concatenate([visible_btp, mask_bts], axis=-1)
-    out_btnh = dot_product_attention(q_btnh, k_bksh, v_bksh, mask_bts)
+    if cache is None:  # Self-attention over the tokens given: causal.
+      prefix = 0 if prefix_kv is None else prefix_kv[0].shape[1]
+      out_btnh = causal_attention(q_btnh, k_bksh, v_bksh, mask_bts, prefix)
+    else:
+      out_btnh = dot_product_attention(q_btnh, k_bksh, v_bksh, mask_bts)
     out_btnh = constrain(out_btnh, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
     o = einsum("o", "btnh,nhd->btd", (n, h, d), ("q_heads", "head_dim", "embed"), cfg.use_bias, 1)
     return o(out_btnh), cache

@@ -17,7 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune.config import ModelConfig, PeftConfig
-from jaxtune.model.attention import CACHE_AXES, Attention, KVCache, segment_positions
+from jaxtune.model.attention import (
+  CACHE_AXES,
+  CONTEXT,
+  CONTEXT_LSE,
+  Attention,
+  KVCache,
+  segment_positions,
+)
 from jaxtune.model.layers import Embed, Mlp, Norm, constrain, dropout, dtypes
 from jaxtune.peft import neftune
 from jaxtune.peft import prefix as prefix_lib
@@ -26,6 +33,12 @@ _REMAT_POLICIES = {
   "full": None,  # Save nothing: recompute the whole block.
   "dots": jax.checkpoint_policies.checkpoint_dots,
   "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  # The projections' outputs and the attention's output and log-sum-exp: recompute only the
+  # norms, RoPE, activations and residual adds (elementwise work), not a matmul.
+  "minimal": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    jax.checkpoint_policies.save_only_these_names(CONTEXT, CONTEXT_LSE),
+  ),
 }
 
 _ACT_BTD = ("act_batch", "act_seq", "act_embed")

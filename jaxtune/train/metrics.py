@@ -17,6 +17,7 @@ from typing import Any
 import jax
 
 from jaxtune.config import ModelConfig
+from jaxtune.model import attention
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -50,28 +51,32 @@ def flops_per_token(cfg: ModelConfig, total_params: int, row_length: int) -> flo
 def hardware_flops_per_token(
   cfg: ModelConfig, total_params: int, row_length: int, frozen_params: int = 0
 ) -> float:
-  """Training FLOPs per token that the hardware executes, for HFU (same N, L, H, Q, T as
-  `flops_per_token`): the forward, 2N + 4*L*H*Q*T; the backward's gradients of activations,
-  2N + 8*L*H*Q*T, and of trainable weights, 2 per trainable matmul parameter (the base model's
-  `frozen_params` under LoRA take none); and what `cfg.remat` recomputes in the layers for the
-  backward: their whole forward (`full`; the output layer is outside the layers), or only the
-  attention's score and value products (`dots_no_batch` saves the weight matmuls, `dots` every
-  matmul). With every parameter trained and no remat, this is `flops_per_token`. The remat terms
-  are the usual convention (full remat: 8N + 16*L*H*Q*T); XLA leaves out the recomputed products
-  that the backward does not read (the attention output and MLP down projections), so it runs a
-  little less than that.
+  """Training FLOPs per token that the hardware executes, for HFU (same N and L as
+  `flops_per_token`). Matmuls: the forward, 2N; the backward's gradients of activations, 2N, and
+  of trainable weights, 2 per trainable matmul parameter (the base model's `frozen_params` under
+  LoRA take none). Attention (`attention.causal_attention`): each query's products cover only
+  the keys up to the end of its block, on average S = `attention.keys_computed(T)` of them
+  (about T/2 for long rows); the forward runs two products, 4*L*H*Q*S, and the backward five
+  (the scores again, then the gradients of values, probabilities, keys and queries), 10*L*H*Q*S.
+  Then what `cfg.remat` recomputes in the layers for the backward: their whole forward (`full`;
+  the output layer is outside the layers), or only the attention's forward (`dots` and
+  `dots_no_batch` do not save its output; `minimal` does). XLA leaves out recomputed products
+  that the backward does not read (the MLP down projection), so it runs a little less.
   """
-  attention = cfg.num_layers * cfg.num_heads * cfg.head_size * row_length
+  attention_products = (
+    cfg.num_layers * cfg.num_heads * cfg.head_size * attention.keys_computed(row_length)
+  )
   matmul = matmul_params(cfg, total_params)
   frozen = matmul_params(cfg, frozen_params) if frozen_params else 0
   layers = matmul - cfg.vocab_size * cfg.dim
   recomputed = {
     "none": 0,
-    "dots": 0,
-    "dots_no_batch": 4 * attention,
-    "full": 2 * layers + 4 * attention,
+    "minimal": 0,
+    "dots": 4 * attention_products,
+    "dots_no_batch": 4 * attention_products,
+    "full": 2 * layers + 4 * attention_products,
   }[cfg.remat]
-  return 4 * matmul + 2 * (matmul - frozen) + 12 * attention + recomputed
+  return 4 * matmul + 2 * (matmul - frozen) + 14 * attention_products + recomputed
 
 
 def peak_flops(configured: float) -> float | None:

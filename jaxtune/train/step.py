@@ -86,12 +86,15 @@ def make_train_step(
     step_rng = jax.random.fold_in(rng, state.step)
     total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
-    def loss_sum(trainable, micro, i):
+    def loss_share(trainable, micro, i):
+      """A micro-batch's part of the batch's loss: its token sums over the batch's total (so
+      the gradients come out scaled, with no pass over them to divide)."""
       params = partition.combine(trainable, frozen)
       logits = _forward(model, params, micro, jax.random.fold_in(step_rng, i), neftune_alpha)
-      return token_losses(logits, micro["targets"], micro["weights"], z_loss)
+      loss, nll = token_losses(logits, micro["targets"], micro["weights"], z_loss)
+      return loss / total, nll / total
 
-    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+    grad_fn = jax.value_and_grad(loss_share, has_aux=True)
     if micro_batches == 1:
       (loss, nll), grads = grad_fn(state.params, batch, 0)
     else:
@@ -103,18 +106,16 @@ def make_train_step(
       zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
       xs = (_micro_batches(batch, micro_batches), jnp.arange(micro_batches))
       (grads, loss, nll), _ = jax.lax.scan(accumulate, zeros, xs)
-    grads = jax.tree.map(lambda g: g / total, grads)
-    loss, nll = loss / total, nll / total
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-    new_state = TrainState(
-      state.step + 1,
-      jax.tree.map(keep, params, state.params),
-      jax.tree.map(keep, opt_state, state.opt_state),
-    )
+
+    def update(state):
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+
+    # A branch, not a select of old or new: then the update overwrites the parameters and
+    # moments in place, with no copies of the old ones kept for the select.
+    new_state = jax.lax.cond(finite, update, lambda s: s.replace(step=s.step + 1), state)
     metrics = {
       "loss": loss,
       "nll": nll,
