@@ -1,5 +1,5 @@
-"""Attention math against independent references: repeated-K/V attention in numpy (values) and
-PyTorch (gradients), interleaved RoPE."""
+"""Attention math against independent references: repeated-K/V attention in PyTorch (values,
+and gradients by its autograd), interleaved RoPE in numpy."""
 
 import jax
 import jax.numpy as jnp
@@ -11,15 +11,16 @@ from jaxtune.model import attention
 
 
 def _reference_attention(q, k, v, mask):
-  """Plain multi-head attention after repeating each KV head for its queries."""
-  n, kv = q.shape[2], k.shape[2]
-  k = np.repeat(k, n // kv, axis=2)
-  v = np.repeat(v, n // kv, axis=2)
-  scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
-  scores = np.where(mask[:, None], scores, -1e30)
-  probs = np.exp(scores - scores.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  return np.einsum("bnts,bsnh->btnh", probs, v)
+  """Plain multi-head attention in PyTorch after repeating each KV head for its queries;
+  tensors in, tensor out (numpy arrays in: a numpy array out)."""
+  if isinstance(q, np.ndarray):
+    q, k, v, mask = (torch.tensor(x) for x in (q, k, v, mask))
+    return _reference_attention(q, k, v, mask).numpy()
+  g = q.shape[2] // k.shape[2]
+  k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+  scores = torch.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+  scores = scores.masked_fill(~mask[:, None], -1e30)
+  return torch.einsum("bnts,bsnh->btnh", torch.softmax(scores, -1), v)
 
 
 @pytest.mark.parametrize("kv_heads", [8, 2, 1], ids=["mha", "gqa", "mqa"])
@@ -34,17 +35,9 @@ def test_grouped_attention_equals_repeated_kv(kv_heads):
   k_bksh, v_bksh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # The cache's layout.
   out = np.asarray(attention.dot_product_attention(q, k_bksh, v_bksh, jnp.asarray(mask)))
   ref = _reference_attention(q, k, v, mask)
-  real = segments != 0  # Padding queries see no key; their output is unspecified.
+  real = segments != 0  # Padding queries see no key: zeros.
   np.testing.assert_allclose(out[real], ref[real], atol=1e-5, rtol=1e-5)
-
-
-def _torch_attention(q, k, v, mask):
-  """`_reference_attention` in PyTorch, for its autograd."""
-  g = q.shape[2] // k.shape[2]
-  k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
-  scores = torch.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
-  scores = scores.masked_fill(~mask[:, None], -1e30)
-  return torch.einsum("bnts,bsnh->btnh", torch.softmax(scores, -1), v)
+  assert np.all(out[~real] == 0)
 
 
 @pytest.mark.parametrize(
@@ -81,7 +74,7 @@ def test_causal_attention_equals_reference_values_and_gradients(kv_heads, t, pre
     assert np.all(np.asarray(out)[~real] == 0)
 
   tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
-  ref = _torch_attention(tq, tk, tv, torch.tensor(mask))
+  ref = _reference_attention(tq, tk, tv, torch.tensor(mask))
   (ref * torch.tensor(dout * real[..., None, None])).sum().backward()
   dq, dk_bksh, dv_bksh = (np.asarray(x) for x in grads)
   np.testing.assert_allclose(dq, tq.grad.numpy(), atol=1e-4, rtol=1e-4)

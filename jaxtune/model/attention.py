@@ -1,14 +1,15 @@
 """Attention: RoPE, masks for packed and cached sequences, grouped-query attention, KV cache.
 
 Shape letters: B batch, T query length, S key length (cache slots), D model dim, N query heads,
-K KV heads, G queries per KV head (N = K * G), H head dim, L layers, M = G * T (a KV head's
-queries, head-major).
+K KV heads, G queries per KV head (N = K * G), H head dim, L layers.
 
 One implementation covers multi-head (K = N), grouped-query (1 < K < N) and multi-query (K = 1)
 attention: queries are grouped as [K, G] so each KV head serves its G queries; K/V are never
 repeated. Query head n uses KV head n // G, as in Hugging Face's `repeat_kv`. Keys and values
 enter the attention as [B, K, S, H], the layout of the KV cache: a decoding step, bound by reading
-the cache, then reads it once, as it is (see `KVCache`).
+the cache, then reads it once, as it is (see `KVCache`). Training and scoring attend with
+`causal_attention` (only the keys each block of queries can see); decoding, over the cache, with
+`dot_product_attention`; both run the same softmax (`_attend`).
 
 RoPE here uses the rotate-half layout (Hugging Face): dimension i pairs with i + H/2. Checkpoints
 in the interleaved layout (Meta, llama2.c: 2i pairs with 2i + 1) are converted at import by
@@ -79,27 +80,49 @@ def attention_mask(
   return causal_ts[None] & (same_bts | shared_bs[:, None, :]) & (kv_segments_bs[:, None, :] != 0)
 
 
+def _heads_major(x_btnh: jax.Array, k: int) -> jax.Array:
+  b, t, n, h = x_btnh.shape
+  return x_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+
+
+def _tokens_major(x_bkgth: jax.Array) -> jax.Array:
+  b, k, g, t, h = x_bkgth.shape
+  return x_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, h)
+
+
+def _attend(
+  q_bkgth: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array, mask_bts: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Softmax(q k^T / sqrt(H)) v for queries grouped over the KV heads, head-major, with a
+  float32 softmax: (output [B, K, G, T, H] in float32, log-sum-exp of the scores [B, K, G, T]).
+  Rows with no visible key (padding queries) give zeros."""
+  scale = np.float32(1 / np.sqrt(q_bkgth.shape[-1]))
+  mask_b11ts = mask_bts[:, None, None]
+  scores_bkgts = (
+    jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh, preferred_element_type=jnp.float32) * scale
+  )
+  scores_bkgts = jnp.where(mask_b11ts, scores_bkgts, jnp.finfo(jnp.float32).min)
+  max_bkgt1 = jnp.max(scores_bkgts, axis=-1, keepdims=True)
+  exp_bkgts = jnp.where(mask_b11ts, jnp.exp(scores_bkgts - max_bkgt1), 0.0)
+  sum_bkgt1 = jnp.sum(exp_bkgts, axis=-1, keepdims=True)
+  sum_bkgt1 = jnp.where(sum_bkgt1 == 0.0, 1.0, sum_bkgt1)  # Padding queries.
+  out_bkgth = jnp.einsum(
+    "bkgts,bksh->bkgth",
+    exp_bkgts.astype(v_bksh.dtype),
+    v_bksh,
+    preferred_element_type=jnp.float32,
+  )
+  return out_bkgth / sum_bkgt1, (max_bkgt1 + jnp.log(sum_bkgt1))[..., 0]
+
+
 def dot_product_attention(
   q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array, mask_bts: jax.Array
 ) -> jax.Array:
-  """Softmax(q k^T / sqrt(H)) v with queries grouped over the KV heads; float32 softmax.
-
-  The products run head-major, as batched matmuls of M = G*T queries by S keys per (B, K):
-  then XLA needs no transposing copies of the [T, S] scores. Rows with no visible key (padding
-  queries) give finite, meaningless outputs. Decoding uses it; training uses `causal_attention`.
-  """
-  b, t, n, h = q_btnh.shape
-  k = k_bksh.shape[1]
-  g = n // k
-  q_bkmh = q_btnh.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
-  scores_bkms = jnp.einsum(
-    "bkmh,bksh->bkms", q_bkmh, k_bksh, preferred_element_type=jnp.float32
-  ) / np.sqrt(h).astype(np.float32)
-  scores_bkgts = scores_bkms.reshape(b, k, g, t, -1)
-  scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, jnp.finfo(jnp.float32).min)
-  probs_bkms = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bksh.dtype).reshape(b, k, g * t, -1)
-  out_bkmh = jnp.einsum("bkms,bksh->bkmh", probs_bkms, v_bksh)
-  return out_bkmh.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  """Softmax(q k^T / sqrt(H)) v over every key, with queries grouped over the KV heads and a
+  float32 softmax; any mask. Decoding uses it (queries against the cache); training uses
+  `causal_attention`. Rows with no visible key (padding queries) give zeros."""
+  out_bkgth, _ = _attend(_heads_major(q_btnh, k_bksh.shape[1]), k_bksh, v_bksh, mask_bts)
+  return _tokens_major(out_bkgth.astype(q_btnh.dtype))
 
 
 CONTEXT, CONTEXT_LSE = "context", "context_lse"  # The residuals of `causal_attention`.
@@ -138,47 +161,19 @@ def causal_attention(
   return _causal_fwd(q_btnh, k_bksh, v_bksh, mask_bts, prefix)[0]
 
 
-def _heads_major(x_btnh: jax.Array, k: int) -> jax.Array:
-  b, t, n, h = x_btnh.shape
-  return x_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-
-
 def _causal_fwd(q_btnh, k_bksh, v_bksh, mask_bts, prefix):
-  b, t, n, h = q_btnh.shape
   q_bkgth = _heads_major(q_btnh, k_bksh.shape[1])
-  scale = np.float32(1 / np.sqrt(h))
   outs, lses = [], []
-  for t0, t1 in query_blocks(t):
+  for t0, t1 in query_blocks(q_btnh.shape[1]):
     e = prefix + t1
-    scores_bkgts = (
-      jnp.einsum(
-        "bkgth,bksh->bkgts",
-        q_bkgth[:, :, :, t0:t1],
-        k_bksh[:, :, :e],
-        preferred_element_type=jnp.float32,
-      )
-      * scale
-    )
-    mask_b11ts = mask_bts[:, None, None, t0:t1, :e]
-    scores_bkgts = jnp.where(mask_b11ts, scores_bkgts, jnp.finfo(jnp.float32).min)
-    max_bkgt1 = jnp.max(scores_bkgts, axis=-1, keepdims=True)
-    exp_bkgts = jnp.where(mask_b11ts, jnp.exp(scores_bkgts - max_bkgt1), 0.0)
-    sum_bkgt1 = jnp.sum(exp_bkgts, axis=-1, keepdims=True)
-    sum_bkgt1 = jnp.where(sum_bkgt1 == 0.0, 1.0, sum_bkgt1)  # Padding queries.
-    out_bkgth = (
-      jnp.einsum(
-        "bkgts,bksh->bkgth",
-        exp_bkgts.astype(v_bksh.dtype),
-        v_bksh[:, :, :e],
-        preferred_element_type=jnp.float32,
-      )
-      / sum_bkgt1
+    out_bkgth, lse_bkgt = _attend(
+      q_bkgth[:, :, :, t0:t1], k_bksh[:, :, :e], v_bksh[:, :, :e], mask_bts[:, t0:t1, :e]
     )
     outs.append(out_bkgth)
-    lses.append((max_bkgt1 + jnp.log(sum_bkgt1))[..., 0])
+    lses.append(lse_bkgt)
   out_bkgth = jnp.concatenate(outs, axis=3).astype(q_btnh.dtype)
   lse_bkgt = jnp.concatenate(lses, axis=3)
-  out_btnh = out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  out_btnh = _tokens_major(out_bkgth)
   # Named for the "minimal" remat policy, which saves them rather than rerun this pass.
   out_bkgth = checkpoint_name(out_bkgth, CONTEXT)
   lse_bkgt = checkpoint_name(lse_bkgt, CONTEXT_LSE)
@@ -187,7 +182,7 @@ def _causal_fwd(q_btnh, k_bksh, v_bksh, mask_bts, prefix):
 
 def _causal_bwd(prefix, residuals, dout_btnh):
   q_bkgth, k_bksh, v_bksh, mask_bts, out_bkgth, lse_bkgt = residuals
-  b, k, g, t, h = q_bkgth.shape
+  _, k, _, t, h = q_bkgth.shape
   scale = np.float32(1 / np.sqrt(h))
   dout_bkgth = _heads_major(dout_btnh, k)
   delta_bkgt = jnp.einsum(
@@ -224,9 +219,9 @@ def _causal_bwd(prefix, residuals, dout_btnh):
       jnp.einsum("bksh,bksgt->bkhgt", k_i, dscores_bksgt, preferred_element_type=jnp.float32)
     )
 
-  dq_btnh = jnp.concatenate(dq_blocks, axis=-1).transpose(0, 4, 1, 3, 2).reshape(b, t, k * g, h)
+  dq_bkgth = jnp.concatenate(dq_blocks, axis=-1).transpose(0, 1, 3, 4, 2)
   return (
-    dq_btnh.astype(q_bkgth.dtype),
+    _tokens_major(dq_bkgth).astype(q_bkgth.dtype),
     dk_bksh.astype(k_bksh.dtype),
     dv_bksh.astype(v_bksh.dtype),
     None,
