@@ -1,8 +1,8 @@
 """Memory scaling: the bytes of parameters and optimizer state that each device holds for full
 fine-tuning of published presets (AdamW, float32: parameters and two moments), on every 2D mesh
 of 8 devices, with the `fsdp` rules (PaLM's layout: every weight's `embed` dimension also
-sharded over `data`) against `tp` (Megatron: weights sharded over `model` only), against the
-ideal total / devices.
+sharded over `data`, every weight stored over both mesh axes) against `tp` (Megatron: weights
+sharded over `model` only), against the ideal total / devices.
 
 Nothing is allocated: `loop.build(..., shapes_only=True)` gives the state as shapes carrying the
 shardings `jaxtune train` would use, and its train step is lowered and compiled for them
@@ -27,14 +27,11 @@ from common import compiled_memory, markdown_table, train_batch, write
 from jaxtune import config, sharding
 from jaxtune.train import loop
 
-# Model presets by name, plus GPT-2 with its 50,257-token vocabulary (29 x 1,733: it divides no
-# mesh axis, so `vocab` is replicated) padded to 50,304 (a multiple of 64, as nanoGPT pads it).
+# Model presets by name. GPT-2's vocabulary (50,257 = 29 x 1,733) and 12 heads divide no mesh
+# axis of 8 devices, so the rules replicate them; fsdp stores those weights split elsewhere.
 MODELS = {
-  **{
-    name: [f"model.preset={name}"] for name in ("llama2-7b", "llama3-8b", "mistral-7b", "gemma-2b")
-  },
-  "gpt2": ["model.preset=gpt2"],
-  "gpt2-v50304": ["model.preset=gpt2", "model.vocab_size=50304"],
+  name: [f"model.preset={name}"]
+  for name in ("llama2-7b", "llama3-8b", "mistral-7b", "gemma-2b", "gpt2")
 }
 MESHES = ((1, 8), (2, 4), (4, 2), (8, 1))
 STRATEGIES = ("fsdp", "tp")

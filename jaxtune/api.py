@@ -189,7 +189,7 @@ def _placement(
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return params, jax.tree.map(lambda _: device, params), None
   rules = sharding.resolve_rules(strategy, mesh, abstract)
-  return params, sharding.variable_shardings(abstract, mesh, rules)["params"], rules
+  return params, sharding.variable_shardings(abstract, mesh, rules, strategy)["params"], rules
 
 
 def _run_of_step(path: pathlib.Path) -> pathlib.Path | None:

@@ -8,8 +8,13 @@ logical name to a mesh axis of the 2D ("data", "model") mesh:
   `data`, so no device holds a full copy of any weight.
 
 `resolve_rules` checks the preset against the model's actual sizes once, at startup: a logical
-axis whose dimension does not divide its mesh axis (MQA's single KV head on an 8-way model axis)
-is replicated, with a warning, and the final table is logged.
+axis whose dimension does not divide its mesh axis (MQA's single KV head on an 8-way model axis,
+GPT-2's vocabulary of 50,257) is replicated, with a warning, and the final table is logged.
+
+The rules say how weights are laid out for compute. Under `fsdp`, a weight's storage (and its
+optimizer moments) is also sharded over every mesh axis that its rules leave unused, on its
+outermost dimension that divides (`weight_spec`): the replicated vocabulary's embedding
+table is stored split over its `embed` dimension, and gathered where it is used.
 """
 
 from __future__ import annotations
@@ -114,11 +119,14 @@ def resolve_rules(strategy: str, mesh: Mesh, abstract_variables: Any) -> Rules:
       axis = table[name]
       if axis is not None and size % mesh.shape[axis]:
         log.warning(
-          "logical axis %r (size %d) does not divide mesh axis %r (size %d): replicated",
+          "logical axis %r (size %d) does not divide mesh axis %r (size %d): replicated%s",
           name,
           size,
           axis,
           mesh.shape[axis],
+          " in compute (fsdp stores its weights split on another dimension)"
+          if strategy == "fsdp"
+          else "",
         )
         table[name] = None  # Warned once: later arrays with this name see None.
   for activation, weight in _WEIGHT_OF_ACTIVATION.items():
@@ -139,10 +147,49 @@ def logical_sharding(mesh: Mesh, rules: Rules, names: tuple[str | None, ...]) ->
   return NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules))
 
 
-def variable_shardings(abstract_variables: Any, mesh: Mesh, rules: Rules) -> Any:
-  """NamedShardings for the (unboxed) tree of `abstract_variables`."""
-  specs = nn.get_partition_spec(abstract_variables)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+# Stacked axes that a step slices or gathers from (the layer scan, a bank's adapters per row):
+# never sharded to spread a weight, which would make every slice a collective.
+_STACKED = frozenset({"layers", "adapters"})
+
+
+def _mesh_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def weight_spec(box: nn.Partitioned, mesh: Mesh, rules: Rules, strategy: str) -> PartitionSpec:
+  """The PartitionSpec that stores the weight `box`: its logical names through `rules`; under
+  `fsdp`, each mesh axis of more than one device that the spec leaves unused is added to the
+  outermost dimension that it still divides (stacked axes excepted), so that a shard is a run of
+  whole rows where it can be."""
+  axes = [_mesh_axes(entry) for entry in nn.logical_to_mesh_axes(box.names, rules)]
+  if strategy != "fsdp":
+    return PartitionSpec(*(_spec_entry(dim) for dim in axes))
+  for axis in MESH_AXES:
+    if mesh.shape[axis] == 1 or any(axis in dim for dim in axes):
+      continue
+    for i, (name, size) in enumerate(zip(box.names, box.value.shape, strict=True)):
+      shards = int(np.prod([mesh.shape[a] for a in axes[i]])) * mesh.shape[axis]
+      if name not in _STACKED and size % shards == 0:
+        axes[i] = (*axes[i], axis)
+        break
+  return PartitionSpec(*(_spec_entry(dim) for dim in axes))
+
+
+def _spec_entry(axes: tuple[str, ...]) -> str | tuple[str, ...] | None:
+  return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def variable_shardings(abstract_variables: Any, mesh: Mesh, rules: Rules, strategy: str) -> Any:
+  """NamedShardings for the (unboxed) tree of `abstract_variables` (see `weight_spec`)."""
+
+  def sharding_of(leaf: Any) -> NamedSharding:
+    if not isinstance(leaf, nn.Partitioned):
+      return replicated(mesh)
+    return NamedSharding(mesh, weight_spec(leaf, mesh, rules, strategy))
+
+  return jax.tree.map(
+    sharding_of, abstract_variables, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -171,7 +218,7 @@ def init_sharded(
   enough to compile (and measure) the programs of a model too large to hold."""
   abstract = jax.eval_shape(init_fn, rng)
   rules = resolve_rules(strategy, mesh, abstract)
-  shardings = variable_shardings(abstract, mesh, rules)
+  shardings = variable_shardings(abstract, mesh, rules, strategy)
   if shapes_only:
     shapes = nn.meta.unbox(abstract)
     variables = jax.tree.map(

@@ -123,7 +123,7 @@ def test_sharded_hf_load_reads_only_each_shard(qwen2_folder, strategy, monkeypat
   assert model.mesh is mesh and model.rules is not None
 
   abstract = jax.eval_shape(transformer.init_fn(model.module), jax.random.key(0))
-  expected = sharding.variable_shardings(abstract, mesh, model.rules)["params"]
+  expected = sharding.variable_shardings(abstract, mesh, model.rules, strategy)["params"]
   split = 0
   shards_of = {}  # jaxtune path -> number of distinct shards.
   for (path, array), (_, want), (_, sharding_) in zip(

@@ -171,7 +171,7 @@ def test_sharded_generation_equals_single_device(stories):
   mesh = sharding.make_mesh(MeshConfig(data=2, model=4))
   abstract = jax.eval_shape(transformer.init_fn(model), jax.random.key(0))
   rules = sharding.resolve_rules("fsdp", mesh, abstract)
-  shardings = sharding.variable_shardings(abstract, mesh, rules)["params"]
+  shardings = sharding.variable_shardings(abstract, mesh, rules, "fsdp")["params"]
   sharded = jax.tree.map(jax.device_put, params, shardings)
   on_mesh = generate.generate(model, sharded, prompts, SAMPLED, mesh=mesh, rules=rules)
   assert on_mesh == generate.generate(model, params, prompts, SAMPLED)

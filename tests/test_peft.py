@@ -283,19 +283,15 @@ def _peft_results(mesh_shape):
     model = transformer.Transformer(CFG, peft, adapters)
     if mesh_shape is None:
       params = _init(model)
-      mesh, rules, shardings = None, (), jax.tree.map(lambda _: None, params)
+      mesh, rules = None, ()
     else:
       mesh = sharding.make_mesh(MeshConfig(data=mesh_shape[0], model=mesh_shape[1]))
       sharded = sharding.init_sharded(transformer.init_fn(model), jax.random.key(0), mesh, "fsdp")
-      params, rules, shardings = (
-        sharded.variables["params"],
-        sharded.rules,
-        sharded.shardings["params"],
-      )
-      kernel_spec = shardings["layers"]["attn"]["q"]["kernel"].spec
-      if peft.method == "lora" and not adapters:  # Adapters sharded like their kernels.
-        assert shardings["layers"]["attn"]["q"]["lora_a"].spec[:2] == kernel_spec[:2]
-        assert shardings["layers"]["attn"]["q"]["lora_b"].spec[2:] == kernel_spec[2:]
+      params, rules = sharded.variables["params"], sharded.rules
+      if peft.method == "lora" and not adapters:  # The rules shard adapters like their kernels.
+        q = nn.get_partition_spec(jax.eval_shape(transformer.init_fn(model), jax.random.key(0)))
+        q = q["params"]["layers"]["attn"]["q"]
+        assert q["lora_a"][:2] == q["kernel"][:2] and q["lora_b"][2:] == q["kernel"][2:]
     ids = jnp.asarray([2, 0, 1, 2]) if adapters else None
     tokens = jax.random.randint(jax.random.key(3), (4, 8), 1, 64)
     with sharding.use(mesh, rules) if mesh else contextlib.nullcontext():

@@ -15,7 +15,20 @@ from jaxtune.model import attention, presets, transformer
 
 MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
 BASE = ModelConfig(vocab_size=256, dim=64, num_layers=2, num_heads=8, mlp_dim=128, max_seq_len=64)
-KINDS = {"mha": None, "gqa": 2, "mqa": 1}
+# GPT-2's layout (biases, LayerNorm, learned positions, tied embeddings) with a vocabulary and a
+# head count that divide no mesh axis of 8 devices: 1001 = 7 x 11 x 13 tokens, 12 heads.
+GPT2_LIKE = ModelConfig(
+  **{
+    **presets.PRESETS["gpt2"],
+    **dict(vocab_size=1001, dim=96, num_layers=2, mlp_dim=384, max_seq_len=64),
+  }
+)
+CONFIGS = {
+  "mha": BASE,
+  "gqa": dataclasses.replace(BASE, num_kv_heads=2),
+  "mqa": dataclasses.replace(BASE, num_kv_heads=1),
+  "gpt2": GPT2_LIKE,
+}
 
 
 def test_eight_devices_are_emulated():
@@ -68,14 +81,38 @@ def test_fsdp_shards_every_weight_matrix_over_both_axes():
   mesh = sharding.make_mesh(MeshConfig(data=2, model=4))
   abstract = _abstract(BASE)
   rules = sharding.resolve_rules("fsdp", mesh, abstract)
-  specs = nn.meta.unbox(sharding.variable_shardings(abstract, mesh, rules))
+  specs = nn.meta.unbox(sharding.variable_shardings(abstract, mesh, rules, "fsdp"))
   q = specs["params"]["layers"]["attn"]["q"]["kernel"].spec
   assert tuple(q) == (None, "data", "model", None)
   tp_rules = sharding.resolve_rules("tp", mesh, abstract)
-  tp_q = sharding.variable_shardings(abstract, mesh, tp_rules)["params"]["layers"]["attn"]["q"][
-    "kernel"
-  ]
+  tp_specs = sharding.variable_shardings(abstract, mesh, tp_rules, "tp")
+  tp_q = tp_specs["params"]["layers"]["attn"]["q"]["kernel"]
   assert tuple(tp_q.spec) == (None, None, "model", None)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "mqa"])
+@pytest.mark.parametrize("data, model", MESHES)
+def test_fsdp_stores_one_eighth_of_every_weight(kind, data, model):
+  """Where the rules must replicate an axis (GPT-2's vocabulary and heads, MQA's one KV head),
+  fsdp still stores 1/8 of every weight per device, never splitting the layer stack; tp keeps the
+  rules' replication."""
+  mesh = sharding.make_mesh(MeshConfig(data=data, model=model))
+  abstract = _abstract(CONFIGS[kind])
+  boxes = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  total = sum(int(np.prod(box.value.shape)) for box in boxes)
+  stored = {}
+  for strategy in ("fsdp", "tp"):
+    rules = sharding.resolve_rules(strategy, mesh, abstract)
+    shardings = jax.tree.leaves(sharding.variable_shardings(abstract, mesh, rules, strategy))
+    stored[strategy] = 0
+    for box, sharded in zip(boxes, shardings, strict=True):
+      shard = sharded.shard_shape(box.value.shape)
+      stored[strategy] += int(np.prod(shard))
+      for name, size, size_of_shard in zip(box.names, box.value.shape, shard, strict=True):
+        assert name != "layers" or size_of_shard == size
+  assert stored["fsdp"] * 8 == total
+  if data == 1 or kind == "gpt2":  # A replicated vocabulary or head axis costs tp memory.
+    assert stored["tp"] * 8 > total
 
 
 def test_unknown_logical_names_are_errors():
@@ -105,9 +142,9 @@ def test_batch_must_divide_the_data_axis():
     sharding.check_batch(6, mesh)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", CONFIGS)
 def test_sharded_logits_equal_single_device(kind):
-  cfg = dataclasses.replace(BASE, num_kv_heads=KINDS[kind])
+  cfg = CONFIGS[kind]
   model = transformer.Transformer(cfg)
   init = transformer.init_fn(model)
   reference_vars = nn.meta.unbox(jax.jit(init)(jax.random.key(0)))

@@ -166,7 +166,9 @@ class Embed(nn.Module):
 
   def __call__(self, ids_bt: jax.Array) -> jax.Array:
     dtype, _ = dtypes(self.config)
-    return jnp.take(self.embedding, ids_bt, axis=0).astype(dtype)
+    # A lookup reads whole rows: the `embed` dimension is gathered first (fsdp shards it).
+    table = constrain(self.embedding, (self.names[0], None))
+    return jnp.take(table, ids_bt, axis=0).astype(dtype)
 
   def attend(self, x_btd: jax.Array) -> jax.Array:
     dtype, _ = dtypes(self.config)
