@@ -29,6 +29,16 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   return nn.with_logical_constraint(x, names)
 
 
+def weight(
+  module: nn.Module, name: str, init: Any, shape: tuple[int, ...], names: tuple[str, ...], dtype
+) -> jax.Array:
+  """The parameter `name` of `module`, its axes carrying the logical `names`, laid out for compute
+  as the rules say: where `fsdp` stores it split further (`sharding.weight_spec`), this gathers
+  the extra split at use, as FSDP does, instead of leaving XLA to reshard the activations."""
+  value = module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+  return constrain(value, names)
+
+
 def dtypes(config: ModelConfig) -> tuple[Any, Any]:
   """(compute dtype, parameter dtype) of a model."""
   return jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
@@ -59,13 +69,13 @@ class Einsum(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, adapter_ids_b: jax.Array | None = None) -> jax.Array:
     dtype, param_dtype = dtypes(self.config)
-    init = nn.with_logical_partitioning(nn.initializers.normal(INIT_STDDEV), self.names)
-    kernel = self.param("kernel", init, self.shape, param_dtype)
+    init = nn.initializers.normal(INIT_STDDEV)
+    kernel = weight(self, "kernel", init, self.shape, self.names, param_dtype)
     x = x.astype(dtype)
     y = matmul(self.equation, x, kernel.astype(dtype))
     if self.use_bias:
-      bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.names[-self.bias_axes :])
-      bias = self.param("bias", bias_init, self.shape[-self.bias_axes :], param_dtype)
+      bias_names, bias_shape = self.names[-self.bias_axes :], self.shape[-self.bias_axes :]
+      bias = weight(self, "bias", nn.initializers.zeros, bias_shape, bias_names, param_dtype)
       y = y + bias.astype(dtype)
     if self.lora is not None:
       y = y + self._lora(x, adapter_ids_b)
@@ -77,18 +87,20 @@ class Einsum(nn.Module):
     i, r = eqs.inputs, lora.rank
     bank_shape, bank_names = ((lora.adapters,), ("adapters",)) if lora.adapters else ((), ())
     a_init = functools.partial(lora_lib.init_a, inputs=i)
-    a = self.param(
+    a = weight(
+      self,
       lora_lib.A,
-      nn.with_logical_partitioning(a_init, (*bank_names, *self.names[:i], "lora_rank")),
+      a_init,
       (*bank_shape, *self.shape[:i], r),
+      (*bank_names, *self.names[:i], "lora_rank"),
       dtypes(self.config)[1],
     )
-    b = self.param(
+    b = weight(
+      self,
       lora_lib.B,
-      nn.with_logical_partitioning(
-        nn.initializers.zeros, (*bank_names, "lora_rank", *self.names[i:])
-      ),
+      nn.initializers.zeros,
       (*bank_shape, r, *self.shape[i:]),
+      (*bank_names, "lora_rank", *self.names[i:]),
       dtypes(self.config)[1],
     )
     rng = None if self.deterministic or lora.dropout == 0 else self.make_rng("dropout")
@@ -104,16 +116,15 @@ class Norm(nn.Module):
   def __call__(self, x_btd: jax.Array) -> jax.Array:
     cfg = self.config
     dtype, param_dtype = dtypes(cfg)
-    ones = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
-    scale = self.param("scale", ones, (cfg.dim,), param_dtype)
+    scale = weight(self, "scale", nn.initializers.ones, (cfg.dim,), ("embed",), param_dtype)
     x = x_btd.astype(jnp.float32)
     if cfg.norm == "layernorm":
       x = x - jnp.mean(x, axis=-1, keepdims=True)
     y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
     y = y * scale.astype(jnp.float32)
     if cfg.norm == "layernorm" and cfg.use_bias:
-      zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
-      y = y + self.param("bias", zeros, (cfg.dim,), param_dtype).astype(jnp.float32)
+      bias = weight(self, "bias", nn.initializers.zeros, (cfg.dim,), ("embed",), param_dtype)
+      y = y + bias.astype(jnp.float32)
     return y.astype(dtype)
 
 
@@ -161,8 +172,9 @@ class Embed(nn.Module):
 
   def setup(self) -> None:
     _, param_dtype = dtypes(self.config)
-    init = nn.with_logical_partitioning(nn.initializers.normal(INIT_STDDEV), self.names)
-    self.embedding = self.param("embedding", init, (self.num, self.config.dim), param_dtype)
+    init = nn.initializers.normal(INIT_STDDEV)
+    shape = (self.num, self.config.dim)
+    self.embedding = weight(self, "embedding", init, shape, self.names, param_dtype)
 
   def __call__(self, ids_bt: jax.Array) -> jax.Array:
     dtype, _ = dtypes(self.config)

@@ -25,7 +25,7 @@ from jaxtune.model.attention import (
   KVCache,
   segment_positions,
 )
-from jaxtune.model.layers import Embed, Mlp, Norm, constrain, dropout, dtypes
+from jaxtune.model.layers import Embed, Mlp, Norm, constrain, dropout, dtypes, weight
 from jaxtune.peft import neftune
 from jaxtune.peft import prefix as prefix_lib
 
@@ -156,10 +156,12 @@ class Transformer(nn.Module):
         raise ValueError("decode with a prefix made by prefix.from_prompt, not the prompt itself")
       prompt = peft.prompt_length
       x_btd, positions_bt, segment_ids_bt = prefix_lib.prepend_prompt(
-        self.param(
+        weight(
+          self,
           "prompt",
-          nn.with_logical_partitioning(nn.initializers.normal(1.0), ("prefix", "embed")),
+          nn.initializers.normal(1.0),
           (prompt, cfg.dim),
+          ("prefix", "embed"),
           dtypes(cfg)[1],
         ),
         x_btd,

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune.config import ModelConfig, PeftConfig
+from jaxtune.model.layers import weight
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class Prefix(nn.Module):
     param_dtype = jnp.dtype(cfg.param_dtype)
 
     def param(name, init, shape, names):
-      return self.param(name, nn.with_logical_partitioning(init, names), shape, param_dtype)
+      return weight(self, name, init, shape, names, param_dtype)
 
     if e:
       if self.adapters:
