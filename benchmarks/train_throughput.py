@@ -72,9 +72,19 @@ SIZES = {
     "model.num_kv_heads=2",
   ],
 }
-# data x model devices and the rule preset; "1": one device. 1x8-fsdp is 1x8-tp (no data axis
-# to shard `embed` over), so it is left out.
-LAYOUTS = ("1", "1x8-tp", "2x4-tp", "2x4-fsdp", "4x2-tp", "4x2-fsdp", "8x1-tp", "8x1-fsdp")
+# data x model devices and the rule preset; "1": one device. 1x8-fsdp computes as 1x8-tp (no
+# data axis to shard `embed` over) and differs only in storing the 2 KV heads' weights split.
+LAYOUTS = (
+  "1",
+  "1x8-tp",
+  "1x8-fsdp",
+  "2x4-tp",
+  "2x4-fsdp",
+  "4x2-tp",
+  "4x2-fsdp",
+  "8x1-tp",
+  "8x1-fsdp",
+)
 # The default run: every layout at 2M, the sizes on a few (a 40M step is ~1e12 FLOPs).
 GRID = {"2M": LAYOUTS, "10M": ("1", "2x4-fsdp", "8x1-fsdp"), "40M": ("1", "2x4-fsdp")}
 ROWS = 8
