@@ -162,9 +162,7 @@ def weight_spec(box: nn.Partitioned, mesh: Mesh, rules: Rules, strategy: str) ->
   outermost dimension that it still divides (stacked axes excepted), so that a shard is a run of
   whole rows where it can be."""
   axes = [_mesh_axes(entry) for entry in nn.logical_to_mesh_axes(box.names, rules)]
-  if strategy != "fsdp":
-    return PartitionSpec(*(_spec_entry(dim) for dim in axes))
-  for axis in MESH_AXES:
+  for axis in MESH_AXES if strategy == "fsdp" else ():
     if mesh.shape[axis] == 1 or any(axis in dim for dim in axes):
       continue
     for i, (name, size) in enumerate(zip(box.names, box.value.shape, strict=True)):
