@@ -32,10 +32,10 @@ from jax.sharding import Mesh
 from jaxtune import checkpoint, config, generate, sharding
 from jaxtune.config import ModelConfig, PeftConfig
 from jaxtune.convert import hf, llama2c
-from jaxtune.convert.llama2c import CheckpointError
 from jaxtune.data import pipeline
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.data.hf_tokenizer import TOKENIZER_JSON
+from jaxtune.errors import CheckpointError
 from jaxtune.model import transformer
 from jaxtune.peft import lora, partition, prefix
 from jaxtune.train.loop import seed_rngs

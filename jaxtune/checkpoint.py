@@ -16,11 +16,9 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxtune.errors import CheckpointError
+
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-  """A checkpoint is missing, incomplete or does not fit the model."""
 
 
 class Checkpointer:

@@ -8,27 +8,12 @@ import sys
 from collections.abc import Callable, Sequence
 
 from jaxtune import commands, host
-from jaxtune.checkpoint import CheckpointError as RestoreError
-from jaxtune.config import ConfigError
-from jaxtune.convert.llama2c import CheckpointError
-from jaxtune.data.sources import DataError
-from jaxtune.generate import GenerationError
-from jaxtune.sharding import ShardingError
-from jaxtune.train.loop import TrainingError
+from jaxtune.errors import ConfigError, JaxtuneError, TrainingError
 
 log = logging.getLogger("jaxtune")
 
 # Errors that are the user's to fix: reported as one line, no traceback.
-USER_ERRORS = (
-  ConfigError,
-  DataError,
-  ShardingError,
-  CheckpointError,
-  RestoreError,
-  TrainingError,
-  GenerationError,
-  FileNotFoundError,
-)
+USER_ERRORS = (JaxtuneError, TrainingError, FileNotFoundError)
 
 
 def _config(args: argparse.Namespace):

@@ -22,8 +22,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from jaxtune.config import ConfigError
-from jaxtune.data.sources import DataError
+from jaxtune.errors import ConfigError, DataError
 
 
 def _sampling_arguments(p: argparse.ArgumentParser) -> None:

@@ -16,9 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-  """A configuration key is unknown, mistyped, or has an invalid value."""
+from jaxtune.errors import ConfigError
 
 
 def _check(ok: bool, message: str) -> None:

@@ -30,7 +30,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxtune.config import ConfigError, DistributedConfig
+from jaxtune.config import DistributedConfig
+from jaxtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

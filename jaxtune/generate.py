@@ -35,16 +35,12 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxtune import sharding
-from jaxtune.config import ConfigError
 from jaxtune.data import templates
+from jaxtune.errors import ConfigError, GenerationError
 from jaxtune.model import transformer
 from jaxtune.model.attention import CACHE_AXES
 
 _SLOT_BUCKET = 32  # Prompt slots are rounded up to a multiple of this, to reuse compilations.
-
-
-class GenerationError(ValueError):
-  """A prompt the model cannot continue: empty, or filling all of its positions."""
 
 
 @dataclasses.dataclass(frozen=True)

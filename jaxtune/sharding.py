@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxtune.config import MeshConfig
+from jaxtune.errors import ShardingError
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,6 @@ _WEIGHT_OF_ACTIVATION = {
 }
 
 Rules = tuple[tuple[str, str | None], ...]
-
-
-class ShardingError(ValueError):
-  """The mesh does not fit the devices, or a shape does not fit the mesh."""
 
 
 def make_mesh(cfg: MeshConfig, devices: list[jax.Device] | None = None) -> Mesh:

@@ -20,8 +20,8 @@ import jaxtune
 from jaxtune import checkpoint, generate, sharding
 from jaxtune.config import MeshConfig
 from jaxtune.convert import export, hf, llama2c
-from jaxtune.convert.llama2c import CheckpointError
 from jaxtune.data import tokenizer as tokenizer_lib
+from jaxtune.errors import CheckpointError
 from jaxtune.model import transformer
 
 

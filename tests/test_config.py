@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from jaxtune import config
-from jaxtune.config import ConfigError
+from jaxtune.errors import ConfigError
 
 
 def test_defaults_yaml_overrides_precedence(tmp_path):

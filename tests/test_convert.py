@@ -25,9 +25,9 @@ from test_hf import (
 
 import jaxtune
 from jaxtune import api
-from jaxtune.config import ConfigError, ModelConfig
+from jaxtune.config import ModelConfig
 from jaxtune.convert import export, hf
-from jaxtune.convert.llama2c import CheckpointError
+from jaxtune.errors import CheckpointError, ConfigError
 from jaxtune.model import transformer
 
 

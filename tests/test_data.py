@@ -9,7 +9,8 @@ import pytest
 from jaxtune import config
 from jaxtune.data import formats, mixtures, packing, pipeline, templates, tfds
 from jaxtune.data import tokenizer as tokenizer_lib
-from jaxtune.data.sources import DataError, read_records
+from jaxtune.data.sources import read_records
+from jaxtune.errors import DataError
 from jaxtune.sharding import BatchBlocks
 
 

@@ -20,8 +20,8 @@ import pytest
 from subprocesses import JAXTUNE, TINY_RUN, Background
 
 from jaxtune import config, distributed, sharding
-from jaxtune.config import ConfigError
 from jaxtune.data import pipeline
+from jaxtune.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).parents[1]
 STEPS = 6

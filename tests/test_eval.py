@@ -15,7 +15,7 @@ import jaxtune
 from jaxtune import generate, sharding
 from jaxtune.config import MeshConfig
 from jaxtune.convert import hf
-from jaxtune.data.sources import DataError
+from jaxtune.errors import DataError
 from jaxtune.eval import base, bbh, gsm8k, metrics, mmlu, runner
 
 TOLERANCE = 1e-4

@@ -12,8 +12,9 @@ import transformers
 from test_llama2c import FIRST_IDS, PUBLISHED
 
 from jaxtune import generate, sharding
-from jaxtune.config import ConfigError, MeshConfig, ModelConfig
+from jaxtune.config import MeshConfig, ModelConfig
 from jaxtune.convert import llama2c
+from jaxtune.errors import ConfigError
 from jaxtune.model import transformer
 
 GREEDY = generate.Sampling(max_new_tokens=24)

@@ -24,7 +24,7 @@ import transformers
 
 from jaxtune.config import ModelConfig
 from jaxtune.convert import hf
-from jaxtune.convert.llama2c import CheckpointError
+from jaxtune.errors import CheckpointError
 from jaxtune.model import transformer
 
 _SMALL = dict(

@@ -12,7 +12,8 @@ import optax
 import pytest
 
 from jaxtune import sharding
-from jaxtune.config import ConfigError, MeshConfig, ModelConfig, PeftConfig, load
+from jaxtune.config import MeshConfig, ModelConfig, PeftConfig, load
+from jaxtune.errors import ConfigError
 from jaxtune.model import layers, presets, transformer
 from jaxtune.peft import lora, partition, prefix
 from jaxtune.train.step import TrainState, make_train_step

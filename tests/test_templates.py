@@ -4,7 +4,7 @@ import pytest
 
 from jaxtune.data import templates
 from jaxtune.data.formats import Conversation, Message
-from jaxtune.data.sources import DataError
+from jaxtune.errors import DataError
 
 U, A, S = "user", "assistant", "system"
 

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune.config import ConfigError, ModelConfig, load
+from jaxtune.config import ModelConfig, load
 from jaxtune.convert.uptrain import to_kv_heads
+from jaxtune.errors import ConfigError
 from jaxtune.model import transformer
 
 MHA = ModelConfig(vocab_size=128, dim=64, num_layers=2, num_heads=8, mlp_dim=128, qkv_bias=True)

@@ -21,11 +21,11 @@ import numpy as np
 import yaml
 
 from jaxtune import api, checkpoint
-from jaxtune.config import Config, ConfigError, DataConfig, TrainConfig
+from jaxtune.config import Config, DataConfig, TrainConfig
 from jaxtune.convert import hf, hf_peft, uptrain
-from jaxtune.convert.llama2c import CheckpointError
 from jaxtune.data import hf_tokenizer
 from jaxtune.data import tokenizer as tokenizer_lib
+from jaxtune.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 

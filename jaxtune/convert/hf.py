@@ -27,9 +27,9 @@ import safetensors
 import safetensors.numpy
 from tqdm import tqdm
 
-from jaxtune.config import ConfigError, ModelConfig
+from jaxtune.config import ModelConfig
 from jaxtune.convert.hf_layout import FAMILIES, Family, Tensor, View, family_for
-from jaxtune.convert.llama2c import CheckpointError
+from jaxtune.errors import CheckpointError, ConfigError
 from jaxtune.model import transformer
 
 logger = logging.getLogger(__name__)

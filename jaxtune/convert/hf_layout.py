@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from jaxtune.config import ModelConfig
-from jaxtune.convert.llama2c import CheckpointError
+from jaxtune.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import safetensors.numpy
 
 from jaxtune.config import ModelConfig, PeftConfig
 from jaxtune.convert.hf_layout import family_for
-from jaxtune.convert.llama2c import CheckpointError
+from jaxtune.errors import CheckpointError
 from jaxtune.peft import lora
 
 log = logging.getLogger(__name__)

@@ -18,14 +18,11 @@ from typing import Any
 import numpy as np
 
 from jaxtune.config import ModelConfig
+from jaxtune.errors import CheckpointError
 from jaxtune.model.attention import interleaved_to_half
 
 _HEADER = struct.Struct("<7i")
 TOKENIZER_FILE = "tokenizer.bin"
-
-
-class CheckpointError(ValueError):
-  """A checkpoint file is missing, truncated or not in the expected format."""
 
 
 def load_model(path: str) -> tuple[ModelConfig, dict[str, Any]]:

@@ -18,7 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxtune.config import ConfigError, ModelConfig
+from jaxtune.config import ModelConfig
+from jaxtune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from jaxtune.data.sources import DataError, Record
+from jaxtune.data.sources import Record
+from jaxtune.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 

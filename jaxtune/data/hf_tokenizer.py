@@ -17,8 +17,8 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from jaxtune.data.sources import DataError
 from jaxtune.data.tokenizer import decode_pieces
+from jaxtune.errors import DataError
 
 TOKENIZER_JSON = "tokenizer.json"
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from jaxtune.data.formats import FLAN_COT_COLUMNS, Conversation, Message
-from jaxtune.data.sources import DataError, read_records
+from jaxtune.data.sources import read_records
+from jaxtune.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,8 @@ from jaxtune.data import formats, hf_tokenizer, mixtures, packing, synthetic, te
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.data.formats import Conversation
 from jaxtune.data.packing import Batch, Example, Stats
-from jaxtune.data.sources import BadRecords, DataError, Record, Source, open_source
+from jaxtune.data.sources import BadRecords, Record, Source, open_source
+from jaxtune.errors import DataError
 from jaxtune.sharding import BatchBlocks
 
 log = logging.getLogger(__name__)

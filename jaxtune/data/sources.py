@@ -14,13 +14,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-
-class DataError(ValueError):
-  """A data file or record is malformed: `where` names the file and line, `reason` the field."""
-
-  def __init__(self, where: str, reason: str):
-    super().__init__(f"{where}: {reason}")
-    self.where, self.reason = where, reason
+from jaxtune.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)

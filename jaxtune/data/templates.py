@@ -15,7 +15,7 @@ import dataclasses
 import re
 
 from jaxtune.data.formats import Conversation
-from jaxtune.data.sources import DataError
+from jaxtune.errors import DataError
 
 BOS, EOS = "{bos}", "{eos}"
 

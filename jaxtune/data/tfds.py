@@ -29,7 +29,7 @@ from typing import Any, SupportsIndex
 import tensorflow_datasets as tfds
 
 from jaxtune.data import sources
-from jaxtune.data.sources import DataError
+from jaxtune.errors import DataError
 
 Record = dict[str, Any]
 

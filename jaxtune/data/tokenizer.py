@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from jaxtune.data.sources import DataError
+from jaxtune.errors import DataError
 
 SPECIAL_TOKENS_FILE = "special_tokens.json"
 MODEL_FILE = "tokenizer.model"

@@ -16,7 +16,7 @@ import os
 import re
 from typing import Any
 
-from jaxtune.data.sources import DataError
+from jaxtune.errors import DataError
 from jaxtune.eval import base
 
 DEFAULT_SHOTS = 3

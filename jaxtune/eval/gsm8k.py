@@ -15,7 +15,8 @@ import dataclasses
 import re
 from typing import Any
 
-from jaxtune.data.sources import DataError, read_records
+from jaxtune.data.sources import read_records
+from jaxtune.errors import DataError
 from jaxtune.eval import base, metrics
 
 DEFAULT_SHOTS = 8

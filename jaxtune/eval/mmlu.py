@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxtune.data.sources import DataError
+from jaxtune.errors import DataError
 from jaxtune.eval import base, scoring
 
 CHOICES = ("A", "B", "C", "D")

@@ -18,7 +18,7 @@ from jaxtune import sharding
 from jaxtune.config import DataConfig
 from jaxtune.data import pipeline
 from jaxtune.data.packing import Stats
-from jaxtune.data.sources import DataError
+from jaxtune.errors import DataError
 from jaxtune.eval import base
 from jaxtune.train.step import make_eval_step
 

@@ -18,7 +18,7 @@ from typing import Any
 from jaxtune.config import DataConfig
 from jaxtune.data import packing, pipeline
 from jaxtune.data.packing import Stats
-from jaxtune.data.sources import DataError
+from jaxtune.errors import DataError
 from jaxtune.eval import base, metrics
 
 log = logging.getLogger(__name__)

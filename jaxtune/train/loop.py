@@ -16,19 +16,16 @@ import yaml
 from tqdm import tqdm
 
 from jaxtune import checkpoint, distributed, generate, sharding
-from jaxtune.config import Config, ConfigError
+from jaxtune.config import Config
 from jaxtune.convert import hf, llama2c
 from jaxtune.data import packing, pipeline
+from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.model import transformer
 from jaxtune.peft import partition, prefix
 from jaxtune.train import metrics, optim
 from jaxtune.train.step import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-  """Training cannot go on (a non-finite loss or gradient)."""
 
 
 def seed_rngs(seed: int) -> tuple[jax.Array, jax.Array]:
