@@ -29,22 +29,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxtune import checkpoint, config, generate, sharding
-from jaxtune.config import ModelConfig, PeftConfig
+from jaxtune import checkpoint, config, generate, runs, sharding
+from jaxtune.config import ModelConfig
 from jaxtune.convert import hf, llama2c
 from jaxtune.data import pipeline
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.data.hf_tokenizer import TOKENIZER_JSON
 from jaxtune.errors import CheckpointError
 from jaxtune.model import transformer
-from jaxtune.peft import lora, partition, prefix
-from jaxtune.train.loop import seed_rngs
+from jaxtune.model.adapters import NONE, Adapters
+from jaxtune.peft import lora, methods, partition, prefix
 
 log = logging.getLogger(__name__)
 
 Tokenizer = pipeline.Tokenizer
-RUN_CONFIG, RUN_TOKENIZER, RUN_CHECKPOINTS = "config.yaml", "tokenizer", "checkpoints"
-NO_PEFT = PeftConfig()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -58,24 +56,25 @@ class Model:
   template: str = "raw"
   mesh: Mesh | None = None
   rules: sharding.Rules | None = None
-  peft: PeftConfig = NO_PEFT  # A PEFT run's adapters, ready to decode (see `_load_run`).
+  adapters: Adapters = NONE  # A PEFT run's adapters, ready to decode (see `_load_run`).
   base: str = ""  # Where a PEFT run's base model came from (its train.init_from).
 
   @functools.cached_property
   def module(self) -> transformer.Transformer:
-    return transformer.Transformer(self.config, self.peft)
+    return transformer.Transformer(self.config, self.adapters)
 
   def merged(self) -> Model:
     """The plain model that computes what this one does: LoRA folded into the base weights."""
-    if self.peft.method == "none":
+    adapters = self.adapters
+    if adapters == NONE:
       return self
-    if self.peft.method != "lora":
+    if adapters.prefix_length or adapters.prompt_length:
       raise CheckpointError(
-        f"a {self.peft.method}-tuned model cannot be folded into plain weights; export its "
+        "a prefix- or prompt-tuned model cannot be folded into plain weights; export its "
         "base model, or load it with jaxtune.load"
       )
-    merged = lora.merge(self.params, self.peft)
-    return dataclasses.replace(self, params=merged, peft=NO_PEFT)
+    merged = lora.merge(self.params, adapters.lora_scale)
+    return dataclasses.replace(self, params=merged, adapters=NONE)
 
   @functools.cached_property
   def _logits(self) -> Callable[[Any, jax.Array], jax.Array]:
@@ -127,17 +126,15 @@ def detect(path: str | pathlib.Path) -> str:
   if not path.exists():
     raise CheckpointError(f"{path}: no such file or directory")
   if path.is_dir():
-    if (path / RUN_CONFIG).is_file() and (path / RUN_CHECKPOINTS).is_dir():
-      return "jaxtune"
-    if _run_of_step(path) is not None:
+    if runs.is_run(path) or runs.run_of_step(path) is not None:
       return "jaxtune"
     if (path / "config.json").is_file():
       return "hf"
   elif path.suffix == ".bin":
     return "llama2c"
   raise CheckpointError(
-    f"{path}: not a checkpoint jaxtune reads: expected a jaxtune run directory ({RUN_CONFIG} and "
-    f"{RUN_CHECKPOINTS}/), one of its {RUN_CHECKPOINTS}/<step> directories, a Hugging Face "
+    f"{path}: not a checkpoint jaxtune reads: expected a jaxtune run directory ({runs.CONFIG} and "
+    f"{runs.CHECKPOINTS}/), one of its {runs.CHECKPOINTS}/<step> directories, a Hugging Face "
     "folder (config.json and *.safetensors) or a llama2.c model file (.bin)"
   )
 
@@ -179,10 +176,10 @@ def load(
 
 
 def _placement(
-  cfg: ModelConfig, mesh: Mesh | None, strategy: str, peft: PeftConfig = NO_PEFT
+  cfg: ModelConfig, mesh: Mesh | None, strategy: str, adapters: Adapters = NONE
 ) -> tuple[Any, Any, Any]:
   """(abstract params, their shardings, the rules) of `cfg`'s model on `mesh` or one device."""
-  model = transformer.Transformer(cfg, peft)
+  model = transformer.Transformer(cfg, adapters)
   abstract = jax.eval_shape(transformer.init_fn(model), jax.random.key(0))
   params = nn.meta.unbox(abstract)["params"]
   if mesh is None:
@@ -192,45 +189,31 @@ def _placement(
   return params, sharding.variable_shardings(abstract, mesh, rules, strategy)["params"], rules
 
 
-def _run_of_step(path: pathlib.Path) -> pathlib.Path | None:
-  """The run directory of a `checkpoints/<step>` directory, else None."""
-  run = path.parent.parent
-  if path.name.isdigit() and path.parent.name == RUN_CHECKPOINTS and (run / RUN_CONFIG).is_file():
-    return run
-  return None
-
-
-def _run(path: pathlib.Path) -> tuple[pathlib.Path, int | None]:
-  """The run directory and step (None: the latest) of a run or `checkpoints/<step>` path."""
-  run = _run_of_step(path)
-  return (path, None) if run is None else (run, int(path.name))
-
-
 def _load_run(path, mesh, param_dtype, strategy) -> Model:
-  run, step = _run(path)
-  cfg = config.load(str(run / RUN_CONFIG))
+  run, step = runs.run_and_step(path)
+  cfg = config.load(str(run / runs.CONFIG))
   model_cfg = (
     cfg.model if param_dtype is None else dataclasses.replace(cfg.model, param_dtype=param_dtype)
   )
   strategy = strategy or cfg.mesh.strategy
-  method = cfg.peft.method
-  abstract, shardings, rules = _placement(model_cfg, mesh, strategy, cfg.peft)
+  adapters, trains = methods.adapters(cfg.peft), methods.trains(cfg.peft)
+  abstract, shardings, rules = _placement(model_cfg, mesh, strategy, adapters)
   (trained, base), (trained_sharding, base_sharding) = (
-    partition.split(abstract, method),
-    partition.split(shardings, method),
+    partition.split(abstract, trains),
+    partition.split(shardings, trains),
   )
   params = checkpoint.restore_params(
-    str(run / RUN_CHECKPOINTS), checkpoint.abstract(trained, trained_sharding), step
+    str(run / runs.CHECKPOINTS), checkpoint.abstract(trained, trained_sharding), step
   )
-  if method != "none":  # The checkpoint holds the adapters; the base is where the run began.
+  if adapters != NONE:  # The checkpoint holds the adapters; the base is where the run began.
     base_params = _base_of_run(cfg, model_cfg, mesh, strategy)
     if jax.tree.map(jnp.shape, base_params) != jax.tree.map(jnp.shape, base):
       raise CheckpointError(f"{run}: the base model (train.init_from) does not fit the adapters")
     params = partition.combine(params, jax.tree.map(jax.device_put, base_params, base_sharding))
   with sharding.use(mesh, rules):
-    module, params = prefix.for_decoding(transformer.Transformer(model_cfg, cfg.peft), params)
+    module, params = prefix.for_decoding(transformer.Transformer(model_cfg, adapters), params)
   return Model(
-    model_cfg, params, None, cfg.data.template, mesh, rules, module.peft, cfg.train.init_from
+    model_cfg, params, None, cfg.data.template, mesh, rules, module.adapters, cfg.train.init_from
   )
 
 
@@ -240,13 +223,13 @@ def _base_of_run(cfg: config.Config, model_cfg: ModelConfig, mesh, strategy) -> 
   if cfg.train.init_from:
     base = load(cfg.train.init_from, mesh=mesh, strategy=strategy)
     return transformer.grow_vocab(base.merged().params, model_cfg.vocab_size)
-  init_rng, _ = seed_rngs(cfg.train.seed)
-  init = transformer.init_fn(transformer.Transformer(model_cfg, cfg.peft))
+  init_rng, _ = runs.seed_rngs(cfg.train.seed)
+  init = transformer.init_fn(methods.model(model_cfg, cfg.peft))
   return partition.base(nn.meta.unbox(jax.jit(init)(init_rng))["params"])
 
 
 def _run_tokenizer(path: pathlib.Path) -> Tokenizer | None:
-  saved = _run(path)[0] / RUN_TOKENIZER
+  saved = runs.run_and_step(path)[0] / runs.TOKENIZER
   return pipeline.load_tokenizer(str(saved)) if saved.is_dir() else None
 
 

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from jaxtune import runs
 from jaxtune.errors import ConfigError, DataError
 
 
@@ -268,7 +269,7 @@ def _default_output(checkpoint: str, task: str) -> str:
 
   path = pathlib.Path(checkpoint)
   if api.detect(path) == "jaxtune":
-    run = path if (path / api.RUN_CONFIG).is_file() else path.parent.parent
+    run, _ = runs.run_and_step(path)
     return str(run / "eval" / f"{task}.json")
   return os.path.join("runs", "eval", _name(checkpoint), f"{task}.json")
 

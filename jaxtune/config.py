@@ -53,6 +53,7 @@ class ModelConfig:
   dtype: Literal["float32", "bfloat16"] = "float32"  # Compute dtype.
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   remat: Literal["none", "full", "dots", "dots_no_batch", "minimal"] = "none"
+  linear: Literal["dense"] = "dense"  # The projections' kernel product (`model/linear.py`).
 
   @property
   def kv_heads(self) -> int:
@@ -172,6 +173,7 @@ class TrainConfig:
   eps: float = 1e-8
   weight_decay: float = 0.0
   clip_norm: float = 1.0  # 0: no clipping.
+  objective: str = "sft"  # What the step minimizes (`train/objective.py`).
   z_loss: float = 0.0  # PaLM's auxiliary loss on log(Z)^2 (1e-4 in PaLM).
   neftune_alpha: float = 5.0  # 0: off; the paper uses 5, 10, 15.
   nonfinite: Literal["stop", "skip"] = "stop"  # What a non-finite loss or gradient does.

@@ -20,12 +20,13 @@ from collections.abc import Callable
 import numpy as np
 import yaml
 
-from jaxtune import api, checkpoint
+from jaxtune import api, checkpoint, runs
 from jaxtune.config import Config, DataConfig, TrainConfig
 from jaxtune.convert import hf, hf_peft, uptrain
 from jaxtune.data import hf_tokenizer
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.errors import CheckpointError, ConfigError
+from jaxtune.model import adapters
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def convert(
 def save_run(model: api.Model, folder: str | pathlib.Path, step: int = 0) -> None:
   """Writes `model` as a jaxtune run directory with one checkpoint, `step`."""
   folder = pathlib.Path(folder).absolute()
-  saved_tokenizer = folder / api.RUN_TOKENIZER
+  saved_tokenizer = folder / runs.TOKENIZER
   cfg = Config(
     model=model.config,
     data=DataConfig(
@@ -82,12 +83,12 @@ def save_run(model: api.Model, folder: str | pathlib.Path, step: int = 0) -> Non
     train=TrainConfig(output_dir=str(folder)),
   )
   folder.mkdir(parents=True, exist_ok=True)
-  with open(folder / api.RUN_CONFIG, "w") as f:
+  with open(folder / runs.CONFIG, "w") as f:
     yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
   if model.tokenizer is not None:
     model.tokenizer.save(str(saved_tokenizer))
-  log.info("writing the parameters to %s", folder / api.RUN_CHECKPOINTS)
-  ckpt = checkpoint.Checkpointer(str(folder / api.RUN_CHECKPOINTS), keep=1)
+  log.info("writing the parameters to %s", folder / runs.CHECKPOINTS)
+  ckpt = checkpoint.Checkpointer(str(folder / runs.CHECKPOINTS), keep=1)
   ckpt.save(step, {"step": np.int32(step), "params": model.params}, {})
   ckpt.close()
 
@@ -129,7 +130,7 @@ def _write_tokenizer_config(tok: tokenizer_lib.Tokenizer, folder: pathlib.Path, 
 
 
 def _write_peft(model: api.Model, folder: pathlib.Path, dtype: str) -> None:
-  if model.peft.method == "none":
+  if model.adapters == adapters.NONE:
     raise CheckpointError("not a PEFT fine-tune: there are no adapters to export (use --to hf)")
   log.info(
     "adapters for the base model %s with a %d-token vocabulary (a run that added tokens needs "
@@ -137,7 +138,7 @@ def _write_peft(model: api.Model, folder: pathlib.Path, dtype: str) -> None:
     model.base or "(the run's random initialization)",
     model.config.vocab_size,
   )
-  hf_peft.save_adapter(model.config, model.peft, model.params, folder, model.base, dtype)
+  hf_peft.save_adapter(model.config, model.adapters, model.params, folder, model.base, dtype)
 
 
 _WRITERS: dict[str, Callable[[api.Model, pathlib.Path, str], None]] = {

@@ -19,10 +19,10 @@ import jax
 import numpy as np
 import safetensors.numpy
 
-from jaxtune.config import ModelConfig, PeftConfig
+from jaxtune.config import ModelConfig
 from jaxtune.convert.hf_layout import family_for
 from jaxtune.errors import CheckpointError
-from jaxtune.peft import lora
+from jaxtune.model.adapters import LORA_A, LORA_B, Adapters
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ _MODULES = {
 
 def save_adapter(
   config: ModelConfig,
-  peft: PeftConfig,
+  adapters: Adapters,
   params: Any,
   folder: str | pathlib.Path,
   base_model: str = "",
@@ -51,17 +51,17 @@ def save_adapter(
 
   `base_model` is recorded as `base_model_name_or_path`: where the base model lives.
   """
-  if peft.method != "lora":
-    raise CheckpointError(f"only LoRA adapters have a PEFT form, not peft.method={peft.method}")
+  if not adapters.lora_rank:
+    raise CheckpointError("only LoRA adapters have a PEFT form; this model has none")
   family = family_for(config)
   if family == "gpt2":
     raise CheckpointError("PEFT export covers Llama-family models; GPT-2 fuses q, k and v")
   layers = jax.device_get(params["layers"])
   tensors = {}
-  for name in peft.lora_targets:
+  for name in adapters.lora_targets:
     group, hf_name = _MODULES[name]
-    a_lir, b_lro = (np.asarray(layers[group][name][k], np.float32) for k in (lora.A, lora.B))
-    rank = peft.lora_rank
+    a_lir, b_lro = (np.asarray(layers[group][name][k], np.float32) for k in (LORA_A, LORA_B))
+    rank = adapters.lora_rank
     for i in range(config.num_layers):
       key = f"base_model.model.model.layers.{i}.{hf_name}"
       tensors[f"{key}.lora_A.weight"] = a_lir[i].reshape(-1, rank).T
@@ -71,10 +71,10 @@ def save_adapter(
     peft_type="LORA",
     task_type="CAUSAL_LM",
     base_model_name_or_path=base_model or None,
-    r=peft.lora_rank,
-    lora_alpha=peft.lora_alpha,
-    lora_dropout=peft.lora_dropout,
-    target_modules=sorted(_MODULES[t][1].rpartition(".")[2] for t in peft.lora_targets),
+    r=adapters.lora_rank,
+    lora_alpha=adapters.lora_alpha,
+    lora_dropout=adapters.lora_dropout,
+    target_modules=sorted(_MODULES[t][1].rpartition(".")[2] for t in adapters.lora_targets),
     bias="none",
     fan_in_fan_out=False,
     inference_mode=True,
@@ -84,4 +84,4 @@ def save_adapter(
   folder.mkdir(parents=True, exist_ok=True)
   (folder / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
   safetensors.numpy.save_file(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-  log.info("saved %d LoRA tensors (rank %d) to %s", len(tensors), peft.lora_rank, folder)
+  log.info("saved %d LoRA tensors (rank %d) to %s", len(tensors), adapters.lora_rank, folder)

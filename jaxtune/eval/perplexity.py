@@ -20,6 +20,7 @@ from jaxtune.data import pipeline
 from jaxtune.data.packing import Stats
 from jaxtune.errors import DataError
 from jaxtune.eval import base
+from jaxtune.train.sft import SFT
 from jaxtune.train.step import make_eval_step
 
 
@@ -44,7 +45,8 @@ def run(model: Any, options: base.Options) -> base.Result:
   data = 1 if model.mesh is None else model.mesh.shape[sharding.DATA]
   rows = -(-options.batch_size // data) * data
   batches = pipeline.Batches(examples, rows, cfg.max_length, True, 0, False)
-  eval_step = jax.jit(make_eval_step(model.module))
+  sft = SFT(model.module)
+  eval_step = jax.jit(make_eval_step(sft))
   total = count = 0.0
   with sharding.use(model.mesh, model.rules):
     for _ in tqdm(
@@ -54,8 +56,8 @@ def run(model: Any, options: base.Options) -> base.Result:
         k: sharding.put_global(v, model.mesh, model.rules, ("act_batch", "act_seq"))
         for k, v in vars(next(batches)).items()
       }
-      nll, n = eval_step(model.params, {}, arrays)
-      total, count = total + float(nll), count + float(n)
+      sums, n = eval_step(model.params, {}, arrays)
+      total, count = total + float(sums[sft.eval_metric]), count + float(n)
   loss = total / count
   metrics = {
     "loss": loss,

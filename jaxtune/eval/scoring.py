@@ -23,7 +23,7 @@ from tqdm import tqdm
 from jaxtune import sharding
 from jaxtune.data import packing
 from jaxtune.model import transformer
-from jaxtune.train.step import token_losses
+from jaxtune.train.sft import token_losses
 
 _LENGTH_BUCKET = 64
 

@@ -1,1 +1,2 @@
-"""The decoder model: layers, attention, the scanned transformer, and architecture presets."""
+"""The decoder model: layers, projections, attention, adapters, heads, the scanned transformer,
+and architecture presets."""

@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxtune.config import ModelConfig, PeftConfig
-from jaxtune.model.layers import Einsum, constrain
-from jaxtune.peft import lora as lora_lib
+from jaxtune.config import ModelConfig
+from jaxtune.model.adapters import NONE, Adapters
+from jaxtune.model.layers import constrain
+from jaxtune.model.linear import Linear, Projection
 
 
 def rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
@@ -283,8 +284,7 @@ class Attention(nn.Module):
   """
 
   config: ModelConfig
-  peft: PeftConfig = PeftConfig()
-  adapters: int = 0  # LoRA bank size (0: one adapter).
+  adapters: Adapters = NONE
   deterministic: bool = True
 
   @nn.compact
@@ -293,6 +293,7 @@ class Attention(nn.Module):
     x_btd: jax.Array,
     positions_bt: jax.Array,
     segment_ids_bt: jax.Array,
+    *,
     prefix_kv: tuple[jax.Array, jax.Array] | None = None,
     adapter_ids_b: jax.Array | None = None,
     cache: KVCache | None = None,
@@ -300,16 +301,15 @@ class Attention(nn.Module):
   ) -> tuple[jax.Array, KVCache | None]:
     cfg = self.config
     d, n, k, h = cfg.dim, cfg.num_heads, cfg.kv_heads, cfg.head_size
-    qkv_bias = cfg.use_bias or cfg.qkv_bias
 
-    def einsum(name, eqn, shape, names, bias, bias_axes):
-      lora = lora_lib.spec(self.peft, name, self.adapters)
-      module = Einsum(eqn, shape, names, bias, bias_axes, cfg, lora, self.deterministic, name=name)
-      return lambda x: module(x, adapter_ids_b)
+    def linear(name, projection, x):
+      module = Linear(projection, cfg, self.adapters.lora(name), self.deterministic, name=name)
+      return module(x, adapter_ids_b)
 
     def proj(name, heads, heads_name):
       shape, names = (d, heads, h), ("embed", heads_name, "head_dim")
-      return einsum(name, "btd,dnh->btnh", shape, names, qkv_bias, 2)(x_btd)
+      qkv_bias = 2 if cfg.use_bias or cfg.qkv_bias else 0
+      return linear(name, Projection("btd,dnh->btnh", shape, names, qkv_bias), x_btd)
 
     q_btnh = proj("q", n, "q_heads")
     k_btkh = proj("k", k, "kv_heads")
@@ -341,5 +341,5 @@ class Attention(nn.Module):
     else:
       out_btnh = dot_product_attention(q_btnh, k_bksh, v_bksh, mask_bts)
     out_btnh = constrain(out_btnh, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
-    o = einsum("o", "btnh,nhd->btd", (n, h, d), ("q_heads", "head_dim", "embed"), cfg.use_bias, 1)
-    return o(out_btnh), cache
+    o = Projection("btnh,nhd->btd", (n, h, d), ("q_heads", "head_dim", "embed"), int(cfg.use_bias))
+    return linear("o", o, out_btnh), cache

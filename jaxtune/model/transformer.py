@@ -1,22 +1,28 @@
-"""The decoder: embeddings, a stack of blocks under `nn.scan` (with remat), and the output layer.
+"""The decoder in three parts: `embed` (tokens to vectors), `decode` (vectors to hidden states,
+through a stack of blocks under `nn.scan` with remat, with an optional KV cache) and the heads
+(`logits`, and `score`: a scalar per token, for reward and value models).
 
 Shape letters: B batch, T length, D model dim, V vocab, L layers.
 
-Inputs are token ids with optional `segment_ids` (packed sequences; 0 = padding) and positions
-(default: restarting at each segment). Layer weights are stacked on a leading `layers` axis, and
-so are the keys and values of the KV cache (see `attention.KVCache`).
+Inputs are token ids, or vectors a caller built (image features spliced in place of placeholder
+tokens), with optional `segment_ids` (packed sequences; 0 = padding) and positions (default:
+restarting at each segment). Layer weights are stacked on a leading `layers` axis, and so are the
+keys and values of the KV cache (see `attention.KVCache`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.config import ModelConfig, PeftConfig
+from jaxtune.config import ModelConfig
+from jaxtune.model import neftune
+from jaxtune.model.adapters import NONE, PREFIX, PROMPT, Adapters
 from jaxtune.model.attention import (
   CACHE_AXES,
   CONTEXT,
@@ -25,9 +31,10 @@ from jaxtune.model.attention import (
   KVCache,
   segment_positions,
 )
-from jaxtune.model.layers import Embed, Mlp, Norm, constrain, dropout, dtypes, weight
-from jaxtune.peft import neftune
-from jaxtune.peft import prefix as prefix_lib
+from jaxtune.model.heads import ScalarHead
+from jaxtune.model.layers import Embed, Norm, constrain, dropout, dtypes, weight
+from jaxtune.model.mlp import Mlp
+from jaxtune.model.prefix import Prefix, prepend_prompt
 
 _REMAT_POLICIES = {
   "full": None,  # Save nothing: recompute the whole block.
@@ -42,47 +49,65 @@ _REMAT_POLICIES = {
 }
 
 _ACT_BTD = ("act_batch", "act_seq", "act_embed")
+HEADS = ("logits", "hidden", "score")  # What `Transformer.__call__` returns, by `head=`.
+
+
+@flax.struct.dataclass
+class LayerInputs:
+  """What differs per layer: scanned over (leading [L] axis)."""
+
+  dropout_rate: jax.Array  # [L] residual dropout rates.
+  layer: jax.Array  # [L] layer indices (where each writes the KV cache).
+  prefix_kv: tuple[jax.Array, jax.Array] | None  # Prefix keys, values: [L, B, P, K, H] each.
+
+
+@flax.struct.dataclass
+class SharedInputs:
+  """What every layer sees alike: broadcast over the scan."""
+
+  positions_bt: jax.Array
+  segment_ids_bt: jax.Array
+  adapter_ids_b: jax.Array | None
+  deterministic: bool = flax.struct.field(pytree_node=False, default=True)
 
 
 class Block(nn.Module):
   """One layer: sequential (`x + attn(ln x)`, then `+ mlp(ln x)`) or PaLM parallel
-  (`x + attn(ln x) + mlp(ln x)`), with residual dropout at this layer's rate."""
+  (`x + attn(ln x) + mlp(ln x)`), with residual dropout at this layer's rate.
+
+  Called under `nn.scan` as `(carry, per_layer, shared)`, with `in_axes=(0, nn.broadcast)`."""
 
   config: ModelConfig
-  deterministic: bool = True
-  peft: PeftConfig = PeftConfig()
-  adapters: int = 0
+  adapters: Adapters = NONE
 
   @nn.compact
   def __call__(
-    self,
-    carry: tuple[jax.Array, KVCache | None],
-    dropout_rate: jax.Array,
-    layer: jax.Array,
-    prefix_kv: tuple[jax.Array, jax.Array] | None,
-    positions_bt: jax.Array,
-    segment_ids_bt: jax.Array,
-    adapter_ids_b: jax.Array | None,
+    self, carry: tuple[jax.Array, KVCache | None], per_layer: LayerInputs, shared: SharedInputs
   ) -> tuple[tuple[jax.Array, KVCache | None], None]:
-    cfg = self.config
+    cfg, deterministic = self.config, shared.deterministic
     x_btd, cache = carry
 
     def residual(y_btd):
-      if self.deterministic or max(cfg.layer_dropout_rates) == 0.0:
+      if deterministic or max(cfg.layer_dropout_rates) == 0.0:
         return y_btd
-      return dropout(y_btd, dropout_rate, self.make_rng("dropout"))
+      return dropout(y_btd, per_layer.dropout_rate, self.make_rng("dropout"))
 
-    peft = dict(peft=self.peft, adapters=self.adapters, deterministic=self.deterministic)
-    attn_module = Attention(cfg, **peft, name="attn")
-    mlp_module = Mlp(cfg, **peft, name="mlp")
+    attn_module = Attention(cfg, self.adapters, deterministic, name="attn")
+    mlp_module = Mlp(cfg, self.adapters, deterministic, name="mlp")
 
     def attn(h_btd):
       return attn_module(
-        h_btd, positions_bt, segment_ids_bt, prefix_kv, adapter_ids_b, cache, layer
+        h_btd,
+        shared.positions_bt,
+        shared.segment_ids_bt,
+        prefix_kv=per_layer.prefix_kv,
+        adapter_ids_b=shared.adapter_ids_b,
+        cache=cache,
+        layer=per_layer.layer,
       )
 
     def mlp(h_btd):
-      return mlp_module(h_btd, adapter_ids_b)
+      return mlp_module(h_btd, shared.adapter_ids_b)
 
     if cfg.parallel_block:
       h_btd = Norm(cfg, name="norm")(x_btd)
@@ -96,77 +121,134 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """A decoder-only language model returning float32 logits [B, T, V].
+  """A decoder-only language model: `__call__` gives float32 logits [B, T, V] of token ids.
 
   `deterministic=False` turns on residual dropout ('dropout' rng) and, with `neftune_alpha` > 0,
   NEFTune noise on the token embeddings ('neftune' rng).
 
-  `peft` adds the parameters of a PEFT method (see `jaxtune/peft/`): LoRA updates on the chosen
-  projections, P prefix keys and values at every layer, or P soft-prompt embeddings before each
-  row. With a prefix or a prompt, the tokens' positions start at P (the first P are theirs).
-  `adapters` = M > 0 makes a bank of M adapters (LoRA or prefix), one chosen per row by
-  `adapter_ids` [B].
+  `adapters` adds the layers of parameter-efficient fine-tuning (see `model/adapters.py`): LoRA
+  updates on the chosen projections, P prefix keys and values at every layer, or P soft-prompt
+  embeddings before each row. With a prefix or a prompt, the tokens' positions start at P (the
+  first P are theirs). A bank (`adapters.bank` = M > 0) chooses one per row by `adapter_ids` [B].
 
-  `decode=True` runs the tokens through the KV cache (the mutable 'cache' collection, made by
+  `scalar_head` adds the `score` head (a reward model's or a value function's linear map of each
+  hidden state to a number).
+
+  `decode=True` runs the inputs through the KV cache (the mutable 'cache' collection, made by
   `init_cache`): they attend to every token cached before them, and are cached in turn.
   """
 
   config: ModelConfig
-  peft: PeftConfig = PeftConfig()
-  adapters: int = 0
+  adapters: Adapters = NONE
+  scalar_head: bool = False
 
-  @nn.compact
+  def setup(self) -> None:
+    cfg = self.config
+    self.token_embedding = Embed(cfg.vocab_size, cfg, name="embed")
+    self.final_norm = Norm(cfg, name="final_norm")
+    if not cfg.tie_embeddings:
+      self.lm_head = Embed(cfg.vocab_size, cfg, name="lm_head")
+    if self.scalar_head:
+      self.score_head = ScalarHead(cfg, name="score")
+
   def __call__(
     self,
-    tokens_bt: jax.Array,
+    tokens_bt: jax.Array | None = None,
     positions_bt: jax.Array | None = None,
     segment_ids_bt: jax.Array | None = None,
     *,
+    embeddings_btd: jax.Array | None = None,
+    head: str = "logits",
     deterministic: bool = True,
     decode: bool = False,
     neftune_alpha: float = 0.0,
     adapter_ids: jax.Array | None = None,
   ) -> jax.Array:
-    cfg, peft = self.config, self.peft
-    if segment_ids_bt is None:
-      segment_ids_bt = jnp.ones_like(tokens_bt, jnp.int32)
-    if positions_bt is None:
-      if decode:
-        raise ValueError("decoding needs explicit positions")
-      positions_bt = segment_positions(segment_ids_bt)
-    if self.adapters and adapter_ids is None:
-      raise ValueError(f"a model with a bank of {self.adapters} adapters needs adapter_ids")
+    """`head` of the tokens (or of `embeddings_btd`, vectors in place of `embed(tokens)`):
+    "logits" [B, T, V] float32, "hidden" (the final-normed hidden states [B, T, D]) or "score"
+    [B, T] float32."""
+    if (tokens_bt is None) == (embeddings_btd is None):
+      raise ValueError("pass either tokens or embeddings")
+    if head not in HEADS:
+      raise ValueError(f"head={head!r}: choose among {list(HEADS)}")
+    if embeddings_btd is None:
+      embeddings_btd = self.embed(
+        tokens_bt, segment_ids_bt, deterministic=deterministic, neftune_alpha=neftune_alpha
+      )
+    h_btd = self.decode(
+      embeddings_btd,
+      positions_bt,
+      segment_ids_bt,
+      deterministic=deterministic,
+      cache=decode,
+      adapter_ids=adapter_ids,
+    )
+    if self.is_initializing() and self.scalar_head:
+      self.score(h_btd)  # Creates the head's parameters whatever head is asked for.
+    return {"logits": self.logits, "hidden": lambda h: h, "score": self.score}[head](h_btd)
 
-    embed = Embed(cfg.vocab_size, cfg, name="embed")
-    x_btd = embed(tokens_bt)
+  def embed(
+    self,
+    tokens_bt: jax.Array,
+    segment_ids_bt: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+    neftune_alpha: float = 0.0,
+  ) -> jax.Array:
+    """The input vectors [B, T, D] of token ids (scaled for Gemma), with NEFTune's noise when
+    training; `segment_ids_bt` gives each packed example its own noise scale."""
+    cfg = self.config
+    x_btd = self.token_embedding(tokens_bt)
     if cfg.scale_embeddings:
       x_btd = x_btd * jnp.asarray(np.sqrt(cfg.dim), x_btd.dtype)
-    if neftune_alpha and not deterministic:  # Training-time noise on the token embeddings.
+    if neftune_alpha and not deterministic:
+      if segment_ids_bt is None:
+        segment_ids_bt = jnp.ones_like(tokens_bt, jnp.int32)
       noise_btd = neftune.noise(self.make_rng("neftune"), segment_ids_bt, cfg.dim, neftune_alpha)
       x_btd = x_btd + noise_btd.astype(x_btd.dtype)
+    return x_btd
 
-    prefix_kv, prompt = None, 0
-    if peft.method == "prefix" and peft.prefix_length:
-      prefix_kv = prefix_lib.Prefix(cfg, peft, self.adapters, name="prefix")(
-        adapter_ids, tokens_bt.shape[0]
-      )
-      positions_bt = positions_bt + peft.prefix_length
-    elif peft.method == "prompt" and peft.prompt_length:
-      if decode:
+  @nn.compact
+  def decode(
+    self,
+    x_btd: jax.Array,
+    positions_bt: jax.Array | None = None,
+    segment_ids_bt: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+    cache: bool = False,
+    adapter_ids: jax.Array | None = None,
+  ) -> jax.Array:
+    """The final-normed hidden states [B, T, D] of input vectors [B, T, D]: a prefix or a soft
+    prompt added, the layers run (through the KV cache with `cache`)."""
+    cfg, adapters = self.config, self.adapters
+    b, t = x_btd.shape[:2]
+    if segment_ids_bt is None:
+      segment_ids_bt = jnp.ones((b, t), jnp.int32)
+    if positions_bt is None:
+      if cache:
+        raise ValueError("decoding needs explicit positions")
+      positions_bt = segment_positions(segment_ids_bt)
+    if adapters.bank and adapter_ids is None:
+      raise ValueError(f"a model with a bank of {adapters.bank} adapters needs adapter_ids")
+
+    prefix_kv, prompt = None, adapters.prompt_length
+    if adapters.prefix_length:
+      prefix_kv = Prefix(cfg, adapters, name=PREFIX)(adapter_ids, b)
+      positions_bt = positions_bt + adapters.prefix_length
+    elif prompt:
+      if cache:
         raise ValueError("decode with a prefix made by prefix.from_prompt, not the prompt itself")
-      prompt = peft.prompt_length
-      x_btd, positions_bt, segment_ids_bt = prefix_lib.prepend_prompt(
-        weight(
-          self,
-          "prompt",
-          nn.initializers.normal(1.0),
-          (prompt, cfg.dim),
-          ("prefix", "embed"),
-          dtypes(cfg)[1],
-        ),
-        x_btd,
-        positions_bt,
-        segment_ids_bt,
+      prompt_pd = weight(
+        self,
+        PROMPT,
+        nn.initializers.normal(1.0),
+        (prompt, cfg.dim),
+        ("prefix", "embed"),
+        dtypes(cfg)[1],
+      )
+      x_btd, positions_bt, segment_ids_bt = prepend_prompt(
+        prompt_pd, x_btd, positions_bt, segment_ids_bt
       )
     if cfg.position == "learned":
       x_btd = x_btd + Embed(cfg.max_seq_len, cfg, ("position", "embed"), name="position")(
@@ -181,28 +263,39 @@ class Transformer(nn.Module):
       block,
       variable_axes={"params": 0, "intermediates": 0},
       split_rngs={"params": True, "dropout": True},
-      in_axes=(0, 0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+      in_axes=(0, nn.broadcast),
       length=cfg.num_layers,
       metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, deterministic, peft, self.adapters, name="layers")
-    rates_l = jnp.asarray(cfg.layer_dropout_rates, jnp.float32)
-    layers_l = jnp.arange(cfg.num_layers)
-    cache = self._cache(segment_ids_bt) if decode else None
-    (x_btd, cache), _ = layers(
-      (x_btd, cache), rates_l, layers_l, prefix_kv, positions_bt, segment_ids_bt, adapter_ids
+    )(cfg, adapters, name="layers")
+    per_layer = LayerInputs(
+      dropout_rate=jnp.asarray(cfg.layer_dropout_rates, jnp.float32),
+      layer=jnp.arange(cfg.num_layers),
+      prefix_kv=prefix_kv,
     )
-    if decode:
-      self._store(cache, segment_ids_bt.shape[1])
-    x_btd = x_btd[:, prompt:]
+    shared = SharedInputs(positions_bt, segment_ids_bt, adapter_ids, deterministic)
+    kv_cache = self._cache(segment_ids_bt) if cache else None
+    (x_btd, kv_cache), _ = layers((x_btd, kv_cache), per_layer, shared)
+    if cache:
+      self._store(kv_cache, segment_ids_bt.shape[1])
+    return self.final_norm(x_btd[:, prompt:])
 
-    x_btd = Norm(cfg, name="final_norm")(x_btd)
+  def logits(self, h_btd: jax.Array) -> jax.Array:
+    """Float32 logits [B, T, V] of hidden states: the output layer, tied to the embedding
+    table or not."""
+    cfg = self.config
     if cfg.tie_embeddings:
-      logits_btv = embed.attend(x_btd)
+      logits_btv = self.token_embedding.attend(h_btd)
       if cfg.scale_tied_logits:
         logits_btv = logits_btv / jnp.asarray(np.sqrt(cfg.dim), logits_btv.dtype)
     else:
-      logits_btv = Embed(cfg.vocab_size, cfg, name="lm_head").attend(x_btd)
+      logits_btv = self.lm_head.attend(h_btd)
     return constrain(logits_btv.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
+
+  def score(self, h_btd: jax.Array) -> jax.Array:
+    """A float32 number [B, T] per hidden state (needs `scalar_head`)."""
+    if not self.scalar_head:
+      raise ValueError("this model has no scalar head (Transformer(..., scalar_head=True))")
+    return self.score_head(h_btd)
 
   def _cache(self, segment_ids_bt: jax.Array) -> KVCache:
     """The 'cache' collection as this pass's layers see it: the segment ids of its T tokens
@@ -233,7 +326,7 @@ class Transformer(nn.Module):
 
 
 def _adapter_ids(model: Transformer, batch: int) -> dict[str, jax.Array]:
-  return {"adapter_ids": jnp.zeros((batch,), jnp.int32)} if model.adapters else {}
+  return {"adapter_ids": jnp.zeros((batch,), jnp.int32)} if model.adapters.bank else {}
 
 
 def init_fn(model: Transformer, length: int = 8):
@@ -273,3 +366,11 @@ def grow_vocab(params: Any, vocab_size: int) -> Any:
     if name in grown:
       grown[name] = {"embedding": grow(grown[name]["embedding"])}
   return grown
+
+
+def training_rngs(rng: jax.Array | None) -> dict[str, jax.Array] | None:
+  """The rngs of a training pass (dropout, NEFTune's noise) drawn from one key; None: none (a
+  deterministic pass)."""
+  if rng is None:
+    return None
+  return dict(zip(("dropout", "neftune"), jax.random.split(rng), strict=True))

@@ -1,11 +1,8 @@
-"""PEFT as a split of the parameters: `split(params, method) -> (trainable, frozen)`.
+"""PEFT as a split of the parameters: `split(params, trains) -> (trainable, frozen)`.
 
 Gradients and optimizer state exist only for the trainable part; `combine` puts the two back
-together for the forward pass. What trains, by `peft.method`:
-
-- `none`: everything (full fine-tuning);
-- `lora`: the `lora_a` / `lora_b` arrays of the adapted projections;
-- `prefix` / `prompt`: the top-level `prefix` / `prompt` subtree.
+together for the forward pass. Which parameters train is a predicate on their paths (a PEFT
+method's: `peft/methods.py`).
 
 Trees are nested dicts of arrays (or of shardings, or of abstract arrays: anything with the
 params' structure).
@@ -13,7 +10,7 @@ params' structure).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -21,24 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-LORA_A, LORA_B = "lora_a", "lora_b"
-PEFT_ROOTS = ("prefix", "prompt")  # Top-level subtrees that only PEFT methods create.
+from jaxtune.model.adapters import is_adapter
+
+Predicate = Callable[[tuple[str, ...]], bool]  # A parameter's path -> whether it is chosen.
 
 
-def trainable(path: tuple[str, ...], method: str) -> bool:
-  """Whether the parameter at `path` trains under `method`."""
-  if method == "none":
-    return True
-  if method == "lora":
-    return path[-1] in (LORA_A, LORA_B)
-  return path[0] == method
-
-
-def split(params: Any, method: str) -> tuple[dict, dict]:
-  """(trainable, frozen) halves of `params`; each keeps the nesting of the original."""
+def split(params: Any, trains: Predicate) -> tuple[dict, dict]:
+  """(the parameters `trains` chooses, the rest); each keeps the nesting of the original."""
   halves: tuple[dict, dict] = ({}, {})
   for path, value in traverse_util.flatten_dict(params).items():
-    halves[0 if trainable(path, method) else 1][path] = value
+    halves[0 if trains(path) else 1][path] = value
   return tuple(traverse_util.unflatten_dict(h) for h in halves)  # type: ignore[return-value]
 
 
@@ -50,11 +39,8 @@ def combine(trainable_params: Any, frozen: Any) -> dict:
 
 
 def base(params: Any) -> dict:
-  """`params` without any PEFT parameters: the base model's."""
-  flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict(
-    {p: v for p, v in flat.items() if p[0] not in PEFT_ROOTS and p[-1] not in (LORA_A, LORA_B)}
-  )
+  """`params` without any adapter parameters: the base model's."""
+  return split(params, is_adapter)[1]
 
 
 def count(tree: Any) -> int:

@@ -15,23 +15,17 @@ import jax.numpy as jnp
 import yaml
 from tqdm import tqdm
 
-from jaxtune import checkpoint, distributed, generate, sharding
+from jaxtune import checkpoint, distributed, generate, runs, sharding
 from jaxtune.config import Config
 from jaxtune.convert import hf, llama2c
 from jaxtune.data import packing, pipeline
 from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.model import transformer
-from jaxtune.peft import partition, prefix
-from jaxtune.train import metrics, optim
+from jaxtune.peft import methods, partition, prefix
+from jaxtune.train import metrics, objective, optim
 from jaxtune.train.step import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
-
-
-def seed_rngs(seed: int) -> tuple[jax.Array, jax.Array]:
-  """(the key of the parameters' initialization, the key of the steps' noise) of a run."""
-  init_rng, step_rng = jax.random.split(jax.random.key(seed))
-  return init_rng, step_rng
 
 
 def _check_fits(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh) -> None:
@@ -63,7 +57,7 @@ def _initial_params(cfg: Config, model, mesh, rng) -> sharding.Sharded:
     loaded = transformer.grow_vocab(variables["params"], cfg.model.vocab_size)
   else:
     abstract = checkpoint.abstract(base_params, base_shardings)
-    loaded = checkpoint.restore_params(os.path.join(path, "checkpoints"), abstract)
+    loaded = checkpoint.restore_params(os.path.join(path, runs.CHECKPOINTS), abstract)
   got = jax.tree.map(lambda x: x.shape, loaded)
   want = jax.tree.map(lambda x: x.shape, base_params)
   if got != want:
@@ -73,22 +67,16 @@ def _initial_params(cfg: Config, model, mesh, rng) -> sharding.Sharded:
   return dataclasses.replace(sharded, variables={"params": params})
 
 
-def _init_peft_from_text(cfg: Config, model, params: Any, tokenizer, shardings: Any) -> Any:
+def _init_peft_from_text(cfg: Config, params: Any, tokenizer, shardings: Any) -> Any:
   """PEFT parameters that start from real text (`peft.prefix_init_text` / `prompt_init_text`)."""
-  peft = cfg.peft
-  text = {"prefix": peft.prefix_init_text, "prompt": peft.prompt_init_text}.get(peft.method)
-  if not text:
+  method = methods.METHODS[cfg.peft.method]
+  text = method.init_text(cfg.peft)
+  if not text or method.from_text is None or method.root not in params:
     return params
   ids = tokenizer.encode(text)
-  if peft.method == "prefix" and peft.prefix_length:
-    base = transformer.Transformer(cfg.model)
-    init = prefix.init_from_text(base, partition.base(params), params["prefix"], ids)
-  elif peft.method == "prompt" and peft.prompt_length:
-    init = prefix.init_prompt_from_text(cfg.model, params, ids, peft.prompt_length)
-  else:
-    return params
-  log.info("%s initialized from the %d tokens of %r", peft.method, len(ids), text)
-  return dict(params, **{peft.method: jax.device_put(init, shardings[peft.method])})
+  init = method.from_text(cfg.model, params, ids)
+  log.info("%s initialized from the %d tokens of %r", method.root, len(ids), text)
+  return dict(params, **{method.root: jax.device_put(init, shardings[method.root])})
 
 
 @dataclasses.dataclass
@@ -101,8 +89,9 @@ class Trainer:
   state: TrainState
   state_sharding: Any
   frozen: Any
+  objective: objective.Objective
   train_step: Any  # jitted (state, frozen, batch) -> (state, metrics)
-  eval_step: Any  # jitted (trainable, frozen, batch) -> (sum of nll, supervised tokens)
+  eval_step: Any  # jitted (trainable, frozen, batch) -> (metric sums, normalizer)
   batch_sharding: jax.sharding.NamedSharding
   lr: Any  # step -> learning rate
   n_params: int
@@ -116,8 +105,9 @@ def build(
   length); `tokenizer` encodes a PEFT method's initialization text. `shapes_only`: the state
   and frozen parameters are `jax.ShapeDtypeStruct`s with their shardings (nothing initialized
   or loaded), so the steps of a model too large to hold can be compiled and measured."""
-  model = transformer.Transformer(cfg.model, cfg.peft)
-  init_rng, step_rng = seed_rngs(cfg.train.seed)
+  model = methods.model(cfg.model, cfg.peft)
+  goal = objective.make(model, cfg.train)
+  init_rng, step_rng = runs.seed_rngs(cfg.train.seed)
   if shapes_only:
     init = transformer.init_fn(model)
     sharded = sharding.init_sharded(init, init_rng, mesh, cfg.mesh.strategy, shapes_only=True)
@@ -127,9 +117,10 @@ def build(
   params = sharded.variables["params"]
   if tokenizer is not None and not shapes_only:
     with sharding.use(mesh, sharded.rules):
-      params = _init_peft_from_text(cfg, model, params, tokenizer, shardings)
-  trainable, frozen = partition.split(params, cfg.peft.method)
-  trainable_sharding, frozen_sharding = partition.split(shardings, cfg.peft.method)
+      params = _init_peft_from_text(cfg, params, tokenizer, shardings)
+  trains = methods.trains(cfg.peft)
+  trainable, frozen = partition.split(params, trains)
+  trainable_sharding, frozen_sharding = partition.split(shardings, trains)
   optimizer = optim.optimizer(cfg.train, steps)
   replicated = sharding.replicated(mesh)
   state_sharding = TrainState(
@@ -148,33 +139,27 @@ def build(
     else:
       state = init_state(trainable)
     train_step = jax.jit(
-      make_train_step(
-        model,
-        optimizer,
-        step_rng,
-        micro_batches=cfg.train.micro_batches,
-        z_loss=cfg.train.z_loss,
-        neftune_alpha=cfg.train.neftune_alpha,
-      ),
+      make_train_step(goal, optimizer, step_rng, micro_batches=cfg.train.micro_batches),
       in_shardings=(state_sharding, frozen_sharding, batch_sharding),
       out_shardings=(state_sharding, replicated),
       donate_argnums=0,
     )
     eval_step = jax.jit(
-      make_eval_step(model), in_shardings=(state_sharding.params, frozen_sharding, batch_sharding)
+      make_eval_step(goal), in_shardings=(state_sharding.params, frozen_sharding, batch_sharding)
     )
   return Trainer(
-    model,
-    sharded.rules,
-    state,
-    state_sharding,
-    frozen,
-    train_step,
-    eval_step,
-    batch_sharding,
-    optim.schedule(cfg.train, steps),
-    partition.count(params),
-    partition.count(trainable),
+    model=model,
+    rules=sharded.rules,
+    state=state,
+    state_sharding=state_sharding,
+    frozen=frozen,
+    objective=goal,
+    train_step=train_step,
+    eval_step=eval_step,
+    batch_sharding=batch_sharding,
+    lr=optim.schedule(cfg.train, steps),
+    n_params=partition.count(params),
+    n_trainable=partition.count(trainable),
   )
 
 
@@ -201,14 +186,27 @@ def _held_out_batches(data: pipeline.Data, cfg: Config, blocks) -> pipeline.Batc
   )
 
 
-def run(cfg: Config) -> dict[str, Any]:
-  """Trains as configured; returns a summary (losses, steps, throughput)."""
-  chief = jax.process_index() == 0
-  saved_tokenizer = os.path.join(cfg.train.output_dir, "tokenizer")
-  if cfg.train.resume and not cfg.data.tokenizer and os.path.isdir(saved_tokenizer):
-    # A resumed run keeps the tokenizer it trained, rather than training it again.
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=saved_tokenizer))
-  mesh = sharding.make_mesh(cfg.mesh)
+@dataclasses.dataclass
+class Feed:
+  """This process's data, its training and held-out batches, and the run's length in steps."""
+
+  data: pipeline.Data
+  batches: pipeline.Batches
+  held_out: pipeline.Batches
+  held_out_batches: int  # Held-out batches per pass, agreed by every process.
+  steps: int
+
+
+def _with_saved_tokenizer(cfg: Config) -> Config:
+  """A resumed run keeps the tokenizer it trained, rather than training it again."""
+  saved = os.path.join(cfg.train.output_dir, runs.TOKENIZER)
+  if cfg.train.resume and not cfg.data.tokenizer and os.path.isdir(saved):
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=saved))
+  return cfg
+
+
+def _feed(cfg: Config, mesh: jax.sharding.Mesh) -> Feed:
+  """Reads and tokenizes this process's shards of the data and plans the batches."""
   blocks = sharding.batch_blocks(mesh, cfg.train.batch_size)  # This process's part of each batch.
   data = pipeline.load(cfg.data, cfg.train.seed, blocks)
   _check_fits(cfg, data.tokenizer.vocab_size, mesh)
@@ -225,11 +223,11 @@ def run(cfg: Config) -> dict[str, Any]:
     stats.dropped_too_long + stats.dropped_unsupervised,
   )
   batches = pipeline.training_batches(data, cfg, blocks)
-  eval_iter = _held_out_batches(data, cfg, blocks)
-  epoch, eval_epoch = batches.batches_per_epoch(), eval_iter.batches_per_epoch()
+  held_out = _held_out_batches(data, cfg, blocks)
+  epoch, eval_epoch = batches.batches_per_epoch(), held_out.batches_per_epoch()
   # The processes agree on the counts: each one has planned its own shards only.
   agreed = distributed.gather([epoch.batches, epoch.tokens, epoch.slots, eval_epoch.batches])
-  per_epoch, eval_batches = int(agreed[:, 0].max()), int(agreed[:, 3].max())
+  per_epoch = int(agreed[:, 0].max())
   steps = cfg.train.epochs * per_epoch if cfg.train.epochs else cfg.train.steps
   log.info(
     "%d steps (%d batches per epoch, packing efficiency %.1f%%)",
@@ -237,9 +235,10 @@ def run(cfg: Config) -> dict[str, Any]:
     per_epoch,
     100 * agreed[:, 1].sum() / max(agreed[:, 2].sum(), 1),
   )
+  return Feed(data, batches, held_out, int(agreed[:, 3].max()), steps)
 
-  t = build(cfg, mesh, steps, data.tokenizer)
-  state, frozen = t.state, t.frozen
+
+def _log_model(cfg: Config, t: Trainer, mesh: jax.sharding.Mesh) -> None:
   log.info(
     "model: %s parameters on mesh %s; trainable (peft.method=%s): %s (%.4f%%)",
     f"{t.n_params:,}",
@@ -248,87 +247,130 @@ def run(cfg: Config) -> dict[str, Any]:
     f"{t.n_trainable:,}",
     100 * t.n_trainable / t.n_params,
   )
+
+
+def _restore(cfg: Config, ckpt: checkpoint.Checkpointer, t: Trainer, feed: Feed) -> TrainState:
+  """The initial state: the latest checkpoint's with `train.resume` (the data iterator moved to
+  where it was), else the freshly built one."""
+  latest = ckpt.latest_step()
+  if latest is None:
+    return t.state
+  if not cfg.train.resume:
+    raise ConfigError(
+      f"{cfg.train.output_dir} already has checkpoints (step {latest}); set "
+      "train.resume=true to continue, or choose another train.output_dir"
+    )
+  state, data_state = ckpt.restore(latest, checkpoint.abstract(t.state, t.state_sharding))
+  feed.batches.restore(data_state)
+  log.info("resumed from step %d of %s", latest, ckpt.directory)
+  return state
+
+
+def _write_run_files(cfg: Config, tokenizer) -> None:
+  """The run's resolved config and tokenizer (process 0 alone)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(cfg.train.output_dir, exist_ok=True)
+  with open(os.path.join(cfg.train.output_dir, runs.CONFIG), "w") as f:
+    yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+  tokenizer.save(os.path.join(cfg.train.output_dir, runs.TOKENIZER))
+
+
+def _batch_putter(cfg: Config, t: Trainer):
+  """This process's rows of a batch -> the global batch on the mesh (the objective's keys)."""
+  shape = (cfg.train.batch_size, cfg.data.max_length)
+
+  def put(batch: pipeline.Batch) -> dict[str, jax.Array]:
+    return {
+      k: jax.make_array_from_process_local_data(t.batch_sharding, getattr(batch, k), shape)
+      for k in t.objective.batch_keys
+    }
+
+  return put
+
+
+def run(cfg: Config) -> dict[str, Any]:
+  """Trains as configured; returns a summary (losses, steps, throughput)."""
+  cfg = _with_saved_tokenizer(cfg)
+  mesh = sharding.make_mesh(cfg.mesh)
+  feed = _feed(cfg, mesh)
+  t = build(cfg, mesh, feed.steps, feed.data.tokenizer)
+  _log_model(cfg, t, mesh)
   with sharding.use(mesh, t.rules):
     ckpt = checkpoint.Checkpointer(
-      os.path.join(cfg.train.output_dir, "checkpoints"), cfg.train.keep_checkpoints
+      os.path.join(cfg.train.output_dir, runs.CHECKPOINTS), cfg.train.keep_checkpoints
     )
-    latest = ckpt.latest_step()
-    if latest is not None and not cfg.train.resume:
-      raise ConfigError(
-        f"{cfg.train.output_dir} already has checkpoints (step {latest}); set "
-        "train.resume=true to continue, or choose another train.output_dir"
-      )
-    if latest is not None:
-      state, data_state = ckpt.restore(latest, checkpoint.abstract(state, t.state_sharding))
-      batches.restore(data_state)
-      log.info("resumed from step %d of %s", latest, ckpt.directory)
-    if chief:
-      os.makedirs(cfg.train.output_dir, exist_ok=True)
-      with open(os.path.join(cfg.train.output_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-      data.tokenizer.save(saved_tokenizer)
-
-    def put(batch: pipeline.Batch) -> dict[str, jax.Array]:
-      shape = (cfg.train.batch_size, cfg.data.max_length)
-      return {
-        k: jax.make_array_from_process_local_data(t.batch_sharding, v, shape)
-        for k, v in vars(batch).items()
-      }
-
-    held_out = [put(next(eval_iter)) for _ in range(eval_batches)]
-
-    def held_out_loss(trainable) -> float:
-      total, count = 0.0, 0.0
-      for b in held_out:  # One at a time: see `serialize` below.
-        nll, n = t.eval_step(trainable, frozen, b)
-        total, count = total + float(nll), count + float(n)
-      return total / count
-
-    writer = metrics.Writer(cfg.train.output_dir, enabled=chief)
-    flops = metrics.flops_per_token(cfg.model, t.n_params, cfg.data.max_length)
-    peak = metrics.peak_flops(cfg.train.peak_flops)
-    first = int(state.step)
-    summary = {"eval_loss_start": held_out_loss(state.params), "steps": steps, "start_step": first}
-    writer.write(first, {"eval_loss": summary["eval_loss_start"]})
-    bar = tqdm(total=steps, initial=first, unit="step", disable=not chief, mininterval=1.0)
-    # XLA's CPU client can deadlock when programs with collectives overlap on emulated devices,
-    # so there each step finishes before the next is dispatched. Accelerators overlap them.
-    serialize = jax.default_backend() == "cpu" and jax.device_count() > 1
-    pending, meter = None, _Meter(time.perf_counter())
     try:
-      for step in range(first + 1, steps + 1):
-        state, step_metrics = t.train_step(state, frozen, put(next(batches)))
-        if serialize:
-          jax.block_until_ready(state)
-        if pending is not None:  # The previous step's metrics: fetching them does not stall.
-          _report(*pending, cfg, t.lr, writer, bar, meter, flops, peak)
-        pending = (step, step_metrics)
-        if step % cfg.train.eval_every == 0 and step != steps:
-          writer.write(step, {"eval_loss": held_out_loss(state.params)})
-        if step % cfg.train.checkpoint_every == 0 and step != steps:
-          _check_finite(*pending, cfg)
-          ckpt.save(step, state, batches.state())
-      if pending is not None:
-        _report(*pending, cfg, t.lr, writer, bar, meter, flops, peak)
-      ckpt.save(steps, state, batches.state())
-      summary["eval_loss_end"] = held_out_loss(state.params)
-      writer.write(steps, {"eval_loss": summary["eval_loss_end"]})
+      state = _restore(cfg, ckpt, t, feed)
+      _write_run_files(cfg, feed.data.tokenizer)
+      state, summary = _train(cfg, t, state, feed, ckpt)
     finally:
-      bar.close()
       ckpt.close()
-      writer.close()
-  summary["tokens_per_s"] = meter.tokens_per_s() if steps > first else 0.0
   log.info(
     "held-out loss %.4f -> %.4f; checkpoints in %s",
     summary["eval_loss_start"],
     summary["eval_loss_end"],
     ckpt.directory,
   )
-  if data.held_out:  # Every process: the parameters may span them all.
+  if feed.data.held_out:  # Every process: the parameters may span them all.
     with sharding.use(mesh, t.rules):
-      params = partition.combine(state.params, frozen)
-      _answer(*prefix.for_decoding(t.model, params), data, cfg, mesh, t.rules)
+      params = partition.combine(state.params, t.frozen)
+      _answer(*prefix.for_decoding(t.model, params), feed.data, cfg, mesh, t.rules)
   return summary
+
+
+def _train(
+  cfg: Config, t: Trainer, state: TrainState, feed: Feed, ckpt: checkpoint.Checkpointer
+) -> tuple[TrainState, dict[str, Any]]:
+  """Steps from the state's step to the last, with held-out losses, metrics and checkpoints."""
+  put = _batch_putter(cfg, t)
+  held_out = [put(next(feed.held_out)) for _ in range(feed.held_out_batches)]
+
+  def held_out_loss(trainable) -> float:
+    total, count = 0.0, 0.0
+    for b in held_out:  # One at a time: see `serialize` below.
+      sums, n = t.eval_step(trainable, t.frozen, b)
+      total, count = total + float(sums[t.objective.eval_metric]), count + float(n)
+    return total / count
+
+  steps, first = feed.steps, int(state.step)
+  chief = jax.process_index() == 0
+  report = Reporter(
+    cfg,
+    lr=t.lr,
+    writer=metrics.Writer(cfg.train.output_dir, enabled=chief),
+    bar=tqdm(total=steps, initial=first, unit="step", disable=not chief, mininterval=1.0),
+    flops_per_token=metrics.flops_per_token(cfg.model, t.n_params, cfg.data.max_length),
+    peak=metrics.peak_flops(cfg.train.peak_flops),
+  )
+  summary = {"eval_loss_start": held_out_loss(state.params), "steps": steps, "start_step": first}
+  report.writer.write(first, {"eval_loss": summary["eval_loss_start"]})
+  # XLA's CPU client can deadlock when programs with collectives overlap on emulated devices,
+  # so there each step finishes before the next is dispatched. Accelerators overlap them.
+  serialize = jax.default_backend() == "cpu" and jax.device_count() > 1
+  pending = None
+  try:
+    for step in range(first + 1, steps + 1):
+      state, step_metrics = t.train_step(state, t.frozen, put(next(feed.batches)))
+      if serialize:
+        jax.block_until_ready(state)
+      if pending is not None:  # The previous step's metrics: fetching them does not stall.
+        report(*pending)
+      pending = (step, step_metrics)
+      if step % cfg.train.eval_every == 0 and step != steps:
+        report.writer.write(step, {"eval_loss": held_out_loss(state.params)})
+      if step % cfg.train.checkpoint_every == 0 and step != steps:
+        _check_finite(*pending, cfg)
+        ckpt.save(step, state, feed.batches.state())
+    if pending is not None:
+      report(*pending)
+    ckpt.save(steps, state, feed.batches.state())
+    summary["eval_loss_end"] = held_out_loss(state.params)
+    report.writer.write(steps, {"eval_loss": summary["eval_loss_end"]})
+  finally:
+    report.close()
+  summary["tokens_per_s"] = report.tokens_per_s() if steps > first else 0.0
+  return state, summary
 
 
 def _check_finite(step: int, step_metrics: dict[str, jax.Array], cfg: Config) -> None:
@@ -341,45 +383,58 @@ def _check_finite(step: int, step_metrics: dict[str, jax.Array], cfg: Config) ->
 
 
 @dataclasses.dataclass
-class _Meter:
-  """Real (non-padding) tokens of the global batches trained on since `t0`, as the steps count
+class Reporter:
+  """Reports each step's metrics (progress bar, metrics.jsonl, TensorBoard) and counts the real
+  (non-padding) tokens of the global batches trained on since it started, as the steps count
   them (each process builds only its part of a batch)."""
 
-  t0: float
+  cfg: Config
+  lr: Any  # step -> learning rate
+  writer: metrics.Writer
+  bar: Any  # tqdm
+  flops_per_token: float
+  peak: float | None
+  t0: float = dataclasses.field(default_factory=time.perf_counter)
   tokens: int = 0
 
   def tokens_per_s(self) -> float:
     return self.tokens / (time.perf_counter() - self.t0)
 
+  def __call__(self, step: int, step_metrics: dict[str, jax.Array]) -> None:
+    _check_finite(step, step_metrics, self.cfg)
+    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    self.tokens += int(values.get("tokens", 0))
+    bar = self.bar
+    if bar.disable:  # Not process 0: nothing to show or write.
+      return
+    if not values["finite"]:
+      log.warning("step %d: non-finite loss or gradient; step skipped", step)
+    bar.update(step - bar.n)
+    if step % self.cfg.train.log_every and step != bar.total:
+      return
+    record = {
+      "loss": values["loss"],
+      "grad_norm": values["grad_norm"],
+      "lr": float(self.lr(step - 1)),
+      "tokens_per_s": self.tokens_per_s(),
+      "step_time_s": (time.perf_counter() - self.t0) / max(bar.n - bar.initial, 1),
+    }
+    if self.peak:
+      record["mfu"] = (
+        record["tokens_per_s"] * self.flops_per_token / (self.peak * jax.device_count())
+      )
+    self.writer.write(step, record)
+    bar.set_postfix(
+      loss=f"{record['loss']:.3f}",
+      lr=f"{record['lr']:.1e}",
+      gnorm=f"{record['grad_norm']:.2f}",
+      tok_s=f"{record['tokens_per_s']:.0f}",
+      **({"mfu": f"{100 * record['mfu']:.1f}%"} if self.peak else {}),
+    )
 
-def _report(step, step_metrics, cfg, lr, writer, bar, meter: _Meter, flops, peak) -> None:
-  _check_finite(step, step_metrics, cfg)
-  values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-  meter.tokens += int(values["tokens"])
-  if bar.disable:  # Not process 0: nothing to show or write.
-    return
-  if not values["finite"]:
-    log.warning("step %d: non-finite loss or gradient; step skipped", step)
-  bar.update(step - bar.n)
-  if step % cfg.train.log_every and step != bar.total:
-    return
-  record = {
-    "loss": values["loss"],
-    "grad_norm": values["grad_norm"],
-    "lr": float(lr(step - 1)),
-    "tokens_per_s": meter.tokens_per_s(),
-    "step_time_s": (time.perf_counter() - meter.t0) / max(bar.n - bar.initial, 1),
-  }
-  if peak:
-    record["mfu"] = record["tokens_per_s"] * flops / (peak * jax.device_count())
-  writer.write(step, record)
-  bar.set_postfix(
-    loss=f"{record['loss']:.3f}",
-    lr=f"{record['lr']:.1e}",
-    gnorm=f"{record['grad_norm']:.2f}",
-    tok_s=f"{record['tokens_per_s']:.0f}",
-    **({"mfu": f"{100 * record['mfu']:.1f}%"} if peak else {}),
-  )
+  def close(self) -> None:
+    self.bar.close()
+    self.writer.close()
 
 
 def _answer(model, params, data: pipeline.Data, cfg: Config, mesh, rules, count: int = 4) -> None:

@@ -1,0 +1,48 @@
+"""Objectives: what a train step minimizes, as small objects the generic step calls.
+
+An objective says which batch keys it reads (`batch_keys`), its normalizer (what the loss is a
+mean over: supervised tokens for SFT, pairs for a pairwise loss), and `loss(params, batch, rng)`:
+the *sum* of its loss over the batch's rows and a dict of metric sums (rng None: no noise, as in
+evaluation). Sums divided by the whole global batch's normalizer make k micro-batches add up to
+exactly the loss of one batch. `eval_metric` names the held-out loss (a metric, or "loss").
+
+A new objective is a file of its own and one line in `OBJECTIVES` (`train.objective` chooses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax
+
+from jaxtune.config import TrainConfig
+from jaxtune.errors import ConfigError
+from jaxtune.model import transformer
+from jaxtune.train import sft
+
+Batch = dict[str, jax.Array]
+
+
+class Objective(Protocol):
+  batch_keys: tuple[str, ...]
+  eval_metric: str
+
+  def normalizer(self, batch: Batch) -> jax.Array: ...
+
+  def loss(
+    self, params: Any, batch: Batch, rng: jax.Array | None
+  ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+
+# train.objective -> (model, train config) -> the objective.
+OBJECTIVES: dict[str, Callable[[transformer.Transformer, TrainConfig], Objective]] = {
+  "sft": sft.SFT.from_config,
+}
+
+
+def make(model: transformer.Transformer, train: TrainConfig) -> Objective:
+  """The objective `train.objective` names, for `model`."""
+  if train.objective not in OBJECTIVES:
+    raise ConfigError(f"train.objective={train.objective!r}: choose among {sorted(OBJECTIVES)}")
+  return OBJECTIVES[train.objective](model, train)
