@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from jaxtune import commands, host
-from jaxtune.errors import ConfigError, JaxtuneError, TrainingError
+from jaxtune.errors import JaxtuneError, TrainingError
 
 log = logging.getLogger("jaxtune")
 
@@ -38,46 +38,15 @@ def _data(args: argparse.Namespace) -> None:
   print(inspect.report(_config(args), args.num_examples))
 
 
-def _convert(args: argparse.Namespace) -> None:
-  from jaxtune.convert import export
-
-  if args.args:
-    raise ConfigError(f"'jaxtune convert' takes no config file or overrides, got {args.args}")
-  export.convert(args.src, args.dst, args.to, args.kv_heads, args.dtype)
-
-
-def _convert_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument(
-    "src",
-    help="a jaxtune run directory (or one of its checkpoints/<step>), a Hugging Face folder "
-    "(config.json + safetensors) or a llama2.c model file (.bin)",
-  )
-  p.add_argument("dst", help="the directory to write (new or empty)")
-  p.add_argument(
-    "--to",
-    required=True,
-    choices=["jaxtune", "hf", "peft"],
-    help="the format to write (peft: a LoRA fine-tune's adapters, for Hugging Face PEFT)",
-  )
-  p.add_argument(
-    "--kv-heads",
-    type=int,
-    metavar="K",
-    help="first mean-pool the K/V heads into K (GQA/MQA uptraining; see configs/uptrain_gqa.yaml)",
-  )
-  p.add_argument(
-    "--dtype",
-    choices=["float32", "bfloat16", "float16"],
-    help="the parameters' dtype (default: as stored; float16 only with --to hf)",
-  )
-
-
 _VERBS: dict[str, tuple[str, Callable[[argparse.Namespace], None]]] = {
   "train": ("fine-tune a model (the main job)", _train),
   "generate": ("sample completions from a checkpoint", commands.RUN["generate"]),
   "chat": ("chat with a checkpoint in the terminal", commands.RUN["chat"]),
   "eval": ("evaluate a checkpoint (perplexity, MMLU, GSM8K, BBH, ...)", commands.RUN["eval"]),
-  "convert": ("convert checkpoints (Hugging Face, llama2.c, GQA uptraining)", _convert),
+  "convert": (
+    "convert checkpoints (Hugging Face, llama2.c, GQA uptraining)",
+    commands.RUN["convert"],
+  ),
   "data": ("inspect instruction data: rendered examples, loss masks, statistics", _data),
 }
 
@@ -96,11 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     if verb == "data":
       p.add_argument("action", choices=["inspect"], help="what to do with the data")
       p.add_argument("-n", "--num-examples", type=int, default=3, help="examples to print")
-    elif verb == "convert":
-      _convert_arguments(p)
     elif verb in commands.ARGUMENTS:
       commands.ARGUMENTS[verb](p)
-    mesh_only = verb in commands.ARGUMENTS
+    mesh_only = verb in commands.CHECKPOINT_VERBS
     p.add_argument(
       "args",
       nargs="*",

@@ -1,6 +1,6 @@
-"""The `generate`, `chat` and `eval` verbs: a checkpoint (`jaxtune.load`), on a mesh set by
-`mesh.*` overrides like training's (default: every device on the data axis), rendered through
-its chat template.
+"""The verbs that take a checkpoint (`jaxtune.load`): `generate`, `chat` and `eval` run it on a
+mesh set by `mesh.*` overrides like training's (default: every device on the data axis), prompts
+rendered through its chat template; `convert` writes it in another format.
 
 - `generate`: `--prompt TEXT` prints the completion; `--prompts-file FILE` (JSONL or a JSON array
   of records with an `instruction`, AlpacaEval's form) writes one JSON line per record with its
@@ -8,6 +8,7 @@ its chat template.
 - `chat`: a multi-turn conversation in the terminal, the reply streamed as it is generated.
 - `eval`: a task of `jaxtune.eval.runner.TASKS`; the result as a table on screen and as JSON
   (`--output`, default `RUN/eval/TASK.json` for a jaxtune run, else `runs/eval/NAME/TASK.json`).
+- `convert`: `jaxtune convert SRC DST --to jaxtune|hf|peft` (see `convert/export.py`).
 """
 
 from __future__ import annotations
@@ -304,13 +305,50 @@ def evaluate(args: argparse.Namespace) -> None:
   print(f"results written to {output}", file=sys.stderr)
 
 
+def convert(args: argparse.Namespace) -> None:
+  from jaxtune.convert import export
+
+  if args.args:
+    raise ConfigError(f"'jaxtune convert' takes no config file or overrides, got {args.args}")
+  export.convert(args.src, args.dst, args.to, args.kv_heads, args.dtype)
+
+
+def convert_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument(
+    "src",
+    help="a jaxtune run directory (or one of its checkpoints/<step>), a Hugging Face folder "
+    "(config.json + safetensors) or a llama2.c model file (.bin)",
+  )
+  p.add_argument("dst", help="the directory to write (new or empty)")
+  p.add_argument(
+    "--to",
+    required=True,
+    choices=["jaxtune", "hf", "peft"],
+    help="the format to write (peft: a LoRA fine-tune's adapters, for Hugging Face PEFT)",
+  )
+  p.add_argument(
+    "--kv-heads",
+    type=int,
+    metavar="K",
+    help="first mean-pool the K/V heads into K (GQA/MQA uptraining; see configs/uptrain_gqa.yaml)",
+  )
+  p.add_argument(
+    "--dtype",
+    choices=["float32", "bfloat16", "float16"],
+    help="the parameters' dtype (default: as stored; float16 only with --to hf)",
+  )
+
+
 ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
   "generate": generate_arguments,
   "chat": chat_arguments,
   "eval": eval_arguments,
+  "convert": convert_arguments,
 }
+CHECKPOINT_VERBS = ("generate", "chat", "eval")  # Verbs that take a checkpoint and a mesh.
 RUN: dict[str, Callable[[argparse.Namespace], None]] = {
   "generate": generate,
   "chat": chat,
   "eval": evaluate,
+  "convert": convert,
 }

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from jaxtune.errors import ConfigError
+from jaxtune.model import presets  # Plain data: imports nothing.
 
 
 def _check(ok: bool, message: str) -> None:
@@ -357,8 +358,6 @@ def from_dict(raw: Mapping[str, Mapping[str, Any]]) -> Config:
 
 
 def _preset(item: tuple[Any, str]) -> ModelConfig:
-  from jaxtune.model import presets  # Plain data; imports nothing heavy.
-
   name, source = item
   where = f" (from {source})" if source else ""
   _check(name in presets.PRESETS, _unknown(f"model.preset={name}", presets.PRESETS, where))

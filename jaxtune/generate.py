@@ -1,6 +1,6 @@
 """Sampling with the KV cache: one jitted prefill, then one compiled decode loop.
 
-Shape letters: B batch, P prompt slots, S cache slots, N new tokens, V vocab.
+Shape letters: B batch, T prompt slots, S cache slots, O new tokens (outputs), V vocab.
 
 Prompts of different lengths share a batch by left padding: row b's prompt fills the last n_b of
 the P prompt slots, padding carries segment id 0 (no query attends to it) and positions count
@@ -122,7 +122,7 @@ def pick(
 @flax.struct.dataclass
 class _State:
   cache: Any
-  tokens_bn: jax.Array  # New tokens so far (entries past a row's stop id are meaningless).
+  tokens_bo: jax.Array  # New tokens so far (entries past a row's stop id are meaningless).
   positions_b: jax.Array  # Position of the last new token: the next one fed to the model.
   seen_bv: jax.Array | None  # Tokens of the prompt and output (for the repetition penalty).
   done_b: jax.Array  # The row has produced a stop id.
@@ -152,44 +152,44 @@ def _compiled(model: transformer.Transformer, sampling: Sampling, stop_ids: tupl
       seen_bv = seen_bv.at[jnp.arange(token_b.shape[0]), token_b].set(True)
     return state.replace(
       cache=_constrain_cache(cache),
-      tokens_bn=state.tokens_bn.at[:, state.step].set(token_b),
+      tokens_bo=state.tokens_bo.at[:, state.step].set(token_b),
       seen_bv=seen_bv,
       done_b=state.done_b | jnp.isin(token_b, stops),
       step=state.step + 1,
     )
 
-  def prefill(params, tokens_bp, positions_bp, segments_bp, rows_b, seed, cache_len):
-    b = tokens_bp.shape[0]
+  def prefill(params, tokens_bt, positions_bt, segments_bt, rows_b, seed, cache_len):
+    b = tokens_bt.shape[0]
     cache = _constrain_cache(transformer.init_cache(model, b, cache_len))
-    logits_bpv, mutated = model.apply(
+    logits_btv, mutated = model.apply(
       {"params": params, "cache": cache},
-      tokens_bp,
-      positions_bp,
-      segments_bp,
+      tokens_bt,
+      positions_bt,
+      segments_bt,
       decode=True,
       mutable=["cache"],
     )
     seen_bv = None
     if sampling.repetition_penalty != 1.0:
-      seen_bv = jnp.zeros((b, logits_bpv.shape[-1]), bool)
-      seen_bv = seen_bv.at[jnp.arange(b)[:, None], tokens_bp].max(segments_bp != 0)
+      seen_bv = jnp.zeros((b, logits_btv.shape[-1]), bool)
+      seen_bv = seen_bv.at[jnp.arange(b)[:, None], tokens_bt].max(segments_bt != 0)
     state = _State(
       cache=None,
-      tokens_bn=jnp.zeros((b, sampling.max_new_tokens), jnp.int32),
-      positions_b=positions_bp[:, -1] + 1,
+      tokens_bo=jnp.zeros((b, sampling.max_new_tokens), jnp.int32),
+      positions_b=positions_bt[:, -1] + 1,
       seen_bv=seen_bv,
       done_b=jnp.zeros((b,), bool),
       step=jnp.zeros((), jnp.int32),
       rows_b=rows_b,
       seed=seed,
     )
-    return advance(state, logits_bpv[:, -1], mutated["cache"])
+    return advance(state, logits_btv[:, -1], mutated["cache"])
 
   def decode(params, state: _State, limit):
     """Produces tokens until `limit` tokens are out or every row has stopped."""
 
     def step(s: _State) -> _State:
-      token_b = jax.lax.dynamic_index_in_dim(s.tokens_bn, s.step - 1, axis=1, keepdims=False)
+      token_b = jax.lax.dynamic_index_in_dim(s.tokens_bo, s.step - 1, axis=1, keepdims=False)
       logits_b1v, mutated = model.apply(
         {"params": params, "cache": s.cache},
         token_b[:, None],
@@ -202,7 +202,7 @@ def _compiled(model: transformer.Transformer, sampling: Sampling, stop_ids: tupl
 
     state = jax.lax.while_loop(lambda s: (s.step < limit) & ~jnp.all(s.done_b), step, state)
     # Replicated, so that every process can read all of them.
-    return state, nn.with_logical_constraint(state.tokens_bn, (None, None))
+    return state, nn.with_logical_constraint(state.tokens_bo, (None, None))
 
   return (
     jax.jit(prefill, static_argnames="cache_len"),
@@ -247,16 +247,16 @@ class _Run:
     padded = -(-len(prompts) // data) * data
     prompts = list(prompts) + [prompts[0]] * (padded - len(prompts))
     rows = np.asarray(list(rows) + [rows[0]] * (padded - len(rows)), np.int32)
-    tokens_bp, positions_bp, segments_bp = (
+    tokens_bt, positions_bt, segments_bt = (
       np.zeros((padded, self.plan.slots), np.int32) for _ in range(3)
     )
     for b, prompt in enumerate(prompts):
       n = len(prompt)
-      tokens_bp[b, -n:], segments_bp[b, -n:], positions_bp[b, -n:] = prompt, 1, np.arange(n)
+      tokens_bt[b, -n:], segments_bt[b, -n:], positions_bt[b, -n:] = prompt, 1, np.arange(n)
     with sharding.use(mesh, rules):
       arrays = [
         sharding.put_global(x, mesh, rules, ("act_batch", "act_seq"))
-        for x in (tokens_bp, positions_bp, segments_bp)
+        for x in (tokens_bt, positions_bt, segments_bt)
       ]
       self.state = self.prefill(
         params,
@@ -269,8 +269,8 @@ class _Run:
   def advance(self, limit: int) -> np.ndarray:
     """Decodes up to `limit` tokens in all; returns the tokens [count, produced]."""
     with sharding.use(self.mesh, self.rules):
-      self.state, tokens_bn = self.decode(self.params, self.state, np.int32(limit))
-    return np.asarray(tokens_bn)[: self.count, : int(self.state.step)]
+      self.state, tokens_bo = self.decode(self.params, self.state, np.int32(limit))
+    return np.asarray(tokens_bo)[: self.count, : int(self.state.step)]
 
 
 def _completion(tokens: np.ndarray, stop_ids: Sequence[int]) -> Completion:
@@ -310,8 +310,8 @@ def generate(
       run = _Run(
         model, params, [prompts[i] for i in rows], rows, sampling, stop_ids, seed, mesh, rules
       )
-      tokens_bn = run.advance(run.plan.steps)
-      for i, tokens in zip(rows, tokens_bn, strict=True):
+      tokens_bo = run.advance(run.plan.steps)
+      for i, tokens in zip(rows, tokens_bo, strict=True):
         out[i] = _completion(tokens, stop_ids)
       bar.update(len(rows))
   return out  # type: ignore[return-value]

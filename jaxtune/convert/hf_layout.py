@@ -1,6 +1,6 @@
 """Hugging Face model families: config.json <-> ModelConfig, and each tensor's name and layout.
 
-Shape letters: D model dim, F mlp dim, V vocab, P positions, N query heads, K KV heads, H head dim.
+Shape letters: D model dim, F mlp dim, V vocab, S positions, N query heads, K KV heads, H head dim.
 
 A `Tensor` is one named Hugging Face tensor and the jaxtune arrays it holds (GPT-2's fused `c_attn`
 holds q, k and v), each a `View` of it: a reshape, a transpose and (Gemma's norms) an offset.

@@ -12,7 +12,7 @@ The state holds only the trainable parameters (all of them, or a PEFT method's: 
 `peft/partition.py`); the frozen rest is a separate argument, so gradients and optimizer state
 exist for the trainable part alone.
 
-Shape letters: B batch, M micro-batches.
+Shape letters: B batch, C micro-batches (chunks of the batch).
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ class TrainState:
   opt_state: Any
 
 
-def _micro_batches(batch: Batch, m: int) -> Batch:
-  """[B, ...] -> [M, B/M, ...]; micro-batch i takes rows i, i + M, ... (each device keeps its
+def _micro_batches(batch: Batch, c: int) -> Batch:
+  """[B, ...] -> [C, B/C, ...]; micro-batch i takes rows i, i + C, ... (each device keeps its
   own rows)."""
   return {
-    key: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1) for key, x in batch.items()
+    key: x.reshape(x.shape[0] // c, c, *x.shape[1:]).swapaxes(0, 1) for key, x in batch.items()
   }
 
 
