@@ -17,7 +17,7 @@ from test_hf import CASES, TOKENS_BT, TOLERANCE, _edit_config, _hf_model, _torch
 from test_llama2c import FIRST_IDS, PUBLISHED
 
 import jaxtune
-from jaxtune import checkpoint, generate, sharding
+from jaxtune import generate, sharding
 from jaxtune.config import MeshConfig
 from jaxtune.convert import export, hf, llama2c
 from jaxtune.data import tokenizer as tokenizer_lib
@@ -182,7 +182,7 @@ def test_unknown_paths_are_clear_errors(tmp_path):
       jaxtune.load(path)
   (tmp_path / "checkpoints" / "7").mkdir(parents=True)
   (tmp_path / "config.yaml").write_text("model: {dim: 64}\n")
-  with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/7/state: no such checkpoint"):
+  with pytest.raises(CheckpointError, match=r"checkpoints/7/state: no such checkpoint"):
     jaxtune.load(tmp_path / "checkpoints" / "7")
 
 

@@ -20,8 +20,10 @@ from test_hf import TOKENS_BT, TOLERANCE, _hf_model, _torch_logits, _transformer
 import jaxtune
 from jaxtune.config import PeftConfig
 from jaxtune.convert import export, hf, hf_peft
+from jaxtune.errors import CheckpointError
 from jaxtune.model import transformer
-from jaxtune.peft import partition
+from jaxtune.model.adapters import NONE
+from jaxtune.peft import methods, partition
 
 LORA = PeftConfig(
   method="lora",
@@ -33,13 +35,15 @@ LORA = PeftConfig(
 
 def _finetuned(base: jaxtune.api.Model) -> jaxtune.api.Model:
   """`base` with random LoRA adapters on every projection (B not zero)."""
-  model = transformer.Transformer(base.config, LORA)
+  model = methods.model(base.config, LORA)
   adapters, _ = partition.split(
-    nn.meta.unbox(transformer.init_fn(model)(jax.random.key(0))["params"]), "lora"
+    nn.meta.unbox(transformer.init_fn(model)(jax.random.key(0))["params"]), methods.trains(LORA)
   )
   keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(adapters))))
   adapters = jax.tree.map(lambda x: 0.2 * jax.random.normal(next(keys), x.shape), adapters)
-  return dataclasses.replace(base, params=partition.combine(adapters, base.params), peft=LORA)
+  return dataclasses.replace(
+    base, params=partition.combine(adapters, base.params), adapters=methods.adapters(LORA)
+  )
 
 
 @pytest.mark.parametrize("case", ["llama-gqa", "qwen2", "gemma"])
@@ -50,7 +54,7 @@ def test_adapters_load_in_peft_and_merged_weights_in_transformers(case, tmp_path
   assert not np.allclose(expected, jaxtune.load(tmp_path / "base").logits(TOKENS_BT), atol=1e-2)
 
   hf_peft.save_adapter(
-    tuned.config, LORA, tuned.params, tmp_path / "adapter", str(tmp_path / "base")
+    tuned.config, tuned.adapters, tuned.params, tmp_path / "adapter", str(tmp_path / "base")
   )
   base = transformers.AutoModelForCausalLM.from_pretrained(
     tmp_path / "base", attn_implementation="eager"
@@ -92,7 +96,7 @@ def test_a_lora_run_exports_merged_and_as_adapters(tmp_path):
   saved = ocp.StandardCheckpointer().metadata(step).item_metadata.tree["params"]
   assert {path[-1] for path in traverse_util.flatten_dict(saved)} == {"lora_a", "lora_b"}
   run = jaxtune.load(tmp_path / "run")
-  assert run.peft.method == "lora"
+  assert run.adapters == methods.adapters(cfg.peft) and run.adapters.lora_rank > 0  # LoRA.
   tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (2, 12))
   expected = np.asarray(run.logits(tokens))
 
@@ -104,7 +108,7 @@ def test_a_lora_run_exports_merged_and_as_adapters(tmp_path):
   export.convert(tmp_path / "run", tmp_path / "adapter", "peft")
   base = run.merged()
   base_only = dataclasses.replace(
-    base, params=partition.base(run.params), peft=jaxtune.api.NO_PEFT
+    base, params=partition.base(run.params), adapters=NONE
   )  # The run's frozen base, written for transformers.
   hf.save_hf(base_only.config, base_only.params, tmp_path / "base")
   with_adapter = hf_peft_lib.PeftModel.from_pretrained(
@@ -112,5 +116,5 @@ def test_a_lora_run_exports_merged_and_as_adapters(tmp_path):
   ).eval()
   np.testing.assert_allclose(_torch_logits(with_adapter, tokens), expected, atol=TOLERANCE)
 
-  with pytest.raises(jaxtune.api.CheckpointError, match="no adapters"):
+  with pytest.raises(CheckpointError, match="no adapters"):
     export.convert(tmp_path / "hf", tmp_path / "none", "peft")

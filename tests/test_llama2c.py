@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxtune.convert import llama2c
+from jaxtune.errors import CheckpointError
 from jaxtune.model import transformer
 from jaxtune.peft import partition
 
@@ -82,13 +83,13 @@ def test_corrupt_checkpoints_are_clear_errors(stories, data_dir, tmp_path):
   blob = (data_dir / "models" / "stories260K" / "stories260K.bin").read_bytes()
   truncated = tmp_path / "truncated.bin"
   truncated.write_bytes(blob[:-100])
-  with pytest.raises(llama2c.CheckpointError, match="truncated"):
+  with pytest.raises(CheckpointError, match="truncated"):
     llama2c.load_model(str(truncated))
   garbage = tmp_path / "garbage.bin"
   garbage.write_bytes(b"\xff" * 64)
-  with pytest.raises(llama2c.CheckpointError, match="implausible"):
+  with pytest.raises(CheckpointError, match="implausible"):
     llama2c.load_model(str(garbage))
   bad_tok = tmp_path / "tok.bin"
   bad_tok.write_bytes((data_dir / "models" / "stories260K" / "tok512.bin").read_bytes()[:2000])
-  with pytest.raises(llama2c.CheckpointError, match="corrupt llama2.c tokenizer"):
+  with pytest.raises(CheckpointError, match="corrupt llama2.c tokenizer"):
     llama2c.Tokenizer.load(str(bad_tok))

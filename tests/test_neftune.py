@@ -13,9 +13,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtune import sharding
 from jaxtune.config import MeshConfig, ModelConfig, TrainConfig
-from jaxtune.model import attention, transformer
-from jaxtune.peft import neftune
+from jaxtune.model import attention, neftune, transformer
 from jaxtune.train import optim
+from jaxtune.train.sft import SFT
 from jaxtune.train.step import TrainState, make_eval_step, make_train_step
 
 ALPHA = 5.0
@@ -154,9 +154,9 @@ def test_eval_step_is_deterministic_and_noise_free():
   model = transformer.Transformer(cfg)
   params = _variables()["params"]
   b = _batch(1)
-  eval_step = jax.jit(make_eval_step(model))
-  first, count = eval_step(params, {}, b)
-  second, _ = eval_step(params, {}, b)
+  eval_step = jax.jit(make_eval_step(SFT(model)))
+  sums, count = eval_step(params, {}, b)
+  first, second = sums["nll"], eval_step(params, {}, b)[0]["nll"]
   assert float(first) == float(second)
   assert float(count) == float(np.sum(b["weights"]))
   logits = model.apply({"params": params}, b["inputs"], b["positions"], b["segment_ids"])
@@ -169,15 +169,15 @@ def test_train_noise_is_reproducible_from_seed_and_step():
   model = transformer.Transformer(CFG)
   optimizer = optim.optimizer(TrainConfig(schedule="constant", warmup_steps=0), 100)
   params = _variables()["params"]
-  step = jax.jit(make_train_step(model, optimizer, jax.random.key(7), neftune_alpha=ALPHA))
+  step = jax.jit(make_train_step(SFT(model, neftune_alpha=ALPHA), optimizer, jax.random.key(7)))
   b = _batch(2)
 
   def loss_at(step_number):
     state = TrainState(jnp.asarray(step_number, jnp.int32), params, optimizer.init(params))
     return float(jax.device_get(step(jax.device_put(state, jax.devices()[0]), {}, b)[1]["loss"]))
 
-  eval_sum, count = jax.jit(make_eval_step(model))(params, {}, b)
-  clean = float(eval_sum / count)
+  sums, count = jax.jit(make_eval_step(SFT(model)))(params, {}, b)
+  clean = float(sums["nll"] / count)
   noisy = {s: loss_at(s) for s in (3, 4)}
   assert loss_at(3) == noisy[3], "the same (seed, step): the same noise"
   assert noisy[3] != noisy[4], "another step: other noise"

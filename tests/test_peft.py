@@ -14,8 +14,11 @@ import pytest
 from jaxtune import sharding
 from jaxtune.config import MeshConfig, ModelConfig, PeftConfig, load
 from jaxtune.errors import ConfigError
-from jaxtune.model import layers, presets, transformer
-from jaxtune.peft import lora, partition, prefix
+from jaxtune.model import presets, transformer
+from jaxtune.model.adapters import Adapters, Lora
+from jaxtune.model.linear import Linear, Projection
+from jaxtune.peft import lora, methods, partition, prefix
+from jaxtune.train.sft import SFT
 from jaxtune.train.step import TrainState, make_train_step
 
 CFG = ModelConfig(
@@ -40,14 +43,16 @@ def _base() -> dict:
 def _with_random_adapters(peft: PeftConfig, seed: int = 0) -> dict:
   """The base params plus `peft`'s parameters, all drawn at random (LoRA's B too, so the update
   is not zero)."""
-  trainable, _ = partition.split(_init(transformer.Transformer(CFG, peft), seed), peft.method)
+  trainable, _ = partition.split(_init(methods.model(CFG, peft), seed), methods.trains(peft))
   keys = iter(jax.random.split(jax.random.key(100 + seed), len(jax.tree.leaves(trainable))))
   trainable = jax.tree.map(lambda x: 0.3 * jax.random.normal(next(keys), x.shape), trainable)
   return partition.combine(trainable, _base())
 
 
-def _logits(peft: PeftConfig, params, tokens=TOKENS, segment_ids=None, **kwargs):
-  model = transformer.Transformer(CFG, peft, kwargs.pop("adapters", 0))
+def _logits(peft: PeftConfig | Adapters, params, tokens=TOKENS, segment_ids=None, **kwargs):
+  """Logits of the model with `peft`'s adapters (a PeftConfig's, or the Adapters themselves)."""
+  adapters = methods.adapters(peft) if isinstance(peft, PeftConfig) else peft
+  model = transformer.Transformer(CFG, adapters)
   return model.apply({"params": params}, tokens, None, segment_ids, **kwargs)
 
 
@@ -68,8 +73,8 @@ def _batch(tokens):
 
 
 def test_lora_at_init_equals_the_base_model():
-  params = _init(transformer.Transformer(CFG, LORA))
-  adapters, _ = partition.split(params, "lora")
+  params = _init(methods.model(CFG, LORA))
+  adapters, _ = partition.split(params, methods.trains(LORA))
   np.testing.assert_array_equal(_logits(LORA, partition.combine(adapters, _base())), BASE_LOGITS())
 
 
@@ -80,11 +85,11 @@ def test_lora_at_init_equals_the_base_model():
 )
 def test_lora_projection_matches_numpy(equation, shape, x_shape):
   cfg = dataclasses.replace(CFG, dim=6)
-  spec = lora.Lora(rank=2, scale=1.5, dropout=0.0)
+  spec = Lora(rank=2, scale=1.5, dropout=0.0)
   names = (
     ("embed", "q_heads", "head_dim") if len(x_shape) == 3 else ("q_heads", "head_dim", "embed")
   )
-  module = layers.Einsum(equation, shape, names, False, 1, cfg, spec)
+  module = Linear(Projection(equation, shape, names, bias_axes=0), cfg, spec)
   x = jax.random.normal(jax.random.key(0), x_shape)
   params = nn.meta.unbox(module.init(jax.random.key(1), x)["params"])
   params["lora_b"] = jax.random.normal(jax.random.key(2), params["lora_b"].shape)
@@ -100,24 +105,25 @@ def test_lora_projection_matches_numpy(equation, shape, x_shape):
 
 def test_merged_equals_unmerged_and_unmerge_restores_the_base():
   params = _with_random_adapters(LORA)
-  merged = lora.merge(params, LORA)
-  assert partition.split(merged, "lora")[0] == {}, "no adapters left after merging"
+  scale = methods.adapters(LORA).lora_scale
+  merged = lora.merge(params, scale)
+  assert partition.split(merged, methods.trains(LORA))[0] == {}, "no adapters left after merging"
   np.testing.assert_allclose(_logits(PeftConfig(), merged), _logits(LORA, params), atol=2e-5)
-  adapters, _ = partition.split(params, "lora")
-  restored = lora.unmerge(merged, adapters, LORA)
+  adapters, _ = partition.split(params, methods.trains(LORA))
+  restored = lora.unmerge(merged, adapters, scale)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), restored, params)
 
 
 def test_a_step_changes_only_the_adapters_and_only_they_have_optimizer_state():
-  model = transformer.Transformer(CFG, LORA)
+  model = methods.model(CFG, LORA)
   params = _init(model)
-  trainable, frozen = partition.split(params, "lora")
+  trainable, frozen = partition.split(params, methods.trains(LORA))
   optimizer = optax.adamw(1e-2)
   state = TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
   mu = state.opt_state[0].mu
   assert jax.tree.structure(mu) == jax.tree.structure(trainable)
   assert partition.count(state.opt_state) == 2 * partition.count(trainable) + 1  # mu, nu, count.
-  new_state, metrics = jax.jit(make_train_step(model, optimizer, jax.random.key(0)))(
+  new_state, metrics = jax.jit(make_train_step(SFT(model), optimizer, jax.random.key(0)))(
     state, frozen, _batch(TOKENS)
   )
   assert bool(metrics["finite"])
@@ -146,9 +152,9 @@ def test_a_step_changes_only_the_adapters_and_only_they_have_optimizer_state():
   ids=["llama2-lora-qv-r8", "llama2-prefix", "llama3-gqa-prefix", "llama2-prompt"],
 )
 def test_trainable_counts_are_exact(preset, peft, expected):
-  model = transformer.Transformer(ModelConfig(**presets.PRESETS[preset]), peft)
+  model = methods.model(ModelConfig(**presets.PRESETS[preset]), peft)
   abstract = jax.eval_shape(transformer.init_fn(model), jax.random.key(0))["params"]
-  trainable, frozen = partition.split(nn.meta.unbox(abstract), peft.method)
+  trainable, frozen = partition.split(nn.meta.unbox(abstract), methods.trains(peft))
   assert partition.count(trainable) == expected
   published = {"llama2-7b": 6_738_415_616, "llama3-8b": 8_030_261_248}[preset]
   assert partition.count(frozen) == published
@@ -158,7 +164,7 @@ def test_trainable_counts_are_exact(preset, peft, expected):
 
 
 def test_prefix_of_length_zero_equals_the_base_model():
-  params = _init(transformer.Transformer(CFG, dataclasses.replace(PREFIX, prefix_length=0)))
+  params = _init(methods.model(CFG, dataclasses.replace(PREFIX, prefix_length=0)))
   np.testing.assert_array_equal(
     _logits(dataclasses.replace(PREFIX, prefix_length=0), params), BASE_LOGITS()
   )
@@ -166,9 +172,9 @@ def test_prefix_of_length_zero_equals_the_base_model():
 
 def test_prefix_through_the_mlp_equals_the_collapsed_prefix():
   params = _with_random_adapters(PREFIX)
-  collapsed, peft = prefix.collapse(params, PREFIX)
-  assert peft.prefix_hidden == 0 and set(collapsed["prefix"]) == {"key", "value"}
-  np.testing.assert_allclose(_logits(peft, collapsed), _logits(PREFIX, params), atol=1e-5)
+  collapsed, adapters = prefix.collapse(params, methods.adapters(PREFIX))
+  assert adapters.prefix_hidden == 0 and set(collapsed["prefix"]) == {"key", "value"}
+  np.testing.assert_allclose(_logits(adapters, collapsed), _logits(PREFIX, params), atol=1e-5)
 
 
 @pytest.mark.parametrize("hidden", [0, 16], ids=["plain", "mlp"])
@@ -195,9 +201,10 @@ def test_prompt_from_real_tokens_equals_running_them_first():
 
 def test_prompt_equals_its_prefix():
   params = _with_random_adapters(PROMPT)
-  model, converted = prefix.for_decoding(transformer.Transformer(CFG, PROMPT), params)
-  assert model.peft.method == "prefix" and "prompt" not in converted
-  np.testing.assert_allclose(_logits(model.peft, converted), _logits(PROMPT, params), atol=1e-5)
+  model, converted = prefix.for_decoding(methods.model(CFG, PROMPT), params)
+  assert model.adapters == Adapters(prefix_length=PROMPT.prompt_length)  # A prefix, no prompt.
+  assert "prompt" not in converted
+  np.testing.assert_allclose(_logits(model.adapters, converted), _logits(PROMPT, params), atol=1e-5)
 
 
 @pytest.mark.parametrize("peft", [LORA, PREFIX, PROMPT], ids=["lora", "prefix", "prompt"])
@@ -236,7 +243,7 @@ def _decode(model, params, tokens, prefill: int, adapter_ids=None):
 def test_kv_cache_decoding_equals_the_full_forward_pass(peft):
   params = _with_random_adapters(peft)
   full = _logits(peft, params)
-  model, params = prefix.for_decoding(transformer.Transformer(CFG, peft), params)
+  model, params = prefix.for_decoding(methods.model(CFG, peft), params)
   np.testing.assert_allclose(_decode(model, params, TOKENS, prefill=6), full, atol=1e-5)
 
 
@@ -244,26 +251,27 @@ def test_kv_cache_decoding_equals_the_full_forward_pass(peft):
 
 
 def _bank(peft: PeftConfig, count: int = 3):
-  """(the bank's params, each adapter's own params) for `count` random adapters."""
+  """(the adapters each decodes with, the bank's params, each adapter's own params) for `count`
+  random adapters."""
   singles = [
-    prefix.for_decoding(transformer.Transformer(CFG, peft), _with_random_adapters(peft, s))
+    prefix.for_decoding(methods.model(CFG, peft), _with_random_adapters(peft, s))
     for s in range(count)
   ]
-  peft = singles[0][0].peft
-  bank = partition.stack([partition.split(p, peft.method)[0] for _, p in singles])
-  return peft, partition.combine(bank, _base()), [p for _, p in singles]
+  adapters = singles[0][0].adapters
+  bank = partition.stack([partition.split(p, methods.trains(peft))[0] for _, p in singles])
+  return adapters, partition.combine(bank, _base()), [p for _, p in singles]
 
 
 @pytest.mark.parametrize("peft", [LORA, PREFIX], ids=["lora", "prefix"])
 def test_a_mixed_batch_of_adapters_equals_each_row_alone(peft):
-  peft, bank, singles = _bank(peft)
+  adapters, bank, singles = _bank(peft)
   ids = jnp.asarray([2, 0, 1, 2])
   tokens = jax.random.randint(jax.random.key(3), (4, 9), 1, 64)
-  model = transformer.Transformer(CFG, peft, adapters=3)
+  model = transformer.Transformer(CFG, dataclasses.replace(adapters, bank=3))
   mixed = model.apply({"params": bank}, tokens, adapter_ids=ids)
   decoded = _decode(model, bank, tokens, prefill=5, adapter_ids=ids)
   for row, adapter in enumerate(ids.tolist()):
-    alone = _logits(peft, singles[adapter], tokens[row : row + 1])
+    alone = _logits(adapters, singles[adapter], tokens[row : row + 1])
     np.testing.assert_allclose(mixed[row : row + 1], alone, atol=1e-5, err_msg=f"row {row}")
     np.testing.assert_allclose(decoded[row : row + 1], alone, atol=1e-5, err_msg=f"row {row}")
 
@@ -281,7 +289,7 @@ def _peft_results(mesh_shape):
   results = {}
   cases = {"lora": (LORA, 0), "prefix_bank": (dataclasses.replace(PREFIX, prefix_hidden=0), 3)}
   for name, (peft, adapters) in cases.items():
-    model = transformer.Transformer(CFG, peft, adapters)
+    model = transformer.Transformer(CFG, dataclasses.replace(methods.adapters(peft), bank=adapters))
     if mesh_shape is None:
       params = _init(model)
       mesh, rules = None, ()
@@ -296,7 +304,7 @@ def _peft_results(mesh_shape):
     ids = jnp.asarray([2, 0, 1, 2]) if adapters else None
     tokens = jax.random.randint(jax.random.key(3), (4, 8), 1, 64)
     with sharding.use(mesh, rules) if mesh else contextlib.nullcontext():
-      trainable, frozen = partition.split(params, peft.method)
+      trainable, frozen = partition.split(params, methods.trains(peft))
       # B != 0 so the adapters matter.
       trainable = jax.tree.map(lambda x: x + 0.1, trainable)
       if name == "lora":
@@ -304,7 +312,7 @@ def _peft_results(mesh_shape):
         # near eps into differences of the parameters as large as the learning rate.
         optimizer = optax.sgd(1.0)
         state = TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
-        state, metrics = jax.jit(make_train_step(model, optimizer, jax.random.key(0)))(
+        state, metrics = jax.jit(make_train_step(SFT(model), optimizer, jax.random.key(0)))(
           state, frozen, _batch(tokens)
         )
         results[name] = (float(metrics["loss"]), jax.device_get(state.params))

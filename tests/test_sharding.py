@@ -11,6 +11,7 @@ import pytest
 
 from jaxtune import sharding
 from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.errors import ShardingError
 from jaxtune.model import attention, presets, transformer
 
 MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
@@ -58,7 +59,7 @@ def test_make_mesh_fills_minus_one(data, model, shape):
   ],
 )
 def test_mesh_that_does_not_fit_is_an_error(data, model, message):
-  with pytest.raises(sharding.ShardingError, match=message.replace(".", r"\.")):
+  with pytest.raises(ShardingError, match=message.replace(".", r"\.")):
     sharding.make_mesh(MeshConfig(data=data, model=model))
 
 
@@ -118,7 +119,7 @@ def test_fsdp_stores_one_eighth_of_every_weight(kind, data, model):
 def test_unknown_logical_names_are_errors():
   box = nn.Partitioned(jax.ShapeDtypeStruct((4, 4), jnp.float32), ("embed", "heads_typo"))
   mesh = sharding.make_mesh(MeshConfig())
-  with pytest.raises(sharding.ShardingError, match="heads_typo"):
+  with pytest.raises(ShardingError, match="heads_typo"):
     sharding.resolve_rules("tp", mesh, {"w": box})
   from jaxtune.model.layers import constrain
 
@@ -138,7 +139,7 @@ def test_every_logical_name_of_every_preset_has_a_rule(name):
 def test_batch_must_divide_the_data_axis():
   mesh = sharding.make_mesh(MeshConfig(data=4, model=2))
   sharding.check_batch(8, mesh)
-  with pytest.raises(sharding.ShardingError, match="batch size 6"):
+  with pytest.raises(ShardingError, match="batch size 6"):
     sharding.check_batch(6, mesh)
 
 

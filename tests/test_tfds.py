@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxtune.data import tfds as records_tfds
+from jaxtune.errors import DataError
 
 RECORDS = [
   {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
@@ -72,7 +73,7 @@ def test_random_access(tmp_path):
 def test_invalid_line_names_file_and_line(tmp_path, bad_line):
   jsonl = tmp_path / "bad.jsonl"
   jsonl.write_bytes(b'{"a": 1}\n\n' + bad_line + b'\n{"b": 2}\n')
-  with pytest.raises(records_tfds.DataError, match=re.escape(f"{jsonl}:3: ")):
+  with pytest.raises(DataError, match=re.escape(f"{jsonl}:3: ")):
     records_tfds.prepare(str(jsonl), str(tmp_path / "tfds"))
   assert not list((tmp_path / "tfds").rglob("*.array_record*"))
 
@@ -80,7 +81,7 @@ def test_invalid_line_names_file_and_line(tmp_path, bad_line):
 def test_empty_file_is_an_error(tmp_path):
   jsonl = tmp_path / "empty.jsonl"
   jsonl.write_text("\n \n")
-  with pytest.raises(records_tfds.DataError, match="no records"):
+  with pytest.raises(DataError, match="no records"):
     records_tfds.prepare(str(jsonl), str(tmp_path / "tfds"))
 
 

@@ -22,7 +22,8 @@ from jaxtune.config import MeshConfig, ModelConfig, TrainConfig
 from jaxtune.data import packing
 from jaxtune.model import transformer
 from jaxtune.train import loop, optim
-from jaxtune.train.step import TrainState, make_train_step, token_losses
+from jaxtune.train.sft import SFT, token_losses
+from jaxtune.train.step import TrainState, make_train_step
 
 VOCAB = 256
 BASE = ModelConfig(
@@ -121,7 +122,9 @@ def _single_device_run(kind: str, params):
   if kind not in _single_device_runs:
     optimizer = optim.optimizer(ADAMW, 100)
     step = jax.jit(
-      make_train_step(_noisy_model(kind), optimizer, jax.random.key(1), neftune_alpha=NEFTUNE_ALPHA)
+      make_train_step(
+        SFT(_noisy_model(kind), neftune_alpha=NEFTUNE_ALPHA), optimizer, jax.random.key(1)
+      )
     )
     state = _device_state(params, optimizer)
     losses = []
@@ -144,7 +147,9 @@ def _sharded_step(mesh_shape, strategy: str, kind: str):
   mesh = sharding.make_mesh(MeshConfig(data=mesh_shape[0], model=mesh_shape[1]))
   sharded = sharding.init_sharded(transformer.init_fn(model), jax.random.key(0), mesh, strategy)
   batch_sharding = sharding.logical_sharding(mesh, sharded.rules, ("act_batch", "act_seq"))
-  train_step = make_train_step(model, optimizer, jax.random.key(1), neftune_alpha=NEFTUNE_ALPHA)
+  train_step = make_train_step(
+    SFT(model, neftune_alpha=NEFTUNE_ALPHA), optimizer, jax.random.key(1)
+  )
   traces = []
 
   def counted(state, batch):
@@ -244,7 +249,7 @@ def test_micro_batches_equal_one_batch_and_a_plain_gradient():
   batch = _batch(7, rows=8)
   results = {}
   for k in (1, 4):
-    step = jax.jit(make_train_step(model, optimizer, jax.random.key(0), micro_batches=k))
+    step = jax.jit(make_train_step(SFT(model), optimizer, jax.random.key(0), micro_batches=k))
     results[k] = step(_state(params, optimizer), {}, batch)
   (one_state, one), (four_state, four) = results[1], results[4]
   for key in ("loss", "nll", "grad_norm", "supervised_tokens"):
@@ -319,7 +324,7 @@ def _nan_param(params, batch):
 def _adamw_step_and_state():
   """A jitted AdamW step and the state after one step (so the Adam moments are not zero)."""
   optimizer = optim.optimizer(ADAMW, 100)
-  step = jax.jit(make_train_step(transformer.Transformer(BASE), optimizer, jax.random.key(0)))
+  step = jax.jit(make_train_step(SFT(transformer.Transformer(BASE)), optimizer, jax.random.key(0)))
   state, _ = step(_device_state(_base_params(), optimizer), {}, _batch(0))
   return step, state
 
@@ -462,7 +467,7 @@ def test_adafactor_lowers_the_loss():
   model = transformer.Transformer(BASE)
   cfg = dataclasses.replace(ADAMW, optimizer="adafactor", learning_rate=1e-2, weight_decay=1e-3)
   optimizer = optim.optimizer(cfg, 100)
-  step = jax.jit(make_train_step(model, optimizer, jax.random.key(0)))
+  step = jax.jit(make_train_step(SFT(model), optimizer, jax.random.key(0)))
   state = _device_state(_base_params(), optimizer)
   batch = _batch(0)
   losses = []

@@ -10,7 +10,7 @@ import pytest
 from jaxtune import config, sharding
 from jaxtune.config import ModelConfig, PeftConfig
 from jaxtune.model import transformer
-from jaxtune.peft import partition
+from jaxtune.peft import methods, partition
 from jaxtune.train import loop, metrics
 
 # D=64, L=2, N=8 query heads of Q=8, K=2 KV heads, F=128, V=512, untied; rows of T=32.
@@ -26,7 +26,7 @@ LORA = 2 * (64 * 8 + 8 * 64 + 64 * 8 + 8 * 16)
 
 
 def _count(model_cfg: ModelConfig, peft: PeftConfig | None = None) -> int:
-  model = transformer.Transformer(model_cfg, peft or PeftConfig())
+  model = methods.model(model_cfg, peft or PeftConfig())
   return partition.count(jax.eval_shape(transformer.init_fn(model), jax.random.key(0)))
 
 
