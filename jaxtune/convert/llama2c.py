@@ -1,9 +1,15 @@
-"""llama2.c checkpoints ("legacy v0" `.bin`); their tokenizers (`tok*.bin`) are read by
-`jaxtune.data.llama2c_tokenizer`.
+"""llama2.c checkpoints ("legacy v0" `.bin`), and their tokenizers (`tok*.bin`, read by
+`jaxtune.data.llama2c_tokenizer`) as the SentencePiece models they were exported from.
 
 Model file: 7 little-endian int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size,
 seq_len; a negative vocab_size means a separate output layer), then float32 arrays with matrices
 stored [out, in]. RoPE is interleaved there; q/k rows are permuted to jaxtune's rotate-half layout.
+
+Tokenizer: llama2.c's `export_tokenizer` wrote a SentencePiece BPE model's pieces and scores, with
+"▁" as a space and BOS/EOS as "\n<s>\n"/"\n</s>\n". `to_sentencepiece` writes them back as a
+SentencePiece ModelProto (byte fallback, identity normalizer, dummy prefix), which SentencePiece
+and transformers' LlamaTokenizer encode exactly as llama2.c does: BPE by piece score, where a
+piece's id order is its score order.
 """
 
 from __future__ import annotations
@@ -12,8 +18,11 @@ import struct
 from typing import Any
 
 import numpy as np
+from sentencepiece import sentencepiece_model_pb2
 
 from jaxtune.config import ModelConfig
+from jaxtune.data import llama2c_tokenizer
+from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.model.attention import interleaved_to_half
 
 _HEADER = struct.Struct("<7i")
@@ -113,3 +122,38 @@ def _copy_tree(tree: dict) -> dict:
   return {
     k: _copy_tree(v) if isinstance(v, dict) else np.ascontiguousarray(v) for k, v in tree.items()
   }
+
+
+def to_sentencepiece(tok: llama2c_tokenizer.Tokenizer) -> tokenizer_lib.Tokenizer:
+  """The llama2.c tokenizer as a SentencePiece model with the same ids, pieces and scores (and the
+  same added special tokens): what `--to hf` writes as tokenizer.model."""
+  kind = sentencepiece_model_pb2.ModelProto.SentencePiece.Type
+  specials = {0: ("<unk>", kind.UNKNOWN), tok.bos_id: ("<s>", kind.CONTROL)}
+  specials[tok.eos_id] = ("</s>", kind.CONTROL)
+  model = sentencepiece_model_pb2.ModelProto()
+  for i, (piece, score) in enumerate(zip(tok.pieces, tok.scores, strict=True)):
+    if i in specials:
+      text, piece_kind = specials[i]
+    elif i in llama2c_tokenizer.BYTES:
+      text, piece_kind = f"<0x{i - llama2c_tokenizer.BYTES.start:02X}>", kind.BYTE
+    else:
+      text, piece_kind = piece.decode("utf-8").replace(" ", "▁"), kind.NORMAL
+    model.pieces.add(piece=text, score=score, type=piece_kind)
+  model.trainer_spec.MergeFrom(
+    sentencepiece_model_pb2.TrainerSpec(
+      model_type=sentencepiece_model_pb2.TrainerSpec.BPE,
+      vocab_size=len(tok.pieces),
+      byte_fallback=True,
+      unk_id=0,
+      bos_id=tok.bos_id,
+      eos_id=tok.eos_id,
+      pad_id=-1,
+    )
+  )
+  # llama2.c normalizes nothing and adds the dummy prefix itself.
+  model.normalizer_spec.MergeFrom(
+    sentencepiece_model_pb2.NormalizerSpec(
+      name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False
+    )
+  )
+  return tokenizer_lib.Tokenizer(model.SerializeToString(), list(tok.added))
