@@ -129,7 +129,7 @@ def _write_tokenizer_config(tok: tokenizer_lib.Tokenizer, folder: pathlib.Path, 
     tokenizer_class="GemmaTokenizer" if family == "gemma" else "LlamaTokenizer",
     add_bos_token=True,
     add_eos_token=False,
-    legacy=False,
+    legacy=tok.prepend_scheme == "always",
     added_tokens_decoder=added,
   )
   for name, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)):

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxtune.data.sources import DataError
+from jaxtune.data.tokenizer import decode_pieces
 
 TOKENIZER_FILE = "tokenizer.bin"
 SPECIAL_TOKENS_FILE = "special_tokens.json"
@@ -30,6 +31,9 @@ BYTES = range(3, 259)  # Token ids of the raw bytes 0..255.
 
 class Tokenizer:
   """A llama2.c tokenizer: pieces (bytes) with merge scores; BOS 1, EOS 2, bytes at 3..258."""
+
+  # The dummy prefix only where a sequence starts: run.c encodes a prompt once, with one prefix.
+  prepend_scheme = "first"
 
   def __init__(self, pieces: Sequence[bytes], scores: Sequence[float], added: Sequence[str] = ()):
     self.pieces, self.scores = tuple(pieces), tuple(scores)
@@ -98,16 +102,21 @@ class Tokenizer:
     )
 
   def decode(self, ids: Sequence[int], show_special: bool = False) -> str:
-    out = bytearray()
-    for k, t in enumerate(map(int, ids)):
-      if t in self._added_by_id or t in (self.bos_id, self.eos_id):
-        out += self.piece(t).encode() if show_special or t in self._added_by_id else b""
-        continue
-      piece = self.pieces[t]
-      if (k == 0 or ids[k - 1] == self.bos_id) and piece.startswith(b" "):
-        piece = piece[1:]  # The dummy prefix space of the first piece.
-      out += piece
-    return out.decode("utf-8", errors="replace")
+    """Text of `ids`; a leading space is dropped where `encode` adds the dummy prefix (see
+    `tokenizer.decode_pieces`). With `show_special`, BOS and EOS appear as "<s>" and "</s>"."""
+    specials = (self.bos_id, self.eos_id)
+    return decode_pieces(
+      ids,
+      lambda i: i in self._added_by_id or (show_special and i in specials),
+      self.piece,
+      lambda run, first: self._decode_run([i for i in run if i not in specials], first),
+      self.bos_id,
+      self.prepend_scheme,
+    )
+
+  def _decode_run(self, run: list[int], first: bool) -> str:
+    out = b"".join(self.pieces[i] for i in run)
+    return (out[1:] if first and out.startswith(b" ") else out).decode("utf-8", errors="replace")
 
   def encode(self, text: str, first: bool = False) -> list[int]:
     """Byte-fallback BPE as in llama2.c (no BOS/EOS). Pieces never hold a space past their
