@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 from jaxtune import checkpoint, config, generate, runs, sharding
 from jaxtune.config import ModelConfig
 from jaxtune.convert import hf, llama2c
-from jaxtune.data import pipeline
+from jaxtune.data import llama2c_tokenizer, pipeline
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.data.hf_tokenizer import TOKENIZER_JSON
 from jaxtune.errors import CheckpointError
@@ -259,18 +259,18 @@ def _put(params: Any, shardings: Any) -> Any:
   return jax.tree.map(jax.device_put, params, shardings)
 
 
-def _llama2c_tokenizer(model_path: pathlib.Path) -> llama2c.Tokenizer | None:
+def _llama2c_tokenizer(model_path: pathlib.Path) -> llama2c_tokenizer.Tokenizer | None:
   """The llama2.c tokenizer beside a model file: `tokenizer.bin`, else the only `tok*.bin`."""
   folder = model_path.parent
   candidates = sorted(p for p in folder.glob("tok*.bin") if p != model_path)
-  if (folder / llama2c.TOKENIZER_FILE).is_file():
-    candidates = [folder / llama2c.TOKENIZER_FILE]
+  if (folder / llama2c_tokenizer.TOKENIZER_FILE).is_file():
+    candidates = [folder / llama2c_tokenizer.TOKENIZER_FILE]
   if len(candidates) > 1:
     raise CheckpointError(
       f"{model_path}: several llama2.c tokenizers beside it "
       f"({', '.join(p.name for p in candidates)}); pass the one to use as tokenizer="
     )
-  return llama2c.Tokenizer.load(str(candidates[0])) if candidates else None
+  return llama2c_tokenizer.Tokenizer.load(str(candidates[0])) if candidates else None
 
 
 # Format -> (the model without its tokenizer, the tokenizer found with it).

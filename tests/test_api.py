@@ -19,7 +19,8 @@ from test_llama2c import FIRST_IDS, PUBLISHED
 import jaxtune
 from jaxtune import generate, sharding
 from jaxtune.config import MeshConfig
-from jaxtune.convert import export, hf, llama2c
+from jaxtune.convert import export, hf
+from jaxtune.data import llama2c_tokenizer
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.errors import CheckpointError
 from jaxtune.model import transformer
@@ -39,7 +40,7 @@ def test_top_level_import_is_light():
 def test_stories260K_decodes_the_published_text(data_dir):
   model = jaxtune.load(data_dir / "models" / "stories260K" / "stories260K.bin")
   tok = model.tokenizer
-  assert isinstance(tok, llama2c.Tokenizer)  # tok512.bin, found beside the model.
+  assert isinstance(tok, llama2c_tokenizer.Tokenizer)  # tok512.bin, found beside the model.
   assert model.template == "raw" and model.mesh is None and model.config.kv_heads == 4
   steps = len(tok.encode(PUBLISHED, first=True))
   (out,) = model.generate([[tok.bos_id]], generate.Sampling(max_new_tokens=steps))

@@ -14,7 +14,7 @@ import transformers
 import jaxtune
 from jaxtune import generate, sharding
 from jaxtune.config import MeshConfig
-from jaxtune.convert import hf
+from jaxtune.convert import export, hf
 from jaxtune.errors import DataError
 from jaxtune.eval import base, bbh, gsm8k, metrics, mmlu, runner
 
@@ -42,6 +42,15 @@ def reference(stories, tmp_path_factory):
   return model.eval()
 
 
+@pytest.fixture(scope="module")
+def reference_tokenizer(stories, tmp_path_factory):
+  """transformers' tokenizer of the same model as `jaxtune convert --to hf` writes it: the
+  independent reference for prompts (BOS, then the text with its leading dummy-prefix space)."""
+  folder = tmp_path_factory.mktemp("stories_hf_tokenizer")
+  export.save_hf_tokenizer(stories.tokenizer, folder)
+  return transformers.AutoTokenizer.from_pretrained(folder)
+
+
 def _torch_logprobs(reference, ids):
   """log p(ids[t + 1] | ids[: t + 1]) for each t, in float64."""
   with torch.no_grad():
@@ -54,9 +63,12 @@ def _mmlu_block(row, with_answer):
   return text + (f" {row[5]}\n\n" if with_answer else "")
 
 
-def test_mmlu_scores_equal_transformers_on_real_questions(stories_on_mesh, reference, data_dir):
+def test_mmlu_scores_equal_transformers_on_real_questions(
+  stories_on_mesh, reference, reference_tokenizer, data_dir
+):
   """Each choice's log-likelihood, computed on an 8-device mesh, equals the sum of transformers'
-  log-probabilities of " A" (...) after the 1-shot prompt written out here by hand."""
+  log-probabilities of " A" (...) after the 1-shot prompt written out here by hand and tokenized
+  by transformers."""
   folder = data_dir / "mmlu" / "data"
   subjects = ("astronomy", "high_school_geography")
   options = base.Options(
@@ -73,7 +85,7 @@ def test_mmlu_scores_equal_transformers_on_real_questions(stories_on_mesh, refer
       about = subject.replace("_", " ")
       head = f"The following are multiple choice questions (with answers) about {about}.\n\n"
       shots = "".join(_mmlu_block(r, True) for r in dev[: example["shots"]])
-      context = [tok.bos_id, *tok.encode(head + shots + _mmlu_block(row, False))]
+      context = reference_tokenizer(head + shots + _mmlu_block(row, False)).input_ids
       for letter, score in example["loglikelihoods"].items():
         ids = context + tok.encode(f" {letter}")
         want = _torch_logprobs(reference, ids)[len(context) - 1 :].sum()
@@ -87,15 +99,18 @@ def test_mmlu_scores_equal_transformers_on_real_questions(stories_on_mesh, refer
   assert result.metrics["questions"] == 6
 
 
-def test_perplexity_equals_transformers_on_lima(stories_on_mesh, reference, data_dir):
+def test_perplexity_equals_transformers_on_lima(
+  stories_on_mesh, reference, reference_tokenizer, data_dir
+):
   """Loss on LIMA's responses (raw template: BOS, instruction, response, EOS; truncated to the
-  model's 512 positions) as transformers computes it over the supervised tokens."""
+  model's 512 positions) as transformers computes it over the supervised tokens, the instruction
+  tokenized by transformers (the response continues it: no dummy prefix)."""
   path = data_dir / "lima" / "lima_train_llamafactory.json"
   result = runner.evaluate(stories_on_mesh, "perplexity", base.Options(data=str(path), limit=4))
   tok = stories_on_mesh.tokenizer
   total = count = 0
   for record in json.loads(path.read_text())[:4]:
-    prompt = [tok.bos_id, *tok.encode(record["instruction"])]
+    prompt = reference_tokenizer(record["instruction"]).input_ids
     ids = [*prompt, *tok.encode(record["output"]), tok.eos_id][:513]
     if len(prompt) >= len(ids):
       continue  # Nothing of the response is left within the positions.
@@ -107,7 +122,7 @@ def test_perplexity_equals_transformers_on_lima(stories_on_mesh, reference, data
   assert result.metrics["perplexity"] == pytest.approx(math.exp(total / count), rel=TOLERANCE)
 
 
-def test_generation_stats_of_greedy_responses(stories, tmp_path):
+def test_generation_stats_of_greedy_responses(stories, reference_tokenizer, tmp_path):
   records = [
     {"instruction": "Once upon a time", "output": "there was a cat.", "generator": "ref"},
     {"instruction": "Tell me about the dog", "input": "", "output": "", "generator": "ref"},
@@ -123,7 +138,7 @@ def test_generation_stats_of_greedy_responses(stories, tmp_path):
   tok = stories.tokenizer
   kept = [records[0], records[2]]
   sampling = generate.Sampling(max_new_tokens=24, repetition_penalty=1.2)
-  outs = stories.generate([[tok.bos_id, *tok.encode(r["instruction"])] for r in kept], sampling)
+  outs = stories.generate([reference_tokenizer(r["instruction"]).input_ids for r in kept], sampling)
   responses = [tok.decode(o.ids).strip() for o in outs]
   assert [e["output"] for e in result.examples] == responses
   assert [(e["instruction"], e["generator"]) for e in result.examples] == [

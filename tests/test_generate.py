@@ -14,6 +14,7 @@ from test_llama2c import FIRST_IDS, PUBLISHED
 from jaxtune import generate, sharding
 from jaxtune.config import MeshConfig, ModelConfig
 from jaxtune.convert import llama2c
+from jaxtune.data import llama2c_tokenizer
 from jaxtune.errors import ConfigError
 from jaxtune.model import transformer
 
@@ -27,7 +28,7 @@ SAMPLED = generate.Sampling(
 def stories(data_dir):
   folder = data_dir / "models" / "stories260K"
   cfg, variables = llama2c.load_model(str(folder / "stories260K.bin"))
-  tok = llama2c.Tokenizer.load(str(folder / "tok512.bin"))
+  tok = llama2c_tokenizer.Tokenizer.load(str(folder / "tok512.bin"))
   prompts = [[1]] + [
     [1, *tok.encode(text, first=True)]
     for text in ("Once upon a time, Tom", "The cat sat", "Lily and her mom went to the big park")

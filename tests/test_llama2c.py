@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from jaxtune.convert import llama2c
-from jaxtune.errors import CheckpointError
+from jaxtune.data import llama2c_tokenizer
+from jaxtune.errors import CheckpointError, DataError
 from jaxtune.model import transformer
 from jaxtune.peft import partition
 
@@ -21,7 +22,7 @@ FIRST_IDS = [403, 407, 261, 378, 432, 383, 286, 261, 376, 298]
 def stories(data_dir):
   folder = data_dir / "models" / "stories260K"
   cfg, variables = llama2c.load_model(str(folder / "stories260K.bin"))
-  return cfg, variables, llama2c.Tokenizer.load(str(folder / "tok512.bin"))
+  return cfg, variables, llama2c_tokenizer.Tokenizer.load(str(folder / "tok512.bin"))
 
 
 def _greedy_with_cache(model, variables, steps):
@@ -74,7 +75,7 @@ def test_added_special_tokens_round_trip(stories, tmp_path):
   ids = tok.encode("Hi there", first=True) + [512] + tok.encode(" ok")
   assert tok.decode(ids) == "Hi there<EOT> ok"
   tok.save(str(tmp_path))
-  again = llama2c.Tokenizer.load(str(tmp_path / llama2c.TOKENIZER_FILE))
+  again = llama2c_tokenizer.Tokenizer.load(str(tmp_path / llama2c_tokenizer.TOKENIZER_FILE))
   assert again.encode(PUBLISHED, first=True) == tok.encode(PUBLISHED, first=True)
   assert again.special_id("<EOT>") == 512
 
@@ -91,5 +92,5 @@ def test_corrupt_checkpoints_are_clear_errors(stories, data_dir, tmp_path):
     llama2c.load_model(str(garbage))
   bad_tok = tmp_path / "tok.bin"
   bad_tok.write_bytes((data_dir / "models" / "stories260K" / "tok512.bin").read_bytes()[:2000])
-  with pytest.raises(CheckpointError, match="corrupt llama2.c tokenizer"):
-    llama2c.Tokenizer.load(str(bad_tok))
+  with pytest.raises(DataError, match="corrupt llama2.c tokenizer"):
+    llama2c_tokenizer.Tokenizer.load(str(bad_tok))

@@ -22,8 +22,8 @@ import yaml
 
 from jaxtune import api, checkpoint, runs
 from jaxtune.config import Config, DataConfig, TrainConfig
-from jaxtune.convert import hf, hf_peft, uptrain
-from jaxtune.data import hf_tokenizer
+from jaxtune.convert import hf, hf_peft, llama2c, uptrain
+from jaxtune.data import llama2c_tokenizer
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.errors import CheckpointError, ConfigError
 from jaxtune.model import adapters
@@ -100,19 +100,28 @@ def _write_jaxtune(model: api.Model, folder: pathlib.Path, dtype: str) -> None:
 
 def _write_hf(model: api.Model, folder: pathlib.Path, dtype: str) -> None:
   hf.save_hf(model.config, model.params, folder, dtype)
-  tok = model.tokenizer
+  if model.tokenizer is not None:
+    save_hf_tokenizer(model.tokenizer, folder, hf.family_for(model.config))
+
+
+def save_hf_tokenizer(tok: api.Tokenizer, folder: pathlib.Path, family: str = "llama") -> None:
+  """The tokenizer as transformers' AutoTokenizer reads it, encoding as jaxtune does: a
+  tokenizer.json as it is (with tokenizer_config.json); a SentencePiece model, or a llama2.c
+  tokenizer as the SentencePiece model it came from, as tokenizer.model with
+  tokenizer_config.json. Both keep jaxtune's added tokens in special_tokens.json too."""
+  folder = pathlib.Path(folder)
+  if isinstance(tok, llama2c_tokenizer.Tokenizer):
+    tok = llama2c.to_sentencepiece(tok)
+  tok.save(str(folder))
   if isinstance(tok, tokenizer_lib.Tokenizer):
-    tok.save(str(folder))  # tokenizer.model, and special_tokens.json for jaxtune.
-    _write_tokenizer_config(tok, folder, hf.family_for(model.config))
-  elif isinstance(tok, hf_tokenizer.HFTokenizer):
-    tok.save(str(folder))  # tokenizer.json and tokenizer_config.json.
-  elif tok is not None:
-    log.warning("the llama2.c tokenizer has no Hugging Face form: %s has no tokenizer", folder)
+    _write_tokenizer_config(tok, folder, family)
 
 
 def _write_tokenizer_config(tok: tokenizer_lib.Tokenizer, folder: pathlib.Path, family: str):
   """tokenizer_config.json, so that transformers reads tokenizer.model as the SentencePiece
-  tokenizer of the family (BOS first, as jaxtune's templates begin), with the added tokens."""
+  tokenizer of the family (BOS first, as jaxtune's templates begin), with the added tokens, and
+  puts the dummy prefix where jaxtune does (`legacy` false: "first", its default since
+  transformers 5 but not before)."""
   added = {
     str(i): dict(content=t, special=True, lstrip=False, rstrip=False, normalized=False)
     for t, i in tok.added.items()
@@ -121,6 +130,7 @@ def _write_tokenizer_config(tok: tokenizer_lib.Tokenizer, folder: pathlib.Path, 
     tokenizer_class="GemmaTokenizer" if family == "gemma" else "LlamaTokenizer",
     add_bos_token=True,
     add_eos_token=False,
+    legacy=tok.prepend_scheme == "always",
     added_tokens_decoder=added,
   )
   for name, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)):

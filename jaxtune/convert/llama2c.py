@@ -1,28 +1,32 @@
-"""llama2.c checkpoints ("legacy v0" `.bin`) and tokenizers (`tok*.bin`).
+"""llama2.c checkpoints ("legacy v0" `.bin`), and their tokenizers (`tok*.bin`, read by
+`jaxtune.data.llama2c_tokenizer`) as the SentencePiece models they were exported from.
 
 Model file: 7 little-endian int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size,
 seq_len; a negative vocab_size means a separate output layer), then float32 arrays with matrices
 stored [out, in]. RoPE is interleaved there; q/k rows are permuted to jaxtune's rotate-half layout.
+
+Tokenizer: llama2.c's `export_tokenizer` wrote a SentencePiece BPE model's pieces and scores, with
+"▁" as a space and BOS/EOS as "\n<s>\n"/"\n</s>\n". `to_sentencepiece` writes them back as a
+SentencePiece ModelProto (byte fallback, identity normalizer, dummy prefix), which SentencePiece
+and transformers' LlamaTokenizer encode exactly as llama2.c does: BPE by piece score, where a
+piece's id order is its score order.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import os
-import re
 import struct
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from sentencepiece import sentencepiece_model_pb2
 
 from jaxtune.config import ModelConfig
+from jaxtune.data import llama2c_tokenizer
+from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.errors import CheckpointError
 from jaxtune.model.attention import interleaved_to_half
 
 _HEADER = struct.Struct("<7i")
-TOKENIZER_FILE = "tokenizer.bin"
 
 
 def load_model(path: str) -> tuple[ModelConfig, dict[str, Any]]:
@@ -117,107 +121,36 @@ def _copy_tree(tree: dict) -> dict:
   }
 
 
-class Tokenizer:
-  """A llama2.c tokenizer: pieces (bytes) with merge scores; BOS 1, EOS 2, bytes at 3..258.
-
-  The same interface as `jaxtune.data.tokenizer.Tokenizer`: `encode(text, first)` adds the
-  leading dummy space only for the first chunk of a text; special tokens can be added after the
-  vocabulary.
-  """
-
-  def __init__(self, pieces: Sequence[bytes], scores: Sequence[float], added: Sequence[str] = ()):
-    self.pieces, self.scores = tuple(pieces), tuple(scores)
-    self.bos_id, self.eos_id, self.pad_id = 1, 2, 0
-    self._lookup = {p: i for i, p in enumerate(self.pieces) if i > 258 or i < 3}
-    self.added = {t: len(self.pieces) + i for i, t in enumerate(added)}
-    self._added_by_id = {i: t for t, i in self.added.items()}
-    self._encode_word = functools.lru_cache(maxsize=1 << 16)(self._bpe)
-
-  @classmethod
-  def load(cls, path: str) -> Tokenizer:
-    with open(path, "rb") as f:
-      blob = f.read()
-    pieces, scores, offset = [], [], 4
-    try:
-      while offset < len(blob):
-        score, length = struct.unpack_from("<fi", blob, offset)
-        offset += 8
-        if length < 0 or offset + length > len(blob):
-          raise struct.error("piece runs past the end")
-        pieces.append(blob[offset : offset + length])
-        scores.append(score)
-        offset += length
-    except struct.error as e:
-      raise CheckpointError(f"{path}: corrupt llama2.c tokenizer at byte {offset}: {e}") from None
-    if len(pieces) < 259:
-      raise CheckpointError(f"{path}: {len(pieces)} tokens; a llama2.c tokenizer has at least 259")
-    pieces[3:259] = [bytes([b]) for b in range(256)]  # Stored as text; they stand for raw bytes.
-    added = []
-    special = os.path.join(os.path.dirname(path), "special_tokens.json")
-    if os.path.basename(path) == TOKENIZER_FILE and os.path.exists(special):
-      with open(special) as f:
-        added = json.load(f)
-    return cls(pieces, scores, added)
-
-  def save(self, folder: str) -> None:
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, TOKENIZER_FILE), "wb") as f:
-      f.write(struct.pack("<i", max(map(len, self.pieces))))
-      for i, (piece, score) in enumerate(zip(self.pieces, self.scores, strict=True)):
-        piece = chr(i - 3).encode() if 3 <= i < 259 else piece
-        f.write(struct.pack("<fi", score, len(piece)) + piece)
-    with open(os.path.join(folder, "special_tokens.json"), "w") as f:
-      json.dump(list(self.added), f)
-
-  @property
-  def vocab_size(self) -> int:
-    return len(self.pieces) + len(self.added)
-
-  def special_id(self, token: str) -> int | None:
-    return self.added.get(token, {"<s>": self.bos_id, "</s>": self.eos_id}.get(token))
-
-  def with_special_tokens(self, tokens: Sequence[str]) -> Tokenizer:
-    missing = [t for t in tokens if self.special_id(t) is None]
-    return Tokenizer(self.pieces, self.scores, [*self.added, *missing]) if missing else self
-
-  def piece(self, i: int) -> str:
-    if i in self._added_by_id:
-      return self._added_by_id[i]
-    return {self.bos_id: "<s>", self.eos_id: "</s>"}.get(i) or self.pieces[i].decode(
-      "utf-8", "replace"
+def to_sentencepiece(tok: llama2c_tokenizer.Tokenizer) -> tokenizer_lib.Tokenizer:
+  """The llama2.c tokenizer as a SentencePiece model with the same ids, pieces and scores (and the
+  same added special tokens): what `--to hf` writes as tokenizer.model."""
+  kind = sentencepiece_model_pb2.ModelProto.SentencePiece.Type
+  specials = {0: ("<unk>", kind.UNKNOWN), tok.bos_id: ("<s>", kind.CONTROL)}
+  specials[tok.eos_id] = ("</s>", kind.CONTROL)
+  model = sentencepiece_model_pb2.ModelProto()
+  for i, (piece, score) in enumerate(zip(tok.pieces, tok.scores, strict=True)):
+    if i in specials:
+      text, piece_kind = specials[i]
+    elif i in llama2c_tokenizer.BYTES:
+      text, piece_kind = f"<0x{i - llama2c_tokenizer.BYTES.start:02X}>", kind.BYTE
+    else:
+      text, piece_kind = piece.decode("utf-8").replace(" ", "▁"), kind.NORMAL
+    model.pieces.add(piece=text, score=score, type=piece_kind)
+  model.trainer_spec.MergeFrom(
+    sentencepiece_model_pb2.TrainerSpec(
+      model_type=sentencepiece_model_pb2.TrainerSpec.BPE,
+      vocab_size=len(tok.pieces),
+      byte_fallback=True,
+      unk_id=0,
+      bos_id=tok.bos_id,
+      eos_id=tok.eos_id,
+      pad_id=-1,
     )
-
-  def decode(self, ids: Sequence[int], show_special: bool = False) -> str:
-    out = bytearray()
-    for k, t in enumerate(map(int, ids)):
-      if t in self._added_by_id or t in (self.bos_id, self.eos_id):
-        out += self.piece(t).encode() if show_special or t in self._added_by_id else b""
-        continue
-      piece = self.pieces[t]
-      if (k == 0 or ids[k - 1] == self.bos_id) and piece.startswith(b" "):
-        piece = piece[1:]  # The dummy prefix space of the first piece.
-      out += piece
-    return out.decode("utf-8", errors="replace")
-
-  def encode(self, text: str, first: bool = False) -> list[int]:
-    """Byte-fallback BPE as in llama2.c (no BOS/EOS). Pieces never hold a space past their
-    first byte, so each space-led word is merged on its own (and cached)."""
-    text = " " + text if first and text else text
-    words = re.findall(r" ?[^ ]+| +(?= [^ ])| +$", text) if text else []
-    return [i for word in words for i in self._encode_word(word)]
-
-  def _bpe(self, word: str) -> tuple[int, ...]:
-    ids = []
-    for ch in word:
-      b = ch.encode("utf-8")
-      ids.extend([self._lookup[b]] if b in self._lookup else [x + 3 for x in b])
-    while True:
-      best, best_score = None, -np.inf
-      for j in range(len(ids) - 1):
-        merged = self._lookup.get(self.pieces[ids[j]] + self.pieces[ids[j + 1]])
-        if merged is not None and self.scores[merged] > best_score:
-          best, best_score = (j, merged), self.scores[merged]
-      if best is None:
-        return tuple(ids)
-      j, merged = best
-      ids[j : j + 2] = [merged]
+  )
+  # llama2.c normalizes nothing and adds the dummy prefix itself.
+  model.normalizer_spec.MergeFrom(
+    sentencepiece_model_pb2.NormalizerSpec(
+      name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False
+    )
+  )
+  return tokenizer_lib.Tokenizer(model.SerializeToString(), list(tok.added))

@@ -5,9 +5,12 @@ Llama 3 and Qwen2, or SentencePiece-style Metaspace BPE), behind the interface o
 As there: `encode(text, first=False)` adds no leading space, so a rendered conversation encoded
 chunk by chunk decodes back to exactly the rendered string (for SentencePiece-style tokenizers the
 prefix space is turned off in a second copy of the tokenizer, and so is the decoder's stripping of
-it); text never turns into special tokens, which only templates insert; tokens a template needs
-and the tokenizer lacks are added after its vocabulary (`special_tokens.json`). BOS and EOS come
-from tokenizer_config.json or special_tokens_map.json beside tokenizer.json (-1: none).
+it). `prepend_scheme` says where `packing.tokenize` asks for that space: "always" where the spec
+adds it to every text between special tokens (Metaspace "always", the Prepend normalizer of legacy
+Llama tokenizer.json files, ByteLevel's add_prefix_space), else "first". Text never turns into
+special tokens, which only templates insert; tokens a template needs and the tokenizer lacks are
+added after its vocabulary (`special_tokens.json`). BOS and EOS come from tokenizer_config.json or
+special_tokens_map.json beside tokenizer.json (-1: none).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class HFTokenizer:
     self._inner = tokenizers.Tokenizer.from_str(json.dumps(_without_prefix_space(parsed)))
     for tk in (self._outer, self._inner):
       tk.encode_special_tokens = True  # "<|im_end|>" in a user's text is text.
+    self.prepend_scheme = "always" if _prefixes_every_text(parsed) else "first"
     self._specials = {t["content"]: t["id"] for t in parsed.get("added_tokens", ()) if t["special"]}
     self._special_ids = set(self._specials.values())
     base = self._outer.get_vocab_size(with_added_tokens=True)
@@ -133,7 +137,7 @@ class HFTokenizer:
     return (self._outer if first else self._inner).encode(text, add_special_tokens=False).ids
 
   def decode(self, ids: Sequence[int], show_special: bool = False) -> str:
-    """Text of `ids`; a leading space is dropped only at the very start (the prefix space).
+    """Text of `ids`; a leading space is dropped where `encode` adds the prefix space.
     With `show_special`, tokenizer.json's special tokens (BOS, EOS, ...) appear as text."""
     return decode_pieces(
       ids,
@@ -142,6 +146,8 @@ class HFTokenizer:
       lambda run, first: (self._outer if first else self._inner).decode(
         run, skip_special_tokens=True
       ),
+      self.bos_id,
+      self.prepend_scheme,
     )
 
   def piece(self, i: int) -> str:
@@ -151,6 +157,25 @@ class HFTokenizer:
 def _content(token: Any) -> str | None:
   """A token of tokenizer_config.json: a string, or an AddedToken as a dict."""
   return token.get("content") if isinstance(token, dict) else token
+
+
+def _prefixes_every_text(node: Any) -> bool:
+  """Whether the spec adds its leading space to every text between special tokens, not only to
+  the text at the start (Metaspace's prepend_scheme "first")."""
+  if isinstance(node, list):
+    return any(map(_prefixes_every_text, node))
+  if not isinstance(node, dict):
+    return False
+  kind = node.get("type")
+  if kind == "Metaspace":  # Files older than prepend_scheme have add_prefix_space alone.
+    default = "always" if node.get("add_prefix_space", True) else "never"
+    return node.get("prepend_scheme", default) == "always"
+  if kind == "ByteLevel" and node.get("add_prefix_space"):
+    return True
+  return kind == "Prepend" or any(
+    _prefixes_every_text(node.get(k))
+    for k in ("normalizer", "normalizers", "pre_tokenizer", "pretokenizers")
+  )
 
 
 def _without_prefix_space(node: Any) -> Any:

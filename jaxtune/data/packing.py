@@ -28,6 +28,7 @@ from jaxtune.data.templates import BOS, EOS, Chunk
 class TokenizerLike(Protocol):
   bos_id: int
   eos_id: int
+  prepend_scheme: str  # "first" or "always": where `encode(text, first=True)` is used.
 
   def encode(self, text: str, first: bool = False) -> list[int]: ...
 
@@ -44,20 +45,46 @@ class Example:
 
 
 def tokenize(chunks: Sequence[Chunk], tokenizer: TokenizerLike, train_on_prompt: bool) -> Example:
-  """Encodes rendered chunks; assistant chunks (or, with `train_on_prompt`, all) supervised."""
+  """Encodes rendered chunks; assistant chunks (or, with `train_on_prompt`, all) supervised.
+
+  The ids are those of Hugging Face's tokenizer on the rendered text (`templates.to_text`) with
+  its leading BOS left to `add_special_tokens`: adjacent text chunks of one supervision are
+  encoded as one text, and a text gets the leading dummy-prefix space (SentencePiece's "▁") where
+  that tokenizer adds it: at the start of the sequence, after its BOS or not ("Once" after BOS is
+  "▁Once", as SentencePiece, llama2.c and transformers encode it), and after a special token only
+  with the tokenizer's `prepend_scheme` "always" (with "first", "<|im_start|>user" and Llama 2's
+  "</s><s>[INST]" have no space before "user" and "[")."""
   ids: list[int] = []
   supervised: list[bool] = []
-  for chunk in chunks:
+  after_special = False
+  for chunk in _join_text(chunks, train_on_prompt):
     if chunk.special:
       special = {BOS: tokenizer.bos_id, EOS: tokenizer.eos_id}.get(chunk.text)
       piece = [special if special is not None else tokenizer.special_id(chunk.text)]
       if piece[0] is None:
         raise ValueError(f"the tokenizer has no special token {chunk.text!r}; add it first")
     else:
-      piece = tokenizer.encode(chunk.text, first=not ids)
+      at_start = all(i == tokenizer.bos_id for i in ids)
+      always = after_special and tokenizer.prepend_scheme == "always"
+      piece = tokenizer.encode(chunk.text, first=at_start or always)
     ids += piece
-    supervised += [chunk.supervised or train_on_prompt] * len(piece)
+    supervised += [chunk.supervised] * len(piece)
+    after_special = chunk.special
   return Example(np.asarray(ids, np.int32), np.asarray(supervised, bool))
+
+
+def _join_text(chunks: Sequence[Chunk], train_on_prompt: bool) -> list[Chunk]:
+  """The chunks with `train_on_prompt` applied and adjacent text chunks of one supervision joined:
+  BPE merges across their border ("USER: " + "Hi" is "▁USER", ":", "▁Hi", not "▁", "Hi")."""
+  joined: list[Chunk] = []
+  for chunk in chunks:
+    chunk = dataclasses.replace(chunk, supervised=chunk.supervised or train_on_prompt)
+    last = joined[-1] if joined else None
+    if last and not (last.special or chunk.special) and last.supervised == chunk.supervised:
+      joined[-1] = dataclasses.replace(last, text=last.text + chunk.text, content=False)
+    else:
+      joined.append(chunk)
+  return joined
 
 
 def prompt_ids(conversation: Conversation, template: str, tokenizer: TokenizerLike) -> list[int]:

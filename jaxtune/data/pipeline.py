@@ -18,8 +18,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from jaxtune.config import Config, DataConfig
-from jaxtune.convert import llama2c
 from jaxtune.data import formats, hf_tokenizer, mixtures, packing, synthetic, templates
+from jaxtune.data import llama2c_tokenizer as llama2c
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.data.formats import Conversation
 from jaxtune.data.packing import Batch, Example, Stats

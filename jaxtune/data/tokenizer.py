@@ -6,7 +6,12 @@ embedding must then grow to `vocab_size` (see `transformer.grow_vocab`). They ar
 model as `special_tokens.json`.
 
 `encode(text, first=False)` encodes without SentencePiece's dummy-prefix space, so that chunks of
-a rendered conversation encoded one by one decode back to exactly the rendered string.
+a rendered conversation encoded one by one decode back to exactly the rendered string. Where the
+prefix goes is the tokenizer's `prepend_scheme`, as Hugging Face's Metaspace names it (see
+`packing.tokenize`): "first", only on the text that starts a sequence (after its BOS, if any), as
+transformers' LlamaTokenizer does (legacy=False, its default since transformers 5); "always", also
+on the text after every special token (legacy Llama tokenizers; SentencePiece's own `encode` of
+each piece of a conversation, as Meta's Llama 2 chat code does).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ MODEL_FILE = "tokenizer.model"
 
 class Tokenizer:
   """A SentencePiece model plus explicitly added special tokens."""
+
+  # Where the dummy prefix goes (see the module docstring); `--to hf` writes it as legacy=False.
+  prepend_scheme = "first"
 
   def __init__(self, proto: bytes, added: Sequence[str] = ()):
     self.proto = proto
@@ -97,8 +105,9 @@ class Tokenizer:
     return (self._sp if first else self._sp_inner).encode(text)
 
   def decode(self, ids: Sequence[int], show_special: bool = False) -> str:
-    """Text of `ids`; a leading space is dropped only at the very start (the dummy prefix).
-    With `show_special`, BOS/EOS and other control tokens appear as their pieces."""
+    """Text of `ids`; a leading space is dropped where `encode` adds the dummy prefix (see
+    `decode_pieces`). With `show_special`, BOS/EOS and other control tokens appear as their
+    pieces."""
     return decode_pieces(
       ids,
       lambda i: (
@@ -107,6 +116,8 @@ class Tokenizer:
       ),
       self.piece,
       lambda run, first: (self._sp if first else self._sp_inner).decode(run),
+      self.bos_id,
+      self.prepend_scheme,
     )
 
   def piece(self, i: int) -> str:
@@ -118,24 +129,29 @@ def decode_pieces(
   whole: Callable[[int], bool],
   piece: Callable[[int], str],
   decode_run: Callable[[list[int], bool], str],
+  bos_id: int,
+  prepend_scheme: str,
 ) -> str:
   """Text of `ids`: tokens for which `whole` holds (added and shown special tokens) as their
-  `piece`, the runs between them through `decode_run(run, first)`; `first` is true only for a
-  run at the very start, the one place a leading dummy-prefix space is dropped."""
+  `piece`, the runs between them through `decode_run(run, first)`. `first` (drop a leading
+  dummy-prefix space) holds where `packing.tokenize` adds one: for the run that starts the
+  sequence, after nothing but BOS, and with the "always" scheme for every run after a token."""
   out: list[str] = []
   run: list[int] = []
-
-  def flush():
-    out.append(decode_run(run, not out))
-    run.clear()
-
+  leading = True  # Every id so far is BOS.
+  first = True  # Whether the next run starts where a dummy prefix was added.
   for i in map(int, ids):
     if whole(i):
-      flush()
+      if run:
+        out.append(decode_run(run, first))
+        run = []
       out.append(piece(i))
+      first = (leading and i == bos_id) or prepend_scheme == "always"
     else:
       run.append(i)
-  flush()
+    leading = leading and i == bos_id
+  if run:
+    out.append(decode_run(run, first))
   return "".join(out)
 
 
