@@ -181,8 +181,8 @@ def build(
   )
 
 
-def _held_out_batches(data: pipeline.Data, cfg: Config, blocks) -> pipeline.Batches:
-  """One pass over the held-out examples of this process's shards; without held-out data, over
+def _held_out_batches(data: pipeline.Data, cfg: Config, rows) -> pipeline.Batches:
+  """One pass over the held-out examples of this process's rows; without held-out data, over
   the first batch of training examples (source positions below the batch size)."""
   examples, positions = data.eval, data.eval_positions
   if not data.held_out:
@@ -199,7 +199,7 @@ def _held_out_batches(data: pipeline.Data, cfg: Config, blocks) -> pipeline.Batc
     0,
     shuffle=False,
     positions=positions,
-    blocks=blocks,
+    rows=rows,
     repeat=False,
   )
 
@@ -212,25 +212,23 @@ def run(cfg: Config) -> dict[str, Any]:
     # A resumed run keeps the tokenizer it trained, rather than training it again.
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=saved_tokenizer))
   mesh = sharding.make_mesh(cfg.mesh)
-  blocks = sharding.batch_blocks(mesh, cfg.train.batch_size)  # This process's part of each batch.
-  data = pipeline.load(cfg.data, cfg.train.seed, blocks)
+  rows = sharding.batch_rows(mesh, cfg.train.batch_size)  # This process's part of each batch.
+  data = pipeline.load(cfg.data, cfg.train.seed, rows)
   _check_fits(cfg, data.tokenizer.vocab_size, mesh)
   stats = data.stats
   log.info(
     "data%s: %d examples, %d tokens, %.1f%% supervised, %d truncated, %d dropped",
-    f" (this process's shards {list(blocks.mine)} of {blocks.count})"
-    if jax.process_count() > 1
-    else "",
+    f" (this process's {rows})" if jax.process_count() > 1 else "",
     stats.examples,
     stats.tokens,
     100 * stats.supervised_fraction,
     stats.truncated,
     stats.dropped_too_long + stats.dropped_unsupervised,
   )
-  batches = pipeline.training_batches(data, cfg, blocks)
-  eval_iter = _held_out_batches(data, cfg, blocks)
+  batches = pipeline.training_batches(data, cfg, rows)
+  eval_iter = _held_out_batches(data, cfg, rows)
   epoch, eval_epoch = batches.batches_per_epoch(), eval_iter.batches_per_epoch()
-  # The processes agree on the counts: each one has planned its own shards only.
+  # The processes agree on the counts: each one has planned its own rows only.
   agreed = distributed.gather([epoch.batches, epoch.tokens, epoch.slots, eval_epoch.batches])
   per_epoch, eval_batches = int(agreed[:, 0].max()), int(agreed[:, 3].max())
   steps = cfg.train.epochs * per_epoch if cfg.train.epochs else cfg.train.steps
