@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -233,42 +234,42 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class BatchBlocks:
-  """How a global batch of `batch_size` rows is split on the mesh: `count` blocks of equal,
-  contiguous rows (one per position on the axes that `act_batch` shards over), of which this
-  process's devices hold `mine`. Each block is built from its own shard of the data
-  (`data/pipeline.py`), so the blocks depend on the mesh's data axis, never on how many processes
-  share it."""
+class BatchRows:
+  """The rows of a global batch of `batch_size` rows that this process's devices hold under the
+  `act_batch` sharding (`mine`, ascending). Stacked in that order, they are what
+  `jax.make_array_from_process_local_data` expects from the process. Each row is its own stream
+  of the data (`data/pipeline.py`), so the batch does not depend on the mesh: the mesh only says
+  which process builds which rows."""
 
-  count: int
-  mine: tuple[int, ...]
   batch_size: int
+  mine: tuple[int, ...]
 
-  @property
-  def rows(self) -> int:
-    """Rows per block."""
-    return self.batch_size // self.count
+  @functools.cached_property
+  def _mine(self) -> frozenset[int]:
+    return frozenset(self.mine)
 
   def keeps(self, position: int) -> bool:
-    """Whether the example at `position` of a source is in this process's data shards."""
-    return position % self.count in self.mine
+    """Whether the example at `position` of a source trains in one of this process's rows (the
+    row position % batch_size)."""
+    return position % self.batch_size in self._mine
+
+  def __str__(self) -> str:
+    """The row ranges this process holds, as in "rows 0-3, 8-11 of 16"."""
+    starts = [r for r in self.mine if r - 1 not in self._mine]
+    ends = [r for r in self.mine if r + 1 not in self._mine]
+    spans = [f"{a}" if a == b else f"{a}-{b}" for a, b in zip(starts, ends, strict=True)]
+    return f"rows {', '.join(spans)} of {self.batch_size}"
 
 
-def batch_blocks(mesh: Mesh, batch_size: int) -> BatchBlocks:
-  """The row blocks of the `act_batch` sharding and those this process holds: process p of P
-  holds blocks [p*K/P, (p+1)*K/P) when its devices are adjacent on the data axis (as `make_mesh`
-  lays out CPU and GPU devices), and all of them when the data axis does not span processes.
-  Stacked in block order, a process's rows are what `jax.make_array_from_process_local_data`
-  expects from it."""
+def batch_rows(mesh: Mesh, batch_size: int) -> BatchRows:
+  """The rows of the global batch that this process's devices hold: rows [p*B/P, (p+1)*B/P) for
+  process p of P when its devices are adjacent on the data axis (as `make_mesh` lays out CPU and
+  GPU devices), and all of them when the data axis does not span processes."""
   check_batch(batch_size, mesh)
   batch_sharding = logical_sharding(mesh, tuple(_TP.items()), ("act_batch", "act_seq"))
-
-  def starts(indices) -> list[int]:
-    return sorted({rows.indices(batch_size)[0] for rows, _ in indices.values()})
-
-  every = starts(batch_sharding.devices_indices_map((batch_size, 1)))
-  held = starts(batch_sharding.addressable_devices_indices_map((batch_size, 1)))
-  return BatchBlocks(len(every), tuple(every.index(start) for start in held), batch_size)
+  held = batch_sharding.addressable_devices_indices_map((batch_size, 1))
+  rows = {r for index, _ in held.values() for r in range(*index.indices(batch_size))}
+  return BatchRows(batch_size, tuple(sorted(rows)))
 
 
 @contextlib.contextmanager

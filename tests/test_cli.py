@@ -93,8 +93,8 @@ def test_config_file_is_positional(tmp_path):
 
 def test_default_runs_on_eight_devices_with_the_same_losses(tmp_path):
   """The default on an emulated 8-device 1 x 8 fsdp mesh (evals and checkpoints between steps)
-  ends with the same held-out loss as on one device: one data shard on both, the same batches,
-  and the weights sharded 8 ways."""
+  ends with the same held-out loss as on one device: the same batches on any mesh, and the
+  weights sharded 8 ways."""
 
   def held_out(extra_env, name, *mesh):
     env = {**os.environ, **extra_env}

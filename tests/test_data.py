@@ -11,7 +11,7 @@ from jaxtune.data import formats, mixtures, packing, pipeline, templates, tfds
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.data.sources import read_records
 from jaxtune.errors import DataError
-from jaxtune.sharding import BatchBlocks
+from jaxtune.sharding import BatchRows
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +186,9 @@ def small_data():
 
 def test_packed_segments_never_mix_and_masks_match_unpacked(small_data):
   cfg, data = small_data
-  packed = pipeline.Batches(data.train, 8, 96, pack=True, seed=0, shuffle=False)
-  unpacked = pipeline.Batches(data.train, 8, 96, pack=False, seed=0, shuffle=False)
+  # One pass (each row stays empty once it has used its examples).
+  packed = pipeline.Batches(data.train, 8, 96, pack=True, seed=0, shuffle=False, repeat=False)
+  unpacked = pipeline.Batches(data.train, 8, 96, pack=False, seed=0, shuffle=False, repeat=False)
   seen_packed, seen_unpacked = [], []
   while packed.epoch == 0:
     b = next(packed)
@@ -207,7 +208,9 @@ def test_packed_segments_never_mix_and_masks_match_unpacked(small_data):
         seen_unpacked.append((b.inputs[r, idx].tolist(), b.weights[r, idx].tolist()))
   assert sorted(seen_packed) == sorted(seen_unpacked)
   assert len(seen_packed) == len(data.train)
-  assert packed.batches < unpacked.batches
+  # Not vacuous: packing fills fewer row slots (an epoch lasts as long as its longest row, here
+  # a row of examples no two of which fit together, so the batch counts can be equal).
+  assert packed.batches_per_epoch().slots < unpacked.batches_per_epoch().slots
 
 
 def test_resumed_iterator_yields_the_same_batches(small_data):
@@ -224,71 +227,96 @@ def test_resumed_iterator_yields_the_same_batches(small_data):
       np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
 
 
-def _own_shard(data, k: int) -> pipeline.Batches:
-  """The iterator of a process that holds row block k of 4 and has read data shard k only."""
-  positions = [i for i in range(len(data.train)) if i % 4 == k]
-  examples = [data.train[i] for i in positions]
-  return pipeline.Batches(
-    examples, 8, 96, True, 5, positions=positions, blocks=BatchBlocks(4, (k,), 8)
-  )
+def _process(data, mine: tuple[int, ...]) -> pipeline.Batches:
+  """The iterator of a process that holds rows `mine` of 8 and has read only their examples."""
+  rows = BatchRows(8, mine)
+  kept = [i for i in range(len(data.train)) if rows.keeps(i)]
+  examples = [data.train[i] for i in kept]
+  return pipeline.Batches(examples, 8, 96, True, 5, positions=kept, rows=rows)
 
 
-def test_row_blocks_from_their_own_shards_stack_into_the_single_process_batch(small_data):
+# How meshes split the 8 rows of a batch over processes: 2 processes (a 2x4 or 8x1 mesh over
+# 2 hosts), 4 processes, 8 processes (a host per row).
+SPLITS = [
+  [(0, 1, 2, 3), (4, 5, 6, 7)],
+  [(0, 1), (2, 3), (4, 5), (6, 7)],
+  [(r,) for r in range(8)],
+]
+
+
+def test_the_rows_of_every_split_stack_into_the_single_process_batch(small_data):
   _, data = small_data
-  single = pipeline.Batches(data.train, 8, 96, True, 5, blocks=BatchBlocks(4, (0, 1, 2, 3), 8))
-  parts = [_own_shard(data, k) for k in range(4)]
-  while single.epoch < 2:
-    want, got = next(single), [next(p) for p in parts]
-    for key in vars(want):
-      np.testing.assert_array_equal(np.concatenate([vars(g)[key] for g in got]), vars(want)[key])
-    assert all(p.state() == single.state() for p in parts)
-  # Disjoint and complete: in its epoch 0, a block trains on each example of its shard once.
-  seen = []
-  for k in range(4):
-    part, mine = _own_shard(data, k), []
-    while part.epoch == 0:
-      b = next(part)
-      for r in range(len(b.inputs)):
-        segs = b.segment_ids[r]
-        mine += [b.inputs[r, segs == s].tolist() for s in set(segs[segs > 0].tolist())]
-    assert sorted(mine) == sorted(ex.ids[:-1].tolist() for ex in data.train[k::4])
-    seen += mine
-  assert sorted(seen) == sorted(ex.ids[:-1].tolist() for ex in data.train)
+  single = pipeline.Batches(data.train, 8, 96, True, 5)
+  splits = [[_process(data, mine) for mine in split] for split in SPLITS]
+  while single.epoch < 2:  # Every row crosses an epoch boundary.
+    want = next(single)
+    for parts in splits:
+      got = [next(p) for p in parts]
+      for key in vars(want):
+        np.testing.assert_array_equal(np.concatenate([vars(g)[key] for g in got]), vars(want)[key])
+      assert all(p.state() == single.state() for p in parts)
+  assert want.segment_ids.max() > 1  # Not vacuous: rows hold several examples.
+  # The processes agree on the epoch: the most batches any of them needs is the whole batch's.
+  plan = pipeline.Batches(data.train, 8, 96, True, 5).batches_per_epoch()
+  for split in SPLITS:
+    plans = [_process(data, mine).batches_per_epoch() for mine in split]
+    assert max(p.batches for p in plans) == plan.batches
+    assert sum(p.tokens for p in plans) == plan.tokens == sum(len(ex) - 1 for ex in data.train)
+    assert sum(p.slots for p in plans) == plan.slots
+  # Complete, each row from its own examples: in its epoch 0, row r trains on each example at the
+  # positions p with p % 8 = r once.
+  one_pass, seen = pipeline.Batches(data.train, 8, 96, True, 5, repeat=False), {}
+  while one_pass.epoch == 0:
+    b = next(one_pass)
+    for r in range(8):
+      segs = b.segment_ids[r]
+      seen.setdefault(r, []).extend(b.inputs[r, segs == s].tolist() for s in set(segs[segs > 0]))
+  for r in range(8):
+    assert sorted(seen[r]) == sorted(ex.ids[:-1].tolist() for ex in data.train[r::8])
 
 
-def test_a_restore_on_another_mesh_goes_on_as_that_mesh_would(small_data, caplog):
+def test_a_restore_on_another_split_of_the_rows_goes_on_in_the_same_order(small_data, caplog):
   _, data = small_data
-  four = pipeline.Batches(data.train, 8, 96, True, 5, blocks=BatchBlocks(4, (0, 1, 2, 3), 8))
+  single = pipeline.Batches(data.train, 8, 96, True, 5)
   for _ in range(5):
-    next(four)
-  two = pipeline.Batches(data.train, 8, 96, True, 5, blocks=BatchBlocks(2, (0, 1), 8))
-  expected = [next(two) for _ in range(8)][5:]  # A run on 2 blocks from the start.
-  resumed = pipeline.Batches(data.train, 8, 96, True, 5, blocks=BatchBlocks(2, (0, 1), 8))
-  resumed.restore(four.state())
-  assert "came from 4 data shards, this mesh makes 2" in caplog.text
-  for a, b in zip(expected, [next(resumed) for _ in range(3)], strict=True):
-    np.testing.assert_array_equal(a.inputs, b.inputs)
+    next(single)
+  state = single.state()
+  expected = [next(single) for _ in range(3)]  # The run, uninterrupted.
+  for split in SPLITS:
+    parts = [_process(data, mine) for mine in split]
+    for p in parts:
+      p.restore(state)
+    for want in expected:
+      got = np.concatenate([next(p).inputs for p in parts])
+      np.testing.assert_array_equal(got, want.inputs)
+  assert not caplog.records
+  resumed = pipeline.Batches(data.train, 8, 96, True, 5)
+  resumed.restore({"batches": 5, "blocks": 4})  # An older jaxtune's state: batches of row blocks.
+  assert "the checkpoint's batches came from an older data order" in caplog.text
+  np.testing.assert_array_equal(next(resumed).inputs, expected[0].inputs)
 
 
-def test_a_block_without_examples_is_an_error_naming_the_shard():
+def test_a_row_without_examples_is_an_error_naming_it():
   ex = packing.Example(np.arange(5, dtype=np.int32), np.ones(5, bool))
-  with pytest.raises(DataError, match=r"data shard 3 of 4: has no training example: 3 examples"):
-    pipeline.Batches([ex] * 3, 8, 16, True, 0, blocks=BatchBlocks(4, (0, 1, 2, 3), 8))
+  with pytest.raises(DataError, match=r"row 3 of the batch: has no training example: 3 examples"):
+    pipeline.Batches([ex] * 3, 8, 16, True, 0)
+  one_pass = pipeline.Batches([ex] * 3, 8, 16, True, 0, repeat=False)  # Held-out data may.
+  assert (next(one_pass).segment_ids.max(1) == [1, 1, 1, 0, 0, 0, 0, 0]).all()
 
 
-def test_a_process_reads_and_tokenizes_only_its_shards(tmp_path, data_dir):
+def test_a_process_reads_and_tokenizes_only_the_records_of_its_rows(tmp_path, data_dir):
   records = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(10)]
   path = _write_jsonl(tmp_path / "d.jsonl", records)
-  with open(path, "a") as f:  # Record 10, in shard 10 % 4 = 2 only.
+  with open(path, "a") as f:  # Record 10, for row 10 % 4 = 2 only.
     f.write("{not json\n")
   cfg = _cfg(path=path, tokenizer=data_dir / "tokenizers/llama2c/tokenizer.model")
   with pytest.raises(DataError, match=r"d.jsonl:11: invalid JSON"):
     pipeline.load(cfg, 0)
-  parts = [pipeline.load(cfg, 0, BatchBlocks(4, mine, 8)) for mine in ((0, 1), (3,))]
+  parts = [pipeline.load(cfg, 0, BatchRows(4, mine)) for mine in ((0, 1), (3,))]
   assert [p.positions.tolist() for p in parts] == [[0, 1, 4, 5, 8, 9], [3, 7]]
   assert [p.stats.records for p in parts] == [6, 2]
   with pytest.raises(DataError, match=r"d.jsonl:11: invalid JSON"):
-    pipeline.load(cfg, 0, BatchBlocks(4, (2,), 8))
+    pipeline.load(cfg, 0, BatchRows(4, (2,)))
   whole = pipeline.load(
     dataclasses.replace(cfg, path=_write_jsonl(tmp_path / "w.jsonl", records)), 0
   )

@@ -1,6 +1,7 @@
 """Multi-process runs as a user starts them: processes on localhost joined by `jax.distributed`
 (2 processes x 4 CPU devices, through `launch/local_pod.sh` or by hand) against one process with
-8 devices; per-process data; a lost process; a restart on another mesh."""
+8 devices; per-process data; the same batches on every mesh; a lost process; a restart on
+another mesh."""
 
 import json
 import os
@@ -19,9 +20,10 @@ import orbax.checkpoint as ocp
 import pytest
 from subprocesses import JAXTUNE, TINY_RUN, Background
 
-from jaxtune import config, distributed, sharding
+from jaxtune import config, distributed
 from jaxtune.data import pipeline
 from jaxtune.errors import ConfigError
+from jaxtune.train import loop
 
 ROOT = pathlib.Path(__file__).parents[1]
 STEPS = 6
@@ -72,8 +74,8 @@ def _train(*overrides: str) -> list[str]:
   return [*JAXTUNE, "train", *RUN, *overrides]
 
 
-# Run in each of 2 processes: for three meshes, the data positions this process read, its rows
-# of a few batches, and the global batches assembled from both processes' rows.
+# Run in each of 2 processes: for three meshes, the rows this process holds, the data positions it
+# read, its rows of a few batches, and the global batches assembled from both processes' rows.
 _DATA_SCRIPT = """
 import sys
 import jax
@@ -91,9 +93,9 @@ for data_axis in (4, 8, 1):
   batch_sharding = sharding.logical_sharding(
     mesh, tuple(sharding.RULE_PRESETS["tp"].items()), ("act_batch", "act_seq")
   )
-  blocks = sharding.batch_blocks(mesh, cfg.train.batch_size)
-  data = pipeline.load(cfg.data, cfg.train.seed, blocks)
-  batches = pipeline.training_batches(data, cfg, blocks)
+  rows = sharding.batch_rows(mesh, cfg.train.batch_size)
+  data = pipeline.load(cfg.data, cfg.train.seed, rows)
+  batches = pipeline.training_batches(data, cfg, rows)
   local = [next(batches) for _ in range(steps)]
   gathered = [
     multihost_utils.process_allgather(
@@ -103,7 +105,7 @@ for data_axis in (4, 8, 1):
   ]
   np.savez(
     f"{out}/data{data_axis}_process{process.index}.npz",
-    blocks=blocks.mine,
+    rows=rows.mine,
     positions=data.positions,
     records=data.stats.records,
     inputs=np.stack([b.inputs for b in local]),
@@ -111,7 +113,7 @@ for data_axis in (4, 8, 1):
   )
 """
 _DATA_STEPS = 3
-_DATA = [  # Real data, with a given tokenizer: each process reads only its shards of the file.
+_DATA = [  # Real data, with a given tokenizer: each process reads only its rows' records.
   "train.batch_size=8",
   "train.seed=3",
   "data.max_length=512",
@@ -122,13 +124,14 @@ _DATA = [  # Real data, with a given tokenizer: each process reads only its shar
 class _Pod:
   """The runs, started together when the first test needs one so that they share the cores:
   A: `local_pod.sh 2 4 train` (2 processes x 4 devices, STEPS steps); R: the same on 1 process x
-  8 devices and the same mesh, for 2 steps more; K: 2 processes started by hand, one of them
-  killed (`kill`); D: 2 processes that write their data rows (`_DATA_SCRIPT`); and B, started when
-  A is done (`restart`): A's run continued by 1 process on another mesh up to R's end."""
+  8 devices and the same mesh, for 2 steps more; O: the same on 1 device; K: 2 processes started
+  by hand, one of them killed (`kill`); D: 2 processes that write their data rows
+  (`_DATA_SCRIPT`); and B, started when A is done (`restart`): A's run continued by 1 process on
+  another mesh (another data axis) up to R's end."""
 
   def __init__(self, root: pathlib.Path, data_dir: pathlib.Path):
     self.root = root
-    self.dirs = {name: root / name for name in ("A", "R", "K", "D", "B")}
+    self.dirs = {name: root / name for name in ("A", "R", "O", "K", "D", "B")}
     self.dirs["D"].mkdir()
     launcher = _env(4, PORT=str(_free_port()), JAXTUNE=f"{sys.executable} -m jaxtune.cli")
     self.A = Background(
@@ -137,6 +140,7 @@ class _Pod:
       root / "A.log",
     )
     self.R = Background(_train(*MESH, MORE, self._out("R")), _env(8), root / "R.log")
+    self.O = Background(_train(self._out("O")), _env(1), root / "O.log")
     port = _free_port()
     self.K = [
       Background(_train(*MESH, self._out("K")), _process_env(port, i), root / f"K{i}.log")
@@ -157,7 +161,7 @@ class _Pod:
     return f"train.output_dir={self.dirs[name]}"
 
   def processes(self) -> list[Background]:
-    return [self.A, self.R, *self.K, *self.D, *([self.B] if self.B else [])]
+    return [self.A, self.R, self.O, *self.K, *self.D, *([self.B] if self.B else [])]
 
   def kill(self) -> tuple[float, int, str]:
     """Kills K's process 1 once training has started (process 0 wrote the held-out loss at step
@@ -178,13 +182,13 @@ class _Pod:
     return self._killed
 
   def restart(self) -> Background:
-    """A copy of A's finished run, continued by 1 process with 4 devices on a 4 x 1 mesh with
-    the `tp` rules up to R's end (the same 4 data shards as A's 4 x 2 mesh: the same batches)."""
+    """A copy of A's finished run, continued by 1 process with 4 devices on a 2 x 2 mesh with
+    the `tp` rules up to R's end (A's and R's mesh is 4 x 2: the batches must not change)."""
     if self.B is None:
       code, output = self.A.finish()
       assert code == 0, output[-3000:]
       shutil.copytree(self.dirs["A"], self.dirs["B"])
-      overrides = ["mesh.data=4", "mesh.model=1", MORE, "train.resume=true", self._out("B")]
+      overrides = ["mesh.data=2", "mesh.model=2", MORE, "train.resume=true", self._out("B")]
       self.B = Background(_train(*overrides), _env(4), self.root / "B.log")
     return self.B
 
@@ -249,33 +253,28 @@ def test_a_killed_process_stops_the_other_with_a_message(pod):
   assert re.search(r"stopped sending heartbeats\):\s*1\b", output), output[-3000:]
 
 
-def test_each_process_reads_its_own_shards_which_together_are_the_single_process_data(
-  pod, data_dir
-):
+def test_each_process_reads_its_own_rows_which_together_are_the_single_process_data(pod, data_dir):
   for p in pod.D:
     code, output = p.finish()
     assert code == 0, output[-3000:]
   cfg = config.load(None, [*_DATA, *_data_files(data_dir)])
   whole = pipeline.load(cfg.data, cfg.train.seed)  # One process reads everything.
   assert len(whole.train) == 7473 - 16
-  for data_axis, mine in ((4, [[0, 1], [2, 3]]), (8, [[0, 1, 2, 3], [4, 5, 6, 7]]), (1, [[0]] * 2)):
-    every = sharding.BatchBlocks(data_axis, tuple(range(data_axis)), 8)
-    single = pipeline.training_batches(whole, cfg, every)
-    want = np.stack([next(single).inputs for _ in range(_DATA_STEPS)])
+  single = pipeline.training_batches(whole, cfg)  # The batches, whatever the mesh.
+  want = np.stack([next(single).inputs for _ in range(_DATA_STEPS)])
+  halves = [[0, 1, 2, 3], [4, 5, 6, 7]]
+  for data_axis, mine in ((4, halves), (8, halves), (1, [list(range(8))] * 2)):
     parts = [np.load(pod.dirs["D"] / f"data{data_axis}_process{i}.npz") for i in range(2)]
-    assert [p["blocks"].tolist() for p in parts] == mine, data_axis
+    assert [p["rows"].tolist() for p in parts] == mine, data_axis
     positions = [set(p["positions"].tolist()) for p in parts]
-    if data_axis > 1:  # Disjoint shards, read by one process each, that make up the data.
+    if data_axis > 1:  # Disjoint records, read by one process each, that make up the data.
       assert not positions[0] & positions[1]
       assert positions[0] | positions[1] == set(whole.positions.tolist())
       assert sum(int(p["records"]) for p in parts) == 7473 - 16  # Records read, held-out apart.
-    else:  # The data axis does not span the processes: both hold block 0, all rows.
+    else:  # The data axis does not span the processes: both hold all rows.
       assert positions[0] == positions[1] == set(whole.positions.tolist())
-    rows = [
-      [r for b in m for r in range(b * 8 // data_axis, (b + 1) * 8 // data_axis)] for m in mine
-    ]
-    for p, r in zip(parts, rows, strict=True):  # Its rows of the batches, and the whole batches.
-      np.testing.assert_array_equal(p["inputs"], want[:, r])
+    for p, rows in zip(parts, mine, strict=True):  # Its rows of the batches, and the whole batches.
+      np.testing.assert_array_equal(p["inputs"], want[:, rows])
       np.testing.assert_array_equal(p["gathered"], want)
   assert not np.array_equal(want[:, :4], want[:, 4:])  # Not vacuous: the halves differ.
 
@@ -298,15 +297,38 @@ def test_two_processes_train_as_one_process_with_the_same_mesh(pod):
   assert "model: " in output and "step/s" in output
 
 
+def test_every_mesh_trains_on_the_same_batches(pod, tmp_path):
+  """The same run on 1 device, on 1 x 8, 2 x 4 and 8 x 1 meshes (in this process), and on 2
+  processes x 4 devices (A, 4 x 2): the same losses at every step."""
+  for run in (pod.A, pod.O):
+    code, output = run.finish()
+    assert code == 0, output[-3000:]
+  losses = {"2 processes x 4 devices": _losses(pod.dirs["A"]), "1 device": _losses(pod.dirs["O"])}
+  for data, model in ((1, 8), (2, 4), (8, 1)):
+    output_dir = tmp_path / f"{data}x{model}"
+    mesh = [f"mesh.data={data}", f"mesh.model={model}"]
+    loop.run(config.load(None, [*RUN, *mesh, f"train.output_dir={output_dir}"]))
+    losses[f"{data} x {model}"] = _losses(output_dir)
+  reference = losses["1 device"]
+  assert sorted(reference) == list(range(1, STEPS + 1))
+  assert len(set(reference.values())) == STEPS  # Not vacuous: every step has its own batch.
+  for name, got in losses.items():
+    assert sorted(got) == sorted(reference), name
+    np.testing.assert_allclose(
+      [got[s] for s in reference], list(reference.values()), rtol=0, atol=1e-5, err_msg=name
+    )
+
+
 def test_a_checkpoint_of_two_processes_continues_on_one_process_and_another_mesh(pod):
   code, output = pod.restart().finish()
   assert code == 0, output[-3000:]
   assert f"resumed from step {STEPS}" in output
-  assert "mesh {'data': 4, 'model': 1}" in output
+  assert "mesh {'data': 2, 'model': 2}" in output
   reference_code, reference_output = pod.R.finish()
   assert reference_code == 0, reference_output[-3000:]
   losses, reference = _losses(pod.dirs["B"]), _losses(pod.dirs["R"])
   assert sorted(losses) == list(range(1, STEPS + 3))  # A's steps, then 2 more.
+  # On a data axis of 2, not A's 4, B goes on with the batches R trains on.
   np.testing.assert_allclose([losses[s] for s in losses], [reference[s] for s in losses], 1e-5)
   # The restored parameters: the held-out loss that A ended with, on the new mesh.
   resumed_eval = [r["eval_loss"] for r in _records(pod.dirs["B"]) if "eval_loss" in r]

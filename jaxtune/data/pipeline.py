@@ -1,11 +1,12 @@
 """From `DataConfig` to batches: source -> conversations -> template -> tokens -> packed rows.
 
-Data is sharded by the row blocks of the global batch (`sharding.batch_blocks`: one block per
-position on the mesh's data axis): the example at position p of its source belongs to shard
-p % blocks, and block k of every batch is packed from shard k alone. `load` reads and tokenizes
-only this process's shards (with statistics); `Batches` iterates over them deterministically,
-shuffled by (seed, epoch, shard), with a state (the batch count) that can be saved and restored so
-that a resumed run, on any number of processes, sees exactly the batches it would have seen.
+Each row of the global batch is its own stream of the data: row r of a batch of B rows is packed
+from the examples at source positions p with p % B = r alone, shuffled by (seed, row, epoch). So a
+batch is a function of the seed, the step and the data, never of the mesh: the mesh only decides
+which process builds which rows (`sharding.batch_rows`). `load` reads and tokenizes only the
+records of this process's rows (with statistics); `Batches` iterates over them deterministically,
+with a state (the batch count) that can be saved and restored so that a resumed run, on any mesh
+and any number of processes, sees exactly the batches it would have seen.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from jaxtune.data.formats import Conversation
 from jaxtune.data.packing import Batch, Example, Stats
 from jaxtune.data.sources import BadRecords, Record, Source, open_source
 from jaxtune.errors import DataError
-from jaxtune.sharding import BatchBlocks
+from jaxtune.sharding import BatchRows
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +36,15 @@ Tokenizer = tokenizer_lib.Tokenizer | llama2c.Tokenizer | hf_tokenizer.HFTokeniz
 @dataclasses.dataclass
 class Data:
   """A process's data. Every example keeps its position in its source (`positions`,
-  `eval_positions`), which names its data shard (`BatchBlocks.keeps`): the row block of the
-  global batch that trains on it."""
+  `eval_positions`), which names the row of the global batch that trains on it
+  (`BatchRows.keeps`)."""
 
   tokenizer: Tokenizer
   train: list[Example]
   positions: np.ndarray
   eval: list[Example]
   eval_positions: np.ndarray
-  stats: Stats  # Of this process's training shards.
+  stats: Stats  # Of this process's rows' training records.
   held_out: list[Conversation]  # All of them, on every process.
 
 
@@ -53,11 +54,11 @@ class Conversations:
   positions: list[int]  # Each training conversation's position in its source.
   held_out: list[Conversation]
 
-  def sharded(self, blocks: BatchBlocks | None) -> Conversations:
-    """The training conversations in the data shards of `blocks` (None: all)."""
-    if blocks is None:
+  def sharded(self, rows: BatchRows | None) -> Conversations:
+    """The training conversations of the batch rows `rows` (None: all)."""
+    if rows is None:
       return self
-    kept = [(c, p) for c, p in zip(self.train, self.positions, strict=True) if blocks.keeps(p)]
+    kept = [(c, p) for c, p in zip(self.train, self.positions, strict=True) if rows.keeps(p)]
     return Conversations([c for c, _ in kept], [p for _, p in kept], self.held_out)
 
 
@@ -102,10 +103,10 @@ def _is_flan_folder(path: str) -> bool:
 
 
 def conversations(
-  cfg: DataConfig, seed: int, stats: Stats, blocks: BatchBlocks | None = None
+  cfg: DataConfig, seed: int, stats: Stats, rows: BatchRows | None = None
 ) -> Conversations:
-  """The training conversations of the configured source in the data shards of `blocks` (None:
-  all; a data file is read only there), and all of its held-out ones."""
+  """The training conversations of the configured source that train in the batch rows `rows`
+  (None: all; a data file is read only there), and all of its held-out ones."""
   if not cfg.path or _is_flan_folder(cfg.path):  # Mixtures: made whole, then sharded.
     if not cfg.path:
       tasks = synthetic.tasks(seed, cfg.synthetic_examples)
@@ -115,14 +116,14 @@ def conversations(
       tasks, held_out = mixtures.flan_cot_tasks(cfg.path), []
     stats.records = sum(len(t.records) for t in tasks)
     train = mixtures.mix(tasks, seed, cfg.mixture_cap, cfg.few_shot)
-    return Conversations(train, list(range(len(train))), held_out).sharded(blocks)
+    return Conversations(train, list(range(len(train))), held_out).sharded(rows)
   source = _source(cfg.path, cfg)
   held: set[int] = set()
   if cfg.eval_size:
     if cfg.eval_size >= len(source):
       raise DataError(cfg.path, f"data.eval_size={cfg.eval_size} leaves no training records")
     held = set(np.random.default_rng(seed).permutation(len(source))[: cfg.eval_size].tolist())
-  positions = [i for i in range(len(source)) if i not in held and (not blocks or blocks.keeps(i))]
+  positions = [i for i in range(len(source)) if i not in held and (not rows or rows.keeps(i))]
   train, positions = _conversations(source, positions, cfg, stats)
   if cfg.eval_path:
     eval_source = _source(cfg.eval_path, cfg)
@@ -180,29 +181,25 @@ def _positioned_examples(
   return [ex for ex, _ in pairs], np.asarray([p for _, p in pairs], np.int64)
 
 
-def _in_shards(blocks: BatchBlocks | None) -> str:
-  return f" in data shards {list(blocks.mine)} of {blocks.count}" if blocks else ""
-
-
-def load(cfg: DataConfig, seed: int, blocks: BatchBlocks | None = None) -> Data:
-  """This process's data: the training and held-out examples in the data shards of `blocks`
-  (`sharding.batch_blocks`; None: all), tokenized. Training a tokenizer (no `data.tokenizer`)
+def load(cfg: DataConfig, seed: int, rows: BatchRows | None = None) -> Data:
+  """This process's data: the training and held-out examples of the batch rows `rows`
+  (`sharding.batch_rows`; None: all), tokenized. Training a tokenizer (no `data.tokenizer`)
   reads every record, on every process, since the tokenizer is trained on all of them."""
   stats = Stats()
   train_tokenizer = not cfg.tokenizer
-  convs = conversations(cfg, seed, stats, None if train_tokenizer else blocks)
+  convs = conversations(cfg, seed, stats, None if train_tokenizer else rows)
   tok = make_tokenizer(cfg, convs.train)
-  if train_tokenizer:  # Read whole for the tokenizer; this process keeps its shards.
-    convs = convs.sharded(blocks)
+  if train_tokenizer:  # Read whole for the tokenizer; this process keeps its rows' records.
+    convs = convs.sharded(rows)
   train, positions = _positioned_examples(convs.train, convs.positions, cfg, tok, stats)
   if not train:
     raise DataError(
       cfg.path or "embedded data",
-      f"no training example is left{_in_shards(blocks)}: "
+      f"no training example is left{f' in {rows}' if rows else ''}: "
       f"{stats.dropped_too_long} too long and {stats.dropped_unsupervised} with nothing "
       f"supervised within data.max_length={cfg.max_length}",
     )
-  held = [(c, i) for i, c in enumerate(convs.held_out) if not blocks or blocks.keeps(i)]
+  held = [(c, i) for i, c in enumerate(convs.held_out) if not rows or rows.keeps(i)]
   evals, eval_positions = _positioned_examples(
     [c for c, _ in held], [i for _, i in held], cfg, tok, Stats()
   )
@@ -211,9 +208,9 @@ def load(cfg: DataConfig, seed: int, blocks: BatchBlocks | None = None) -> Data:
 
 @dataclasses.dataclass(frozen=True)
 class EpochPlan:
-  """An epoch of a process's blocks, planned without building a batch: the global batches until
-  every block has used its shard once (`batches`), and the real tokens (`tokens`) over the row
-  slots those blocks' batches give (`slots`)."""
+  """An epoch of a process's rows, planned without building a batch: the global batches until
+  every row has used its examples once (`batches`), and the real tokens (`tokens`) over the slots
+  of the batches each row needed (`slots`)."""
 
   batches: int
   tokens: int
@@ -224,19 +221,26 @@ class EpochPlan:
     return self.tokens / max(self.slots, 1)
 
 
+# How many examples a row may pass over, when packing, for later ones that fit (`_Row.take`).
+LOOKAHEAD = 16
+
+
 @dataclasses.dataclass
-class _Stream:
-  """One row block's examples, shuffled by (seed, epoch, block), packed into its rows."""
+class _Row:
+  """One row's stream: its examples, shuffled by (seed, row, epoch), one row of them per batch."""
 
   examples: list[Example]
-  rows: int
   length: int
   pack: bool
-  seed: tuple[int, int]  # (seed, block)
+  seed: tuple[int, int]  # (seed, row)
   shuffle: bool
   epoch: int = 0
-  index: int = 0
+  index: int = 0  # Into this epoch's order: the examples before it are placed or passed over.
+  passed: list[int] = dataclasses.field(default_factory=list)  # Passed over, not yet placed.
   _order: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
+
+  def __post_init__(self):
+    self.sizes = [len(ex) - 1 for ex in self.examples]  # Next-token pairs.
 
   def order(self) -> np.ndarray:
     if self._order[0] != self.epoch:
@@ -245,36 +249,48 @@ class _Stream:
       self._order = (self.epoch, rng.permutation(n) if self.shuffle else np.arange(n))
     return self._order[1]
 
-  def take(self) -> tuple[list[Example], list[list[int]]]:
-    """The next batch's examples of this block and their rows (`packing.assign_rows`)."""
+  def _pending(self) -> Iterator[int]:
+    """The examples of this epoch not yet placed, in order: those passed over, then the rest."""
+    yield from self.passed
     order = self.order()
-    budget, lengths = self.rows * self.length, []
-    for i in order[self.index :]:
-      lengths.append(len(self.examples[i]) - 1)
-      budget -= lengths[-1]
-      if budget < 0:
+    while self.index < len(order):
+      self.index += 1
+      yield int(order[self.index - 1])
+
+  def take(self) -> list[Example]:
+    """The next batch's examples of this row: the first pending one and, when packing, each
+    later one that still fits, passing over up to LOOKAHEAD that do not (first fit within a
+    window of the row's own order). Those passed over stay first in line, so an example waits
+    at most as many batches as there are examples before it in line (one is placed per batch)."""
+    taken, missed, space, seen = [], [], self.length, 0
+    for i in self._pending():
+      seen += 1
+      if self.sizes[i] <= space and (self.pack or not taken):
+        taken.append(i)
+        space -= self.sizes[i]
+      else:
+        missed.append(i)
+      if space == 0 or (taken and not self.pack) or len(missed) >= LOOKAHEAD:
         break
-    placed = packing.assign_rows(lengths, self.rows, self.length, self.pack)
-    taken = order[self.index : self.index + sum(map(len, placed))]
-    self.index += len(taken)
-    if self.index >= len(order):
+    self.passed = missed + self.passed[seen:]
+    if not self.passed and self.index >= len(self.examples):
       self.epoch, self.index = self.epoch + 1, 0
-    return [self.examples[i] for i in taken], placed
+    return [self.examples[i] for i in taken]
 
 
 class Batches(Iterator[Batch]):
   """Endless global batches of `batch_size` rows, epoch after epoch, of which this process builds
-  the row blocks it holds (`blocks`, from `sharding.batch_blocks`; None: one block, all rows).
+  the rows it holds (`rows`, from `sharding.batch_rows`; None: all of them).
 
-  Block k packs its rows from shard k of the data alone: the examples whose source position p has
-  p % blocks.count == k (`positions`; None: their indices), in an order shuffled by (seed, epoch,
-  k). A process therefore needs only its own shards, and the batches depend on the mesh's data
-  axis but not on how many processes share it: stacked, the processes' rows are the batch one
-  process builds on the same mesh. With `repeat=False` a block that has used its shard once
-  gives empty rows (one pass, for evaluation).
+  Row r is packed from its own stream alone: the examples whose source position p has
+  p % batch_size == r (`positions`; None: their indices), in an order shuffled by (seed, r,
+  epoch). So a process needs only its rows' examples, and the batches depend on neither the mesh
+  nor the number of processes: stacked, the processes' rows are the batch one process builds.
+  With `repeat=False` a row that has used its examples once stays empty (one pass, for
+  evaluation; a row may then have none at all).
 
   The state is the number of batches given: a restored iterator replays that many plans (no
-  batch is built), so it goes on exactly where it was, on any number of processes."""
+  batch is built), so it goes on exactly where it was, on any mesh and number of processes."""
 
   def __init__(
     self,
@@ -285,10 +301,12 @@ class Batches(Iterator[Batch]):
     seed: int,
     shuffle: bool = True,
     positions: Sequence[int] | None = None,
-    blocks: BatchBlocks | None = None,
+    rows: BatchRows | None = None,
     repeat: bool = True,
   ):
-    self.blocks = blocks or BatchBlocks(1, (0,), batch_size)
+    self.rows = rows or BatchRows(batch_size, tuple(range(batch_size)))
+    if self.rows.batch_size != batch_size:
+      raise ValueError(f"rows of a batch of {self.rows.batch_size}, not {batch_size}")
     self.length, self.pack, self.seed, self.shuffle, self.repeat = (
       length,
       pack,
@@ -297,77 +315,77 @@ class Batches(Iterator[Batch]):
       repeat,
     )
     positions = np.arange(len(data)) if positions is None else np.asarray(positions)
-    self.shards = {
-      k: [data[i] for i in np.flatnonzero(positions % self.blocks.count == k)]
-      for k in self.blocks.mine
-    }
-    if repeat:
-      for k, shard in self.shards.items():
-        if not shard:
-          raise DataError(
-            f"data shard {k} of {self.blocks.count}",
-            f"has no training example: {len(data)} examples among {self.blocks.count} row "
-            "blocks of the batch (the mesh's data axis); use more data or a smaller mesh.data",
-          )
+    self.streams: dict[int, list[Example]] = {r: [] for r in self.rows.mine}
+    for example, p in zip(data, positions % batch_size, strict=True):
+      if p in self.streams:
+        self.streams[p].append(example)
+    empty = [r for r, examples in self.streams.items() if not examples]
+    if repeat and empty:
+      raise DataError(
+        f"row {empty[0]} of the batch",
+        f"has no training example: {len(data)} examples for {batch_size} rows, each trained on "
+        f"the examples at the source positions p with p % {batch_size} = its row; use more data "
+        "or a smaller train.batch_size",
+      )
     self.batches = 0
-    self._streams = self._new_streams()
+    self._rows = self._new_rows()
 
-  def _new_streams(self) -> list[_Stream]:
+  def _new_rows(self) -> list[_Row]:
     return [
-      _Stream(shard, self.blocks.rows, self.length, self.pack, (self.seed, k), self.shuffle)
-      for k, shard in self.shards.items()
+      _Row(examples, self.length, self.pack, (self.seed, r), self.shuffle)
+      for r, examples in self.streams.items()
     ]
 
-  def _take(self, stream: _Stream) -> tuple[list[Example], list[list[int]]]:
-    if not self.repeat and stream.epoch > 0:
-      return [], [[] for _ in range(stream.rows)]
-    return stream.take()
+  def _take(self, row: _Row) -> list[Example]:
+    if not self.repeat and row.epoch > 0:
+      return []
+    return row.take()
 
   def __next__(self) -> Batch:
-    parts = [packing.make_batch(*self._take(s), self.length) for s in self._streams]
+    examples, placed = [], []
+    for row in self._rows:
+      taken = self._take(row)
+      placed.append(list(range(len(examples), len(examples) + len(taken))))
+      examples += taken
     self.batches += 1
-    return Batch(**{k: np.concatenate([vars(p)[k] for p in parts]) for k in vars(parts[0])})
+    return packing.make_batch(examples, placed, self.length)
 
   @property
   def epoch(self) -> int:
-    """The epoch that every one of this process's blocks has reached."""
-    return min(s.epoch for s in self._streams)
+    """The epoch that every one of this process's rows has reached."""
+    return min(row.epoch for row in self._rows)
 
   def batches_per_epoch(self) -> EpochPlan:
-    """Epoch 0 of this process's blocks (a multi-process run agrees on the max of `batches`)."""
+    """Epoch 0 of this process's rows (a multi-process run agrees on the max of `batches`)."""
     counts, tokens = [], 0
-    for stream in self._new_streams():
+    for row in self._new_rows():
       count = 0
-      while stream.epoch == 0:
-        taken, _ = stream.take()
-        tokens += sum(len(ex) - 1 for ex in taken)
+      while row.epoch == 0:
+        tokens += sum(len(ex) - 1 for ex in row.take())
         count += 1
       counts.append(count)
-    return EpochPlan(max(counts), tokens, sum(counts) * self.blocks.rows * self.length)
+    return EpochPlan(max(counts), tokens, sum(counts) * self.length)
 
   def state(self) -> dict[str, int]:
-    return {"batches": self.batches, "blocks": self.blocks.count}
+    return {"batches": self.batches}
 
   def restore(self, state: dict[str, int]) -> None:
-    saved = state.get("blocks", self.blocks.count)
-    if saved != self.blocks.count:
+    if "blocks" in state:  # Written when the rows of a block shared one stream.
       log.warning(
-        "the checkpoint's batches came from %d data shards, this mesh makes %d: from here on "
-        "the data order is the one this mesh gives after %d batches, not the saved run's",
-        saved,
-        self.blocks.count,
+        "the checkpoint's batches came from an older data order (row blocks of the mesh's data "
+        "axis): from here on the data order is today's after %d batches, not the saved run's",
         state["batches"],
       )
-    self._streams = self._new_streams()
+    self._rows = self._new_rows()
     for _ in range(state["batches"]):
-      for stream in self._streams:
-        self._take(stream)
+      for row in self._rows:
+        self._take(row)
     self.batches = state["batches"]
 
 
-def training_batches(data: Data, cfg: Config, blocks: BatchBlocks | None = None) -> Batches:
+def training_batches(data: Data, cfg: Config, rows: BatchRows | None = None) -> Batches:
   """The training iterator as `cfg` (data and train sections) configures it; this process builds
-  the rows of `blocks` (None: all)."""
+  the rows `rows` (None: all)."""
   return Batches(
     data.train,
     cfg.train.batch_size,
@@ -376,5 +394,5 @@ def training_batches(data: Data, cfg: Config, blocks: BatchBlocks | None = None)
     cfg.train.seed,
     cfg.data.shuffle,
     data.positions,
-    blocks,
+    rows,
   )

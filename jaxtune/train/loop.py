@@ -163,8 +163,8 @@ def build(
   )
 
 
-def _held_out_batches(data: pipeline.Data, cfg: Config, blocks) -> pipeline.Batches:
-  """One pass over the held-out examples of this process's shards; without held-out data, over
+def _held_out_batches(data: pipeline.Data, cfg: Config, rows) -> pipeline.Batches:
+  """One pass over the held-out examples of this process's rows; without held-out data, over
   the first batch of training examples (source positions below the batch size)."""
   examples, positions = data.eval, data.eval_positions
   if not data.held_out:
@@ -181,7 +181,7 @@ def _held_out_batches(data: pipeline.Data, cfg: Config, blocks) -> pipeline.Batc
     0,
     shuffle=False,
     positions=positions,
-    blocks=blocks,
+    rows=rows,
     repeat=False,
   )
 
@@ -206,26 +206,24 @@ def _with_saved_tokenizer(cfg: Config) -> Config:
 
 
 def _feed(cfg: Config, mesh: jax.sharding.Mesh) -> Feed:
-  """Reads and tokenizes this process's shards of the data and plans the batches."""
-  blocks = sharding.batch_blocks(mesh, cfg.train.batch_size)  # This process's part of each batch.
-  data = pipeline.load(cfg.data, cfg.train.seed, blocks)
+  """Reads and tokenizes this process's rows of the data and plans the batches."""
+  rows = sharding.batch_rows(mesh, cfg.train.batch_size)  # This process's part of each batch.
+  data = pipeline.load(cfg.data, cfg.train.seed, rows)
   _check_fits(cfg, data.tokenizer.vocab_size, mesh)
   stats = data.stats
   log.info(
     "data%s: %d examples, %d tokens, %.1f%% supervised, %d truncated, %d dropped",
-    f" (this process's shards {list(blocks.mine)} of {blocks.count})"
-    if jax.process_count() > 1
-    else "",
+    f" (this process's {rows})" if jax.process_count() > 1 else "",
     stats.examples,
     stats.tokens,
     100 * stats.supervised_fraction,
     stats.truncated,
     stats.dropped_too_long + stats.dropped_unsupervised,
   )
-  batches = pipeline.training_batches(data, cfg, blocks)
-  held_out = _held_out_batches(data, cfg, blocks)
+  batches = pipeline.training_batches(data, cfg, rows)
+  held_out = _held_out_batches(data, cfg, rows)
   epoch, eval_epoch = batches.batches_per_epoch(), held_out.batches_per_epoch()
-  # The processes agree on the counts: each one has planned its own shards only.
+  # The processes agree on the counts: each one has planned its own rows only.
   agreed = distributed.gather([epoch.batches, epoch.tokens, epoch.slots, eval_epoch.batches])
   per_epoch = int(agreed[:, 0].max())
   steps = cfg.train.epochs * per_epoch if cfg.train.epochs else cfg.train.steps
