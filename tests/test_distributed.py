@@ -298,17 +298,24 @@ def test_two_processes_train_as_one_process_with_the_same_mesh(pod):
 
 
 def test_every_mesh_trains_on_the_same_batches(pod, tmp_path):
-  """The same run on 1 device, on 1 x 8, 2 x 4 and 8 x 1 meshes (in this process), and on 2
-  processes x 4 devices (A, 4 x 2): the same losses at every step."""
+  """The same run on 1 device, on 1 x 8 (fsdp: the weights sharded 8 ways; held-out losses between
+  steps), 2 x 4 and 8 x 1 meshes (in this process), and on 2 processes x 4 devices (A, 4 x 2):
+  the same losses at every step."""
   for run in (pod.A, pod.O):
     code, output = run.finish()
     assert code == 0, output[-3000:]
   losses = {"2 processes x 4 devices": _losses(pod.dirs["A"]), "1 device": _losses(pod.dirs["O"])}
-  for data, model in ((1, 8), (2, 4), (8, 1)):
+  for data, model, extra in (
+    (1, 8, ["mesh.strategy=fsdp", "train.eval_every=2"]),
+    (2, 4, []),
+    (8, 1, []),
+  ):
     output_dir = tmp_path / f"{data}x{model}"
-    mesh = [f"mesh.data={data}", f"mesh.model={model}"]
+    mesh = [f"mesh.data={data}", f"mesh.model={model}", *extra]
     loop.run(config.load(None, [*RUN, *mesh, f"train.output_dir={output_dir}"]))
     losses[f"{data} x {model}"] = _losses(output_dir)
+  held_out = [r["eval_loss"] for r in _records(tmp_path / "1x8") if "eval_loss" in r]
+  assert len(held_out) == 4 and all(np.isfinite(held_out)), held_out  # Start, 2, 4, end.
   reference = losses["1 device"]
   assert sorted(reference) == list(range(1, STEPS + 1))
   assert len(set(reference.values())) == STEPS  # Not vacuous: every step has its own batch.
