@@ -31,6 +31,13 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _instruction(line: str) -> str:
+  """An HLO instruction without what names it or where it came from (the source files, which
+  differ between checkouts)."""
+  line = re.sub(r"metadata=\{[^}]*\}|, stack_frame_id=\d+", "", line)
+  return re.sub(r"%[\w.\-]+|^\s*[\w.\-]+ = ", "%x ", line)
+
+
 def _worker(mode: str) -> None:
   """Builds the step, prints what XLA compiled, then steps once per line read."""
   sys.path.insert(0, HERE)
@@ -50,7 +57,7 @@ def _worker(mode: str) -> None:
     compiled = t.train_step.lower(t.state, t.frozen, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  hlo = re.sub(r"metadata=\{[^}]*\}|%[\w.\-]+|[\w.\-]+(?=\s*=)", "", compiled.as_text())
+  hlo = "\n".join(_instruction(line) for line in compiled.as_text().splitlines() if " = " in line)
   state = t.state
   print(
     json.dumps(
@@ -98,7 +105,7 @@ class Worker:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--a", required=True, help="the baseline source tree")
+  parser.add_argument("--a", help="the baseline source tree (required)")
   parser.add_argument("--b", default=".", help="the source tree under test (default: here)")
   parser.add_argument("--steps", type=int, default=12, help="timed steps of each (default 12)")
   parser.add_argument("--modes", default="full,lora")
@@ -107,6 +114,8 @@ def main() -> None:
   if args.worker:
     _worker(args.worker)
     return
+  if not args.a:
+    parser.error("--a (the baseline source tree) is required")
   import platform
 
   print(f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")

@@ -1,7 +1,7 @@
 """The model's projections: a kernel product chosen by `model.linear` from a table, a bias, and
 a LoRA update where the adapters name the projection.
 
-Shape letters are each projection's own, in its einsum (see `attention.py`, `layers.Mlp`).
+Shape letters are each projection's own, in its einsum (see `attention.py`, `mlp.py`).
 
 Every projection of the decoder (q, k, v, o, gate, up, down) is a `Linear` holding the kernel
 (and bias) of one `Projection`. What product the kernel computes is `KERNELS[config.linear]`: a
