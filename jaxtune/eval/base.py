@@ -15,8 +15,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxtune import generate
-from jaxtune.data import packing
+from jaxtune.config import DataConfig
+from jaxtune.data import packing, pipeline
 from jaxtune.data.formats import Conversation, Message
+from jaxtune.data.packing import Stats
+from jaxtune.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,40 @@ class Options:
   subjects: tuple[str, ...] = ()  # MMLU subjects or BBH tasks (empty: all).
   repetition_penalty: float = 1.0  # Generation: 1.2 is the NEFTune paper's setting.
   generator: str = ""  # The evaluated model's name, in generated records (AlpacaEval's field).
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+  """A k-shot benchmark's settings from the options: k (the task's default unless `--shots`) and
+  the template (`raw` unless `--template`)."""
+
+  shots: int
+  template: str
+
+  @classmethod
+  def of(cls, options: Options, default_shots: int) -> Benchmark:
+    shots = default_shots if options.shots is None else options.shots
+    return cls(shots, options.template or "raw")
+
+
+def chosen(names: Sequence[str], options: Options, kind: str) -> list[str]:
+  """The `names` (MMLU subjects, BBH tasks) that `--subjects` picks, all when it names none; a
+  name not among them is an error."""
+  unknown = sorted(set(options.subjects) - set(names))
+  if unknown:
+    raise DataError(options.data, f"no {kind} {', '.join(unknown)}; known: {', '.join(names)}")
+  return [n for n in names if not options.subjects or n in options.subjects]
+
+
+def conversations(options: Options, task: str, **data: Any) -> tuple[list[Conversation], Stats]:
+  """The first `--limit` conversations of an instruction data file (`--data`, read as training
+  reads it with `--format` and `--fields`, and `data` for the other `DataConfig` keys)."""
+  if not options.data:
+    raise DataError("--data", f"{task} needs an instruction data file")
+  cfg = DataConfig(path=options.data, format=options.format, fields=options.fields, **data)
+  stats = Stats()
+  found = pipeline.conversations(cfg, 0, stats).train
+  return limited(found, options.limit), stats
 
 
 @dataclasses.dataclass

@@ -108,13 +108,11 @@ def _tasks(data: str) -> list[str]:
 
 
 def run(model: Any, options: base.Options) -> base.Result:
-  shots = DEFAULT_SHOTS if options.shots is None else options.shots
-  template = options.template or "raw"
+  bench = base.Benchmark.of(options, DEFAULT_SHOTS)
+  shots, template = bench.shots, bench.template
   paths = _tasks(options.data)
   names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-  unknown = sorted(set(options.subjects) - set(names))
-  if unknown:
-    raise DataError(options.data, f"no BBH task {', '.join(unknown)}; known: {', '.join(names)}")
+  base.chosen(names, options, "BBH task")
   folder = os.path.dirname(os.path.abspath(paths[0]))
   prompt_dir = options.exemplars or os.path.join(os.path.dirname(folder), "cot-prompts")
   prompts, items = [], []

@@ -69,8 +69,8 @@ def exemplar(p: Problem) -> str:
 
 
 def run(model: Any, options: base.Options) -> base.Result:
-  shots = DEFAULT_SHOTS if options.shots is None else options.shots
-  template = options.template or "raw"
+  bench = base.Benchmark.of(options, DEFAULT_SHOTS)
+  shots, template = bench.shots, bench.template
   if shots and not options.exemplars:
     raise DataError("--exemplars", f"{shots}-shot GSM8K needs a file of exemplars (train.jsonl)")
   exemplars = read_problems(options.exemplars)[:shots] if shots else []

@@ -85,15 +85,9 @@ def subjects(folder: str, split: str) -> list[str]:
 
 
 def run(model: Any, options: base.Options) -> base.Result:
-  shots = DEFAULT_SHOTS if options.shots is None else options.shots
-  template = options.template or "raw"
-  names = subjects(options.data, options.split)
-  unknown = sorted(set(options.subjects) - set(names))
-  if unknown:
-    raise DataError(
-      options.data, f"no MMLU subject {', '.join(unknown)}; known: {', '.join(names)}"
-    )
-  names = [s for s in names if not options.subjects or s in options.subjects]
+  bench = base.Benchmark.of(options, DEFAULT_SHOTS)
+  shots, template = bench.shots, bench.template
+  names = base.chosen(subjects(options.data, options.split), options, "MMLU subject")
   continuations = [model.tokenizer.encode(f" {letter}") for letter in CHOICES]
   room = max(map(len, continuations)) - 1
   prompts, questions, subject_of = [], [], []

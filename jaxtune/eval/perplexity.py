@@ -17,7 +17,6 @@ from tqdm import tqdm
 from jaxtune import sharding
 from jaxtune.config import DataConfig
 from jaxtune.data import pipeline
-from jaxtune.data.packing import Stats
 from jaxtune.errors import DataError
 from jaxtune.eval import base
 from jaxtune.train.sft import SFT
@@ -25,21 +24,10 @@ from jaxtune.train.step import make_eval_step
 
 
 def run(model: Any, options: base.Options) -> base.Result:
-  cfg = DataConfig(
-    path=options.data,
-    format=options.format,
-    fields=options.fields,
-    template=options.template or model.template,
-    max_length=model.config.max_seq_len,
-    shuffle=False,
-  )
-  if not cfg.path:
-    raise DataError("--data", "perplexity needs an instruction data file")
-  stats = Stats()
-  conversations = pipeline.conversations(cfg, 0, stats).train
-  examples = pipeline.examples(
-    base.limited(conversations, options.limit), cfg, model.tokenizer, stats
-  )
+  template = options.template or model.template
+  conversations, stats = base.conversations(options, "perplexity")
+  cfg = DataConfig(template=template, max_length=model.config.max_seq_len, shuffle=False)
+  examples = pipeline.examples(conversations, cfg, model.tokenizer, stats)
   if not examples:
     raise DataError(options.data, "no example with a supervised token")
   data = 1 if model.mesh is None else model.mesh.shape[sharding.DATA]

@@ -15,9 +15,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from jaxtune.config import DataConfig
-from jaxtune.data import packing, pipeline
-from jaxtune.data.packing import Stats
+from jaxtune.data import packing
 from jaxtune.errors import DataError
 from jaxtune.eval import base, metrics
 
@@ -25,17 +23,10 @@ log = logging.getLogger(__name__)
 
 
 def run(model: Any, options: base.Options) -> base.Result:
-  if not options.data:
-    raise DataError("--data", "generation-stats needs an instruction data file")
   template = options.template or model.template
   # A record without a reference (AlpacaEval's davinci outputs have an empty one) is skipped and
   # counted, with the reason logged; an unreadable file is still an error.
-  cfg = DataConfig(
-    path=options.data, format=options.format, fields=options.fields, on_bad_record="skip"
-  )
-  stats = Stats()
-  conversations = pipeline.conversations(cfg, 0, stats).train
-  conversations = base.limited(conversations, options.limit)
+  conversations, stats = base.conversations(options, "generation-stats", on_bad_record="skip")
   prompts, kept = [], []
   for c in conversations:
     prompt = dataclasses.replace(c, messages=c.messages[:-1])
