@@ -39,12 +39,15 @@ def _sampling_arguments(p: argparse.ArgumentParser) -> None:
   g.add_argument("--seed", type=int, default=0)
 
 
+# What `jaxtune.load` reads.
+CHECKPOINT_HELP = (
+  "a jaxtune run directory (or one of its checkpoints/<step>), a Hugging Face folder "
+  "(config.json + safetensors) or a llama2.c model file (.bin)"
+)
+
+
 def _model_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument(
-    "checkpoint",
-    help="a jaxtune run directory (or checkpoints/<step>), a Hugging Face folder or a llama2.c "
-    ".bin file",
-  )
+  p.add_argument("checkpoint", help=CHECKPOINT_HELP)
   p.add_argument("--template", help="chat template (default: the checkpoint's; 'raw' if none)")
   p.add_argument("--tokenizer", help="a tokenizer to use instead of the checkpoint's own")
   p.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per batch")
@@ -314,11 +317,7 @@ def convert(args: argparse.Namespace) -> None:
 
 
 def convert_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument(
-    "src",
-    help="a jaxtune run directory (or one of its checkpoints/<step>), a Hugging Face folder "
-    "(config.json + safetensors) or a llama2.c model file (.bin)",
-  )
+  p.add_argument("src", help=CHECKPOINT_HELP)
   p.add_argument("dst", help="the directory to write (new or empty)")
   p.add_argument(
     "--to",
