@@ -232,7 +232,7 @@ def _process(data, mine: tuple[int, ...]) -> pipeline.Batches:
   rows = BatchRows(8, mine)
   kept = [i for i in range(len(data.train)) if rows.keeps(i)]
   examples = [data.train[i] for i in kept]
-  return pipeline.Batches(examples, 8, 96, True, 5, positions=kept, rows=rows)
+  return pipeline.Batches(examples, 8, 96, pack=True, seed=5, positions=kept, rows=rows)
 
 
 # How meshes split the 8 rows of a batch over processes: 2 processes (a 2x4 or 8x1 mesh over
@@ -246,7 +246,7 @@ SPLITS = [
 
 def test_the_rows_of_every_split_stack_into_the_single_process_batch(small_data):
   _, data = small_data
-  single = pipeline.Batches(data.train, 8, 96, True, 5)
+  single = pipeline.Batches(data.train, 8, 96, pack=True, seed=5)
   splits = [[_process(data, mine) for mine in split] for split in SPLITS]
   while single.epoch < 2:  # Every row crosses an epoch boundary.
     want = next(single)
@@ -257,7 +257,7 @@ def test_the_rows_of_every_split_stack_into_the_single_process_batch(small_data)
       assert all(p.state() == single.state() for p in parts)
   assert want.segment_ids.max() > 1  # Not vacuous: rows hold several examples.
   # The processes agree on the epoch: the most batches any of them needs is the whole batch's.
-  plan = pipeline.Batches(data.train, 8, 96, True, 5).batches_per_epoch()
+  plan = pipeline.Batches(data.train, 8, 96, pack=True, seed=5).batches_per_epoch()
   for split in SPLITS:
     plans = [_process(data, mine).batches_per_epoch() for mine in split]
     assert max(p.batches for p in plans) == plan.batches
@@ -265,7 +265,7 @@ def test_the_rows_of_every_split_stack_into_the_single_process_batch(small_data)
     assert sum(p.slots for p in plans) == plan.slots
   # Complete, each row from its own examples: in its epoch 0, row r trains on each example at the
   # positions p with p % 8 = r once.
-  one_pass, seen = pipeline.Batches(data.train, 8, 96, True, 5, repeat=False), {}
+  one_pass, seen = pipeline.Batches(data.train, 8, 96, pack=True, seed=5, repeat=False), {}
   while one_pass.epoch == 0:
     b = next(one_pass)
     for r in range(8):
@@ -277,7 +277,7 @@ def test_the_rows_of_every_split_stack_into_the_single_process_batch(small_data)
 
 def test_a_restore_on_another_split_of_the_rows_goes_on_in_the_same_order(small_data, caplog):
   _, data = small_data
-  single = pipeline.Batches(data.train, 8, 96, True, 5)
+  single = pipeline.Batches(data.train, 8, 96, pack=True, seed=5)
   for _ in range(5):
     next(single)
   state = single.state()
@@ -290,7 +290,7 @@ def test_a_restore_on_another_split_of_the_rows_goes_on_in_the_same_order(small_
       got = np.concatenate([next(p).inputs for p in parts])
       np.testing.assert_array_equal(got, want.inputs)
   assert not caplog.records
-  resumed = pipeline.Batches(data.train, 8, 96, True, 5)
+  resumed = pipeline.Batches(data.train, 8, 96, pack=True, seed=5)
   resumed.restore({"batches": 5, "blocks": 4})  # An older jaxtune's state: batches of row blocks.
   assert "the checkpoint's batches came from an older data order" in caplog.text
   np.testing.assert_array_equal(next(resumed).inputs, expected[0].inputs)
@@ -299,8 +299,10 @@ def test_a_restore_on_another_split_of_the_rows_goes_on_in_the_same_order(small_
 def test_a_row_without_examples_is_an_error_naming_it():
   ex = packing.Example(np.arange(5, dtype=np.int32), np.ones(5, bool))
   with pytest.raises(DataError, match=r"row 3 of the batch: has no training example: 3 examples"):
-    pipeline.Batches([ex] * 3, 8, 16, True, 0)
-  one_pass = pipeline.Batches([ex] * 3, 8, 16, True, 0, repeat=False)  # Held-out data may.
+    pipeline.Batches([ex] * 3, 8, 16, pack=True, seed=0)
+  one_pass = pipeline.Batches(
+    [ex] * 3, 8, 16, pack=True, seed=0, repeat=False
+  )  # Held-out data may.
   assert (next(one_pass).segment_ids.max(1) == [1, 1, 1, 0, 0, 0, 0, 0]).all()
 
 

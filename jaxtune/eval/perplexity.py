@@ -32,7 +32,9 @@ def run(model: Any, options: base.Options) -> base.Result:
     raise DataError(options.data, "no example with a supervised token")
   data = 1 if model.mesh is None else model.mesh.shape[sharding.DATA]
   rows = -(-options.batch_size // data) * data
-  batches = pipeline.Batches(examples, rows, cfg.max_length, True, 0, False, repeat=False)
+  batches = pipeline.Batches(
+    examples, rows, cfg.max_length, pack=True, seed=0, shuffle=False, repeat=False
+  )
   sft = SFT(model.module)
   eval_step = jax.jit(make_eval_step(sft))
   total = count = 0.0
