@@ -137,5 +137,6 @@ def test_generate_force_overwrites_the_output(checkpoint, tmp_path, capsys):
   prompts.write_text('{"instruction": "Lily"}\n')
   out.write_text("old\n")
   args = ["--prompts-file", str(prompts), "--output", str(out), "--max-new-tokens", "2"]
-  assert cli.main(["generate", str(checkpoint), *args, "--force"]) == 0
+  args += ["--force", "distributed.mode=disabled"]  # JAX has started in this process.
+  assert cli.main(["generate", str(checkpoint), *args]) == 0
   assert json.loads(out.read_text())["instruction"] == "Lily"
