@@ -66,8 +66,8 @@ def _source(path: str, cfg: DataConfig) -> Source:
   if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "dataset_info.json")):
     raise DataError(
       path,
-      "a data folder must be a TFDS dataset (jaxtune.data.tfds.prepare) or hold Flan CoT "
-      ".tsv files; this one is neither a TFDS dataset nor Flan CoT .tsv files",
+      "the folder is neither a TFDS dataset nor Flan CoT .tsv files (a TFDS dataset has a "
+      "dataset_info.json; see jaxtune.data.tfds)",
     )
   if os.path.isdir(path):
     from jaxtune.data import tfds  # TFDS-prepared datasets; imported only when used.
