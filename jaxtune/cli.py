@@ -24,10 +24,11 @@ def _config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> None:
-  from jaxtune import distributed
+  from jaxtune import config, distributed
   from jaxtune.train import loop
 
   cfg = _config(args)
+  config.check_paths(cfg)
   distributed.join(cfg.distributed)
   loop.run(cfg)
 

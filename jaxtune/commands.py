@@ -62,6 +62,7 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
   )
   p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="a stop string")
   p.add_argument("--output", metavar="FILE", help="write the JSON lines here (--prompts-file)")
+  _force_argument(p)
   p.add_argument("--generator", help="the 'generator' of the records (default: the checkpoint)")
   _sampling_arguments(p)
 
@@ -97,6 +98,26 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     "--repetition-penalty", type=float, default=1.0, metavar="R", help="NEFTune used 1.2"
   )
   p.add_argument("--output", metavar="FILE", help="the JSON result (default: see jaxtune eval)")
+  _force_argument(p)
+
+
+def _force_argument(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--force", action="store_true", help="overwrite an existing --output file")
+
+
+def _check_output(path: str, force: bool) -> None:
+  """Refuses to overwrite a file without --force, before any work."""
+  if os.path.isdir(path):
+    raise ConfigError(f"--output {path}: is a folder")
+  if os.path.exists(path) and not force:
+    raise ConfigError(f"--output {path}: the file exists; pass --force to overwrite it")
+
+
+def _check_positive(args: argparse.Namespace, *names: str) -> None:
+  for name in names:
+    value = getattr(args, name)
+    if value < 1:
+      raise ConfigError(f"--{name.replace('_', '-')} {value}: must be positive")
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -177,6 +198,9 @@ def generate(args: argparse.Namespace) -> None:
   from jaxtune.data.formats import Message
 
   sampling = _sampling(args)
+  _check_positive(args, "batch_size")
+  if args.output:
+    _check_output(args.output, args.force)
   model = _load(args)
   if args.prompt is not None:
     records = [({}, Message("user", args.prompt))]
@@ -283,7 +307,6 @@ def evaluate(args: argparse.Namespace) -> None:
 
   from jaxtune.eval import base, runner
 
-  model = _load(args)
   options = base.Options(
     data=args.data,
     format=args.format,
@@ -299,10 +322,13 @@ def evaluate(args: argparse.Namespace) -> None:
     repetition_penalty=args.repetition_penalty,
     generator=_name(args.checkpoint),
   )
+  options.validate()  # Before the model loads, as is the output file.
+  output = args.output or _default_output(args.checkpoint, args.task)
+  _check_output(output, args.force)
+  model = _load(args)
   result = runner.evaluate(model, args.task, options)
   if jax.process_index() != 0:
     return
-  output = args.output or _default_output(args.checkpoint, args.task)
   runner.save(result, output, checkpoint=str(args.checkpoint), options=dataclasses.asdict(options))
   print(runner.table(result))
   print(f"results written to {output}", file=sys.stderr)

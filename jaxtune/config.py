@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -81,6 +84,10 @@ class ModelConfig:
     for key in ("num_kv_heads", "head_dim"):
       value = getattr(self, key)
       _check(value is None or value > 0, f"model.{key}={value} must be positive")
+    _check(
+      self.vocab_size < 2**31,
+      f"model.vocab_size={self.vocab_size} is too large: token ids are 32-bit (at most 2**31 - 1)",
+    )
     _check(
       self.num_heads % self.kv_heads == 0,
       f"model.num_heads={self.num_heads} is not divisible by model.num_kv_heads={self.kv_heads}",
@@ -211,6 +218,12 @@ class TrainConfig:
     ):
       _check(getattr(self, key) >= 0, f"train.{key}={getattr(self, key)} must not be negative")
     _check(self.learning_rate > 0, f"train.learning_rate={self.learning_rate} must be positive")
+    for key in ("b1", "b2"):
+      value = getattr(self, key)
+      _check(0.0 <= value < 1.0, f"train.{key}={value} must be in [0, 1)")
+    _check(self.eps > 0, f"train.eps={self.eps} must be positive")
+    _check(0 <= self.seed < 2**32, f"train.seed={self.seed} must be in [0, 2**32)")
+    _check(bool(self.output_dir), "train.output_dir must not be empty")
     _check(
       self.batch_size % self.micro_batches == 0,
       f"train.batch_size={self.batch_size} is not divisible by "
@@ -261,6 +274,15 @@ class PeftConfig:
     )
     for key in ("prefix_length", "prefix_hidden", "prompt_length"):
       _check(getattr(self, key) >= 0, f"peft.{key}={getattr(self, key)} must not be negative")
+    # What the method trains must not be empty or scaled to nothing.
+    used = {"lora": "lora_alpha", "prefix": "prefix_length", "prompt": "prompt_length"}
+    key = used.get(self.method)
+    if key is not None:
+      _check(
+        getattr(self, key) > 0,
+        f"peft.{key}={getattr(self, key)} must be positive with peft.method={self.method}: "
+        "nothing would train",
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,7 +344,11 @@ _SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 
 def load(path: str | Sequence[str] | None = None, overrides: Sequence[str] = ()) -> Config:
   """Builds a Config from defaults, then the YAML file(s) at `path` (later files override
-  earlier ones: a recipe, then e.g. configs/lora.yaml), then `section.key=value` items."""
+  earlier ones: a recipe, then e.g. configs/lora.yaml), then `section.key=value` items.
+
+  An override's value is text converted by its key's type, not YAML: a string key takes the text
+  exactly as written; numbers, booleans and lists (`a,b` or `[a, b]`) are parsed; `none` or
+  `null` is None where the key allows it."""
   raw: dict[str, dict[str, tuple[Any, str]]] = {}  # section -> key -> (value, source)
   for one in [path] if isinstance(path, str) else path or ():
     _merge_yaml(raw, one)
@@ -331,8 +357,25 @@ def load(path: str | Sequence[str] | None = None, overrides: Sequence[str] = ())
     _check(bool(sep), f"override {item!r} is not of the form section.key=value")
     section, dot, name = key.strip().partition(".")
     _check(bool(dot and name), f"override {item!r}: the key must be section.key")
-    _add(raw, section, name, yaml.safe_load(text) if text.strip() else "", "the command line")
+    _add(raw, section, name, _Text(text), "the command line")
   return from_dict(raw)
+
+
+def check_paths(cfg: Config) -> None:
+  """What training needs of the file system, checked before anything is written: that
+  `train.output_dir` is or can become a folder, and that `train.init_from` exists. (Not part of
+  `validate`: a finished run's config must still load after these paths have moved.)"""
+  out = cfg.train.output_dir
+  existing = out
+  while existing and not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  _check(
+    not existing or os.path.isdir(existing),
+    f"train.output_dir={out}: "
+    + ("is a file, not a folder" if existing == out else f"{existing} is a file, not a folder"),
+  )
+  init = cfg.train.init_from
+  _check(not init or os.path.exists(init), f"train.init_from={init}: no such file or folder")
 
 
 def from_dict(raw: Mapping[str, Mapping[str, Any]]) -> Config:
@@ -341,9 +384,13 @@ def from_dict(raw: Mapping[str, Mapping[str, Any]]) -> Config:
   for section, section_type in _SECTIONS.items():
     items = {k: v if isinstance(v, tuple) else (v, "") for k, v in raw.get(section, {}).items()}
     base = section_type()
-    if section == "model" and items.get("preset", (None,))[0] is not None:  # null: no preset.
-      base = _preset(items["preset"])
     hints = typing.get_type_hints(section_type)
+    if section == "model" and "preset" in items:
+      name, source = items["preset"]
+      where = f" (from {source})" if source else ""
+      name = _coerce("model.preset", name, hints["preset"], where)
+      if name is not None:  # null: no preset.
+        base = _preset((name, source))
     values = {}
     for key, (value, source) in items.items():
       where = f" (from {source})" if source else ""
@@ -364,14 +411,45 @@ def _preset(item: tuple[Any, str]) -> ModelConfig:
   return ModelConfig(preset=name, **presets.PRESETS[name])
 
 
+class _Duplicate(Exception):
+  def __init__(self, key: Any, line: int, first: int):
+    super().__init__(key, line, first)
+    self.key, self.line, self.first = key, line, first
+
+
+class _Loader(yaml.SafeLoader):
+  """Safe YAML that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+  def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+      if key_node.tag == "tag:yaml.org,2002:merge":
+        continue
+      key = self.construct_object(key_node, deep=deep)
+      try:
+        first = seen.setdefault(key, key_node.start_mark.line + 1)
+      except TypeError:  # An unhashable key: PyYAML's own error.
+        continue
+      if first != key_node.start_mark.line + 1:
+        raise _Duplicate(key, key_node.start_mark.line + 1, first)
+    return super().construct_mapping(node, deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _Loader.construct_mapping)
+
+
 def _merge_yaml(raw: dict, path: str) -> None:
   try:
-    with open(path) as f:
-      data = yaml.safe_load(f)
+    with open(path, "rb") as f:  # PyYAML detects the encoding; invalid text is a YAMLError.
+      data = yaml.load(f, _Loader)  # A SafeLoader.
   except OSError as e:
     raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+  except _Duplicate as e:
+    message = f"duplicate key {e.key!r} (first on line {e.first})"
+    raise ConfigError(f"{path}:{e.line}: {message}") from None
   except yaml.YAMLError as e:
-    raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    message = " ".join(str(e).split())  # One line.
+    raise ConfigError(f"config file {path} is not valid YAML: {message}") from None
   data = {} if data is None else data
   _check(isinstance(data, dict), f"config file {path} must be a mapping of sections")
   for section, items in data.items():
@@ -393,15 +471,66 @@ def _unknown(key: str, known: Mapping[str, Any], where: str) -> str:
   return f"unknown key {key}{where}{hint}"
 
 
+class _Text(str):
+  """An override's value as written on the command line, converted by its key's type."""
+
+
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+_BOOLS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
+
+
+def _shown(text: str) -> str:
+  """An override's text as error messages show it: numbers bare, other text quoted."""
+  try:
+    float(text)
+    return text.strip()
+  except ValueError:
+    return repr(str(text))
+
+
+def _from_text(key: str, text: _Text, hint: Any, where: str) -> Any:
+  """An override's text as the (non-optional) type `hint`, or a ConfigError naming `key`."""
+  args = typing.get_args(hint)
+  shown = f"{key}={_shown(text)}{where}"
+  if typing.get_origin(hint) is Literal:
+    _check(text in args, f"{key}={text!r}{where} must be one of {', '.join(map(str, args))}")
+    return str(text)
+  if typing.get_origin(hint) is tuple:  # "a,b,c" or "[a, b, c]".
+    body = text.strip()
+    if body.startswith("[") and body.endswith("]"):
+      body = body[1:-1]
+    items = [_Text(item.strip()) for item in body.split(",")] if body.strip() else []
+    return tuple(_coerce(key, item, args[0], where) for item in items)
+  if hint is str:
+    return str(text)
+  if hint is bool:
+    _check(text.strip().lower() in _BOOLS, f"{shown} must be true or false")
+    return _BOOLS[text.strip().lower()]
+  if hint is int:
+    _check(bool(_INT_RE.fullmatch(text.strip())), f"{shown} must be an integer")
+    return int(text.strip())
+  if hint is float:
+    try:
+      value = float(text.strip())
+    except ValueError:
+      raise ConfigError(f"{shown} must be a number") from None
+    _check(math.isfinite(value), f"{shown} must be a finite number")
+    return value
+  raise TypeError(f"config type {hint} of {key} is not supported")
+
+
 def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
-  """Converts `value` to the type `hint` or raises a ConfigError naming `key`."""
+  """Converts `value` (from YAML, or an override's `_Text`) to the type `hint` or raises a
+  ConfigError naming `key`."""
   args = typing.get_args(hint)
   if typing.get_origin(hint) in (typing.Union, types.UnionType):
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
       _check(type(None) in args, f"{key}{where} cannot be None")
       return None
     (hint,) = [a for a in args if a is not type(None)]
     args = typing.get_args(hint)
+  if isinstance(value, _Text):
+    return _from_text(key, value, hint, where)
   if typing.get_origin(hint) is Literal:
     _check(value in args, f"{key}={value!r}{where} must be one of {', '.join(map(str, args))}")
     return value
@@ -420,7 +549,9 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
       return int(value)
     if hint is float:
       _check(not isinstance(value, bool), f"{key}={value!r}{where} must be a number")
-      return float(value)  # YAML reads "1e-4" as a string.
+      number = float(value)  # YAML reads "1e-4" as a string.
+      _check(math.isfinite(number), f"{key}={value!r}{where} must be a finite number")
+      return number
     if hint is str:
       _check(isinstance(value, str | int | float), f"{key}={value!r}{where} must be a string")
       return str(value)

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -57,6 +59,10 @@ class Sampling:
   def validate(self) -> None:
     checks = (
       (self.max_new_tokens > 0, "max_new_tokens must be positive"),
+      (
+        all(map(math.isfinite, (self.temperature, self.top_p, self.repetition_penalty))),
+        "temperature, top_p and repetition_penalty must be finite",
+      ),
       (self.temperature >= 0, "temperature must not be negative"),
       (self.top_k >= 0, "top_k must not be negative"),
       (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
@@ -235,6 +241,55 @@ def _plan(lengths: Sequence[int], max_new_tokens: int, max_seq_len: int) -> _Pla
   return _Plan(slots, cache_len, min(max_new_tokens, cache_len - slots + 1))
 
 
+def free_memory(devices: Sequence[jax.Device]) -> tuple[int, str] | None:
+  """(bytes, where) that a new array may take: the least free of `devices` (an accelerator's
+  limit less what is in use), or, on CPU, the host's available memory; None if unknown."""
+  stats = [d.memory_stats() for d in devices]
+  if stats and all(st and "bytes_limit" in st for st in stats):
+    free = min(st["bytes_limit"] - st.get("bytes_in_use", 0) for st in stats)
+    return free, f"each {devices[0].device_kind} device"
+  try:
+    with open("/proc/meminfo") as f:
+      info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024, "the host"
+  except (OSError, KeyError, ValueError):
+    try:
+      return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "the host"
+    except (OSError, ValueError, AttributeError):
+      return None
+
+
+@functools.cache
+def _cache_bytes(model: transformer.Transformer, batch: int, cache_len: int) -> int:
+  shapes = jax.eval_shape(lambda: transformer.init_cache(model, batch, cache_len))
+  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
+def _check_cache_fits(model, plan: _Plan, batch: int, mesh: jax.sharding.Mesh | None) -> None:
+  """Refuses a batch whose KV cache cannot fit in memory, saying how many new tokens would."""
+  devices = list(mesh.devices.flat) if mesh is not None else jax.local_devices()[:1]
+  free = free_memory(devices)
+  if free is None:
+    return
+  on_host = devices[0].platform == "cpu"  # CPU devices share the host's memory.
+  shards = 1 if on_host or mesh is None else mesh.shape[sharding.DATA]  # The batch is split.
+  need = (_cache_bytes(model, batch, plan.cache_len) + batch * plan.steps * 4) / shards
+  if need <= free[0]:
+    return
+  per_slot = need / plan.cache_len  # Nearly all of it grows with the cache's slots.
+  fit = int(free[0] // per_slot) - plan.slots + 1
+  gib = 2**30
+  advice = (
+    f"about max_new_tokens={fit} fits with {batch} prompts a batch"
+    if fit >= 1
+    else "not even the prompts fit: use fewer prompts a batch"
+  )
+  raise GenerationError(
+    f"the KV cache of {batch} prompts x {plan.cache_len} positions needs {need / gib:.1f} GiB, "
+    f"but {free[0] / gib:.1f} GiB is free on {free[1]}: {advice}"
+  )
+
+
 class _Run:
   """One batch of prompts on the way: prefilled, then decoded by `advance`."""
 
@@ -245,6 +300,7 @@ class _Run:
     self.plan = _plan([len(p) for p in prompts], sampling.max_new_tokens, model.config.max_seq_len)
     data = 1 if mesh is None else mesh.shape[sharding.DATA]
     padded = -(-len(prompts) // data) * data
+    _check_cache_fits(model, self.plan, padded, mesh)
     prompts = list(prompts) + [prompts[0]] * (padded - len(prompts))
     rows = np.asarray(list(rows) + [rows[0]] * (padded - len(rows)), np.int32)
     tokens_bt, positions_bt, segments_bt = (
@@ -300,6 +356,8 @@ def generate(
   With a `mesh`, `params` are sharded on it under `rules` and so is each batch.
   """
   sampling.validate()
+  if batch_size < 1:
+    raise ConfigError(f"batch_size={batch_size} must be positive")
   stop_ids = tuple(int(i) for i in stop_ids)
   order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
   out: list[Completion | None] = [None] * len(prompts)

@@ -86,3 +86,25 @@ def test_config_file_is_positional(tmp_path):
   result = _jaxtune("train", str(path))
   assert result.returncode == 2
   assert "model.num_heads=6 is not divisible" in result.stderr
+
+
+@pytest.mark.parametrize(
+  "override, message",
+  [
+    ("train.output_dir={file}", "train.output_dir={file}: is a file, not a folder"),
+    ("train.output_dir=", "train.output_dir must not be empty"),
+    ("train.init_from=/nonexistent", "train.init_from=/nonexistent: no such file or folder"),
+    ("train.seed=-1", "train.seed=-1 must be in [0, 2**32)"),
+  ],
+)
+def test_run_paths_and_ranges_are_one_line_before_anything_is_written(
+  tmp_path, monkeypatch, capsys, override, message
+):
+  from jaxtune import cli
+
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "file").write_text("")
+  file = str(tmp_path / "file")
+  assert cli.main(["train", override.format(file=file)]) == 2
+  assert capsys.readouterr().err.strip() == f"jaxtune train: error: {message.format(file=file)}"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # No ./checkpoints left behind.

@@ -101,3 +101,42 @@ def test_bad_input_is_one_clear_line(checkpoint, tmp_path):
   result = jaxtune_cli("chat", checkpoint, "train.steps=3")
   assert result.returncode == 2
   assert "takes only mesh.* and distributed.* overrides, got 'train.steps=3'" in result.stderr
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["eval", "--task", "gsm8k", "--data", "x.jsonl", "--shots", "-1"], "shots=-1 must not be"),
+    (["eval", "--task", "gsm8k", "--data", "x.jsonl", "--limit", "-1"], "limit=-1 must not be"),
+    (["eval", "--task", "mmlu", "--data", "x", "--batch-size", "0"], "batch_size=0 must be"),
+    (["eval", "--task", "mmlu", "--data", "x", "--output", "{old}"], "{old}: the file exists"),
+    (["generate", "--prompt", "a", "--batch-size", "-1"], "--batch-size -1: must be positive"),
+    (["generate", "--prompt", "a", "--temperature", "inf"], "must be finite"),
+    (["generate", "--prompts-file", "p.jsonl", "--output", "{old}"], "{old}: the file exists"),
+  ],
+)
+def test_bad_arguments_are_refused_before_the_model_loads(
+  checkpoint, tmp_path, monkeypatch, capsys, args, message
+):
+  from jaxtune import cli
+
+  old = tmp_path / "old.json"
+  old.write_text("keep")
+  monkeypatch.setattr(jaxtune, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+  args = [a.format(old=old) for a in args]
+  assert cli.main([args[0], str(checkpoint), *args[1:]]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"jaxtune {args[0]}: error: ") and message.format(old=old) in err
+  assert old.read_text() == "keep"
+
+
+def test_generate_force_overwrites_the_output(checkpoint, tmp_path, capsys):
+  from jaxtune import cli
+
+  prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+  prompts.write_text('{"instruction": "Lily"}\n')
+  out.write_text("old\n")
+  args = ["--prompts-file", str(prompts), "--output", str(out), "--max-new-tokens", "2"]
+  args += ["--force", "distributed.mode=disabled"]  # JAX has started in this process.
+  assert cli.main(["generate", str(checkpoint), *args]) == 0
+  assert json.loads(out.read_text())["instruction"] == "Lily"

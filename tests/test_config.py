@@ -124,3 +124,99 @@ def test_shipped_configs_load():
 
   for path in sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.yaml")):
     config.load(str(path))
+
+
+@pytest.mark.parametrize(
+  "override, key, want",
+  [
+    ("data.system_prompt=yes", "system_prompt", "yes"),
+    ("data.system_prompt=#1 rule: be brief", "system_prompt", "#1 rule: be brief"),
+    ("data.system_prompt=You are: helpful", "system_prompt", "You are: helpful"),
+    ("data.system_prompt=@home", "system_prompt", "@home"),
+    ("data.system_prompt=%d", "system_prompt", "%d"),
+    ("data.system_prompt=none", "system_prompt", None),
+    ("train.output_dir=010", "output_dir", "010"),
+    ("train.output_dir=12:30", "output_dir", "12:30"),
+    ("train.output_dir= spaced ", "output_dir", " spaced "),
+    ("train.steps=010", "steps", 10),
+    ("train.learning_rate=1e-4", "learning_rate", 1e-4),
+    ("train.resume=True", "resume", True),
+    ("peft.lora_targets=[q, k,v]", "lora_targets", ("q", "k", "v")),
+    ("peft.lora_targets=q,o", "lora_targets", ("q", "o")),
+  ],
+)
+def test_override_text_is_converted_by_the_keys_type(override, key, want):
+  cfg = config.load(None, [override])
+  section = getattr(cfg, override.partition(".")[0])
+  assert getattr(section, key) == want
+  assert type(getattr(section, key)) is type(want)
+
+
+@pytest.mark.parametrize(
+  "override, named",
+  [
+    ("train.steps=@5", "train.steps='@5'"),
+    ("train.steps=%5", "train.steps='%5'"),
+    ("train.learning_rate=inf", "train.learning_rate=inf"),
+    ("train.learning_rate=nan", "train.learning_rate=nan"),
+    ("train.resume=maybe", "train.resume='maybe'"),
+    ("model.num_kv_heads=4.0", "model.num_kv_heads=4.0"),
+    ("model.mlp=SwiGLU", "model.mlp='SwiGLU'"),
+    ("train.steps=", "train.steps=''"),
+  ],
+)
+def test_override_text_that_does_not_parse_is_one_error(override, named):
+  with pytest.raises(ConfigError) as e:
+    config.load(None, [override])
+  assert named in str(e.value) and "command line" in str(e.value)
+
+
+@pytest.mark.parametrize(
+  "overrides, named",
+  [
+    (["peft.method=lora", "peft.lora_alpha=0"], "peft.lora_alpha=0"),
+    (["peft.method=prompt", "peft.prompt_length=0"], "peft.prompt_length=0"),
+    (["peft.method=prefix", "peft.prefix_length=0"], "peft.prefix_length=0"),
+    (["train.b1=2.0"], "train.b1=2.0"),
+    (["train.b2=1.0"], "train.b2=1.0"),
+    (["train.eps=-1"], "train.eps=-1"),
+    (["train.seed=-1"], "train.seed=-1"),
+    ([f"train.seed={2**64}"], "train.seed="),
+    ([f"model.vocab_size={2**40}"], "model.vocab_size="),
+    (["train.output_dir="], "train.output_dir"),
+  ],
+)
+def test_values_nothing_can_train_with_are_refused(overrides, named):
+  with pytest.raises(ConfigError) as e:
+    config.load(None, overrides)
+  assert named in str(e.value)
+
+
+def test_a_method_length_of_zero_is_fine_for_other_methods():
+  cfg = config.load(None, ["peft.method=lora", "peft.prompt_length=0", "peft.prefix_length=0"])
+  assert cfg.peft.prompt_length == 0
+
+
+def test_yaml_duplicate_keys_and_binary_files_are_errors(tmp_path):
+  dup = tmp_path / "dup.yaml"
+  dup.write_text("train:\n  steps: 5\n  steps: 7\n")
+  with pytest.raises(ConfigError, match=r"dup\.yaml:3: duplicate key 'steps' \(first on line 2\)"):
+    config.load(str(dup))
+  dup.write_text("train:\n  steps: 5\ntrain:\n  seed: 1\n")
+  with pytest.raises(ConfigError, match="duplicate key 'train'"):
+    config.load(str(dup))
+  binary = tmp_path / "bin.yaml"
+  binary.write_bytes(bytes(range(256)) * 4)
+  with pytest.raises(ConfigError, match=r"bin\.yaml"):
+    config.load(str(binary))
+
+
+def test_run_paths_are_checked(tmp_path):
+  a_file = tmp_path / "f"
+  a_file.write_text("")
+  for bad in (str(a_file), str(a_file / "run")):
+    with pytest.raises(ConfigError, match="train.output_dir"):
+      config.check_paths(config.load(None, [f"train.output_dir={bad}"]))
+  with pytest.raises(ConfigError, match="train.init_from=/nonexistent"):
+    config.check_paths(config.load(None, ["train.init_from=/nonexistent"]))
+  config.check_paths(config.load(None, [f"train.output_dir={tmp_path / 'new' / 'run'}"]))

@@ -368,3 +368,52 @@ def test_train_on_prompt_supervises_everything_but_the_first_token(small_data):
   assert everything.supervised.all() and 0 < default.supervised.sum() < len(default)
   answer = conv.messages[-1].content
   assert data.tokenizer.decode(default.ids[default.supervised]).startswith(answer)
+
+
+@pytest.mark.parametrize(
+  "line, reason",
+  [
+    ('{"prompt": "a\\ud800", "completion": "b"}', "not valid Unicode"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"prompt": "a", "completion": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    (
+      '{"conversations": [{"from": "gpt", "value": "Hi"}, {"from": "human", "value": "?"}, '
+      '{"from": "gpt", "value": "Yes"}]}',
+      "does not start with a user turn",
+    ),
+    (
+      '{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, '
+      '{"role": "assistant", "content": "b"}]}',
+      "a system message must come first",
+    ),
+  ],
+)
+def test_malformed_records_are_data_errors_that_can_be_skipped(tmp_path, line, reason):
+  path = tmp_path / "d.jsonl"
+  path.write_text('{"prompt": "ok", "completion": "fine"}\n' + line + "\n")
+  with pytest.raises(DataError) as e:
+    pipeline.conversations(_cfg(path=path), 0, packing.Stats())
+  assert e.value.where == f"{path}:2" and reason in e.value.reason
+  stats = packing.Stats()
+  convs = pipeline.conversations(_cfg(path=path, on_bad_record="skip"), 0, stats).train
+  assert len(convs) == 1 and stats.skipped == 1
+
+
+@pytest.mark.parametrize("name, text", [("d.jsonl", ""), ("e.jsonl", "\n \n"), ("d.json", "[]")])
+def test_a_file_without_records_says_so(tmp_path, name, text):
+  path = tmp_path / name
+  path.write_text(text)
+  with pytest.raises(DataError, match=f"{name}: no records"):
+    pipeline.load(_cfg(path=path), 0)
+
+
+def test_a_file_of_only_bad_records_skipped_says_so(tmp_path):
+  path = tmp_path / "d.jsonl"
+  path.write_text('{"prompt": "a"}\n')
+  with pytest.raises(DataError, match=r"d\.jsonl: no usable record: 1 of 1 skipped"):
+    pipeline.load(_cfg(path=path, on_bad_record="skip"), 0)
+
+
+def test_an_empty_folder_is_not_a_data_source(tmp_path):
+  with pytest.raises(DataError, match="neither a TFDS dataset nor Flan CoT .tsv files"):
+    pipeline.load(_cfg(path=tmp_path), 0)

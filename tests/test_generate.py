@@ -230,3 +230,33 @@ def test_pick_draws_from_the_filtered_distribution():
 def test_cut_at_stop():
   assert generate.cut_at_stop("a\n\nQ: b Q:", ["Q:", "\n\n"]) == ("a", True)
   assert generate.cut_at_stop("no stop here", ["Q:", ""]) == ("no stop here", False)
+
+
+def test_a_cache_too_large_for_memory_is_refused_before_it_is_allocated(monkeypatch):
+  cfg = ModelConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, mlp_dim=64, max_seq_len=2**30)
+  model = transformer.Transformer(cfg)
+  abstract = jax.eval_shape(transformer.init_fn(model), jax.random.key(0))["params"]
+  params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
+  monkeypatch.setattr(generate, "free_memory", lambda devices: (2**20, "the host"))
+  sampling = generate.Sampling(max_new_tokens=100_000_000)
+  with pytest.raises(
+    generate.GenerationError, match="is free on the host: about max_new_tokens="
+  ) as e:
+    generate.generate(model, params, [[1, 2, 3]], sampling)
+  fit = int(str(e.value).rpartition("max_new_tokens=")[2].split()[0])
+  plan = generate._plan([3], fit, cfg.max_seq_len)
+  generate._check_cache_fits(model, plan, 1, None)  # What it says fits does.
+  with pytest.raises(generate.GenerationError):
+    generate._check_cache_fits(model, generate._plan([3], fit * 2, cfg.max_seq_len), 1, None)
+
+
+@pytest.mark.parametrize("name, value", [("temperature", float("inf")), ("top_p", float("nan"))])
+def test_sampling_values_must_be_finite(name, value):
+  with pytest.raises(ConfigError, match="must be finite"):
+    generate.Sampling(**{name: value}).validate()
+
+
+def test_batch_size_must_be_positive():
+  model, params = _tiny()
+  with pytest.raises(ConfigError, match="batch_size=0 must be positive"):
+    generate.generate(model, params, [[1, 2]], batch_size=0)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import pickle
+import re
 import shutil
 
 import flax.linen as nn
@@ -355,3 +356,13 @@ def test_views_read_any_box_as_the_whole_tensor_would(case):
           box.append(slice(start, int(rng.integers(start + 1, n + 1))))
         box = tuple(box)
         np.testing.assert_array_equal(view.read(w, tensor.shape, box), array[box], tensor.name)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/hostname", "a/../../x"])
+def test_index_shards_outside_the_folder_are_refused(broken, shard):
+  outside = broken.parent / "outside.safetensors"  # A readable file outside the folder.
+  shutil.copy(broken / "model.safetensors", outside)
+  names = safetensors.numpy.load_file(broken / "model.safetensors")
+  (broken / hf.INDEX).write_text(json.dumps({"weight_map": dict.fromkeys(names, shard)}))
+  with pytest.raises(CheckpointError, match=rf"{hf.INDEX}: shard '{re.escape(shard)}' is outside"):
+    hf.load_hf(broken)

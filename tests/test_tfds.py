@@ -169,3 +169,30 @@ def test_lima_round_trip(tmp_path, data_dir):
   source = records_tfds.load(records_tfds.prepare(str(jsonl), str(tmp_path / "tfds")))
   assert len(source) == len(records) == 1029
   assert list(source) == records
+
+
+@pytest.mark.parametrize("where", ["features.json", "dataset_info.json"])
+def test_metadata_cannot_choose_a_module_to_import(tmp_path, monkeypatch, where):
+  dataset = pathlib.Path(
+    records_tfds.prepare(str(_write_jsonl(tmp_path / "d.jsonl", RECORDS)), str(tmp_path / "tfds"))
+  )
+  marker = tmp_path / "imported"
+  (tmp_path / "planted_feature.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+  monkeypatch.syspath_prepend(str(tmp_path))  # As when the command runs from that folder.
+  features = json.loads((dataset / "features.json").read_text())
+  features["featuresDict"]["features"]["json"]["pythonClassName"] = "planted_feature.Text"
+  if where == "features.json":
+    (dataset / "features.json").write_text(json.dumps(features))
+  else:
+    (dataset / "features.json").unlink()
+    info = json.loads((dataset / "dataset_info.json").read_text())
+    info["features"] = features
+    (dataset / "dataset_info.json").write_text(json.dumps(info))
+  with pytest.raises(DataError, match=rf"{where}: .*'planted_feature\.Text'"):
+    records_tfds.load(str(dataset))
+  assert not marker.exists()
+
+
+def test_a_folder_that_is_not_a_dataset_is_one_error(tmp_path):
+  with pytest.raises(DataError, match="not a TFDS dataset"):
+    records_tfds.load(str(tmp_path))

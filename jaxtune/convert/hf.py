@@ -294,6 +294,9 @@ def _files(folder: pathlib.Path) -> list[pathlib.Path]:
   if index.exists():
     shards = sorted(set(_read_index(index).values()))
     for shard in shards:
+      parts = pathlib.PurePath(shard).parts
+      if not parts or pathlib.PurePath(shard).is_absolute() or ".." in parts:
+        raise CheckpointError(f"{index}: shard {shard!r} is outside the folder: refused")
       if not (folder / shard).is_file():
         raise CheckpointError(f"{index}: shard {shard!r} is missing")
     return [folder / shard for shard in shards]

@@ -176,13 +176,19 @@ def detect(record: Record, names: Mapping[str, str]) -> str:
 def to_conversation(
   record: Record, fmt: str, names: Mapping[str, str], system_prompt: str | None = None
 ) -> Conversation:
-  """Converts one record; the conversation must end with a non-empty assistant turn."""
+  """Converts one record: system messages first, then turns that alternate from a user turn to
+  a non-empty assistant turn."""
   f = _Fields(record, names)
   messages = FORMATS[fmt](f)
   system = f.get("system", required=False) or system_prompt
   if system and not any(m.role == "system" for m in messages):
     messages.insert(0, Message("system", system))
   turns = [m for m in messages if m.role != "system"]
+  first_turn = next((i for i, m in enumerate(messages) if m.role != "system"), len(messages))
+  if any(m.role == "system" for m in messages[first_turn:]):
+    raise DataError(record.where, "a system message must come first, before every turn")
+  if turns and turns[0].role != "user":
+    raise DataError(record.where, "the conversation does not start with a user turn")
   if not turns or turns[-1].role != "assistant":
     raise DataError(record.where, "the conversation does not end with an assistant turn")
   if any(m.role == "assistant" and not m.content.strip() for m in turns):

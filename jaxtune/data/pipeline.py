@@ -63,6 +63,12 @@ class Conversations:
 
 
 def _source(path: str, cfg: DataConfig) -> Source:
+  if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "dataset_info.json")):
+    raise DataError(
+      path,
+      "the folder is neither a TFDS dataset nor Flan CoT .tsv files (a TFDS dataset has a "
+      "dataset_info.json; see jaxtune.data.tfds)",
+    )
   if os.path.isdir(path):
     from jaxtune.data import tfds  # TFDS-prepared datasets; imported only when used.
 
@@ -188,6 +194,12 @@ def load(cfg: DataConfig, seed: int, rows: BatchRows | None = None) -> Data:
   stats = Stats()
   train_tokenizer = not cfg.tokenizer
   convs = conversations(cfg, seed, stats, None if train_tokenizer else rows)
+  if train_tokenizer and not convs.train:  # Every record read: none is usable.
+    raise DataError(
+      cfg.path or "embedded data",
+      f"no usable record: {stats.skipped} of {stats.records} skipped "
+      f"({', '.join(stats.skipped_reasons) or 'all held out'})",
+    )
   tok = make_tokenizer(cfg, convs.train)
   if train_tokenizer:  # Read whole for the tokenizer; this process keeps its rows' records.
     convs = convs.sharded(rows)

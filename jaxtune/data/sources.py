@@ -73,7 +73,7 @@ def open_source(path: str, tsv_columns: Sequence[str] = ()) -> Source:
   ext = os.path.splitext(path)[1].lower()
   if ext == ".jsonl":
     lines = [(n, raw) for n, raw in enumerate(blob.split(b"\n"), 1) if raw.strip()]
-    return Source(path, lines, lambda line: _jsonl_record(path, *line))
+    return _nonempty(Source(path, lines, lambda line: _jsonl_record(path, *line)))
   if ext not in (".json", ".tsv"):
     raise DataError(path, f"unknown data file type {ext!r}; expected .json, .jsonl or .tsv")
   try:
@@ -82,13 +82,20 @@ def open_source(path: str, tsv_columns: Sequence[str] = ()) -> Source:
     line = blob[: e.start].count(b"\n") + 1
     raise DataError(f"{path}:{line}", f"invalid UTF-8 at byte {e.start}") from None
   if ext == ".json":
-    return Source(path, list(enumerate(_json_array(path, text))), lambda x: _json_record(path, *x))
+    items = list(enumerate(_json_array(path, text)))
+    return _nonempty(Source(path, items, lambda x: _json_record(path, *x)))
   if not tsv_columns:
     raise DataError(path, "a .tsv file needs its column names (data.tsv_columns)")
   lines = [line.removesuffix("\r") for line in text.split("\n")]  # Not splitlines: U+2028.
   rows = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
   numbered = [(n, row) for n, row in enumerate(rows, 1) if row]
-  return Source(path, numbered, lambda x: _tsv_record(path, tsv_columns, *x))
+  return _nonempty(Source(path, numbered, lambda x: _tsv_record(path, tsv_columns, *x)))
+
+
+def _nonempty(source: Source) -> Source:
+  if not len(source):
+    raise DataError(source.path, "no records")
+  return source
 
 
 def read_records(
@@ -101,9 +108,11 @@ def read_records(
 
 def _json_array(path: str, text: str) -> list[Any]:
   try:
-    data = json.loads(text)
+    data = json.loads(text, parse_constant=_reject_constant)
   except json.JSONDecodeError as e:
     raise DataError(f"{path}:{e.lineno}", f"invalid JSON: {e.msg}") from None
+  except RecursionError:
+    raise DataError(path, _TOO_DEEP) from None
   if not isinstance(data, list):
     raise DataError(path, "a .json data file must hold an array of records")
   return data
@@ -112,7 +121,7 @@ def _json_array(path: str, text: str) -> list[Any]:
 def _json_record(path: str, i: int, item: Any) -> Record:
   if not isinstance(item, dict):
     raise DataError(f"{path}: record {i}", f"expected an object, got {type(item).__name__}")
-  return Record(item, f"{path}: record {i}")
+  return Record(_valid_text(item, f"{path}: record {i}"), f"{path}: record {i}")
 
 
 def _jsonl_record(path: str, number: int, raw: bytes) -> Record:
@@ -123,9 +132,26 @@ def _jsonl_record(path: str, number: int, raw: bytes) -> Record:
     raise DataError(where, f"invalid UTF-8 at byte {e.start} of the line") from None
   except json.JSONDecodeError as e:
     raise DataError(where, f"invalid JSON: {e.msg}") from None
+  except RecursionError:
+    raise DataError(where, _TOO_DEEP) from None
   if not isinstance(item, dict):
     raise DataError(where, f"expected a JSON object, got {type(item).__name__}")
-  return Record(item, where)
+  return Record(_valid_text(item, where), where)
+
+
+_TOO_DEEP = "invalid JSON: nested too deeply"
+
+
+def _valid_text(item: dict[str, Any], where: str) -> dict[str, Any]:
+  """`item`, if its strings are Unicode text: JSON's escapes can spell a lone surrogate
+  ("\\ud800"), which no tokenizer or file can encode."""
+  try:
+    json.dumps(item, ensure_ascii=False).encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise DataError(where, f"text is not valid Unicode: {e.reason}") from None
+  except RecursionError:
+    raise DataError(where, _TOO_DEEP) from None
+  return item
 
 
 def _reject_constant(name: str) -> None:

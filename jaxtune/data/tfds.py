@@ -144,9 +144,69 @@ class RecordSource(Sequence[Record]):
     return json.loads(self._source[i % n][_FEATURE])
 
 
+# The feature classes of `prepare`'s datasets: TFDS imports the module of any class that a
+# dataset's metadata names, so a folder read as data could otherwise choose code to run.
+_KNOWN_CLASSES = (
+  "tensorflow_datasets.core.features.features_dict.FeaturesDict",
+  "tensorflow_datasets.core.features.text_feature.Text",
+)
+_METADATA = ("features.json", "dataset_info.json")
+
+
+def _class_names(tree: Any) -> Iterator[str]:
+  """Every class that a TFDS features tree names (legacy `type` and `proto_cls` included)."""
+  if isinstance(tree, dict):
+    for key, value in tree.items():
+      if key in ("pythonClassName", "protoCls", "proto_cls") or (
+        key == "type" and "content" in tree
+      ):
+        yield str(value)
+      else:
+        yield from _class_names(value)
+  elif isinstance(tree, list):
+    for item in tree:
+      yield from _class_names(item)
+
+
+def _check_metadata(dataset_dir: pathlib.Path) -> None:
+  """Refuses a folder whose metadata names a feature class other than `prepare`'s, before TFDS
+  reads it."""
+  if not (dataset_dir / "dataset_info.json").is_file():
+    raise DataError(str(dataset_dir), "not a TFDS dataset folder (no dataset_info.json)")
+  named = False
+  for name in _METADATA:
+    path = dataset_dir / name
+    if not path.is_file():
+      continue
+    try:
+      meta = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+      raise DataError(str(path), f"unreadable TFDS metadata: {e}") from None
+    tree = (
+      meta if name == "features.json" else meta.get("features") if isinstance(meta, dict) else None
+    )
+    for cls in _class_names(tree):
+      named = True
+      if cls not in _KNOWN_CLASSES:
+        raise DataError(
+          str(path),
+          f"feature class {cls!r} is not one jaxtune reads ({', '.join(_KNOWN_CLASSES)}); "
+          "refused without importing it",
+        )
+  if not named:
+    raise DataError(
+      str(dataset_dir), f"not a records dataset: no features in {' or '.join(_METADATA)}"
+    )
+
+
 def load(dataset_dir: str, split: str = _SPLIT) -> RecordSource:
-  """Opens a dataset made by `prepare` through a TFDS array_record data source (no TensorFlow)."""
-  builder = tfds.builder_from_directory(dataset_dir)
+  """Opens a dataset made by `prepare` through a TFDS array_record data source (no TensorFlow).
+  Its metadata may name only the feature classes `prepare` writes (`_KNOWN_CLASSES`)."""
+  _check_metadata(pathlib.Path(dataset_dir))
+  try:
+    builder = tfds.builder_from_directory(dataset_dir)
+  except (OSError, ValueError) as e:
+    raise DataError(dataset_dir, f"not a readable TFDS dataset: {str(e).splitlines()[0]}") from None
   features = list(builder.info.features.keys())
   if features != [_FEATURE]:
     raise DataError(dataset_dir, f"not a records dataset (features {features}, want [{_FEATURE}])")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ from jaxtune.config import DataConfig
 from jaxtune.data import packing, pipeline
 from jaxtune.data.formats import Conversation, Message
 from jaxtune.data.packing import Stats
-from jaxtune.errors import DataError
+from jaxtune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,22 @@ class Options:
   subjects: tuple[str, ...] = ()  # MMLU subjects or BBH tasks (empty: all).
   repetition_penalty: float = 1.0  # Generation: 1.2 is the NEFTune paper's setting.
   generator: str = ""  # The evaluated model's name, in generated records (AlpacaEval's field).
+
+  def validate(self) -> None:
+    checks = (
+      (self.shots is None or self.shots >= 0, "shots", "must not be negative"),
+      (self.limit >= 0, "limit", "must not be negative (0: all)"),
+      (self.batch_size > 0, "batch_size", "must be positive"),
+      (self.max_new_tokens > 0, "max_new_tokens", "must be positive"),
+      (
+        math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+        "repetition_penalty",
+        "must be positive",
+      ),
+    )
+    for ok, name, message in checks:
+      if not ok:
+        raise ConfigError(f"eval option {name}={getattr(self, name)} {message}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ TASKS: dict[str, Callable[[Any, base.Options], base.Result]] = {
 def evaluate(model: Any, task: str, options: base.Options) -> base.Result:
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+  options.validate()
   return TASKS[task](model, options)
 
 
