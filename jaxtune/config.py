@@ -22,6 +22,8 @@ import yaml
 from jaxtune.errors import ConfigError
 from jaxtune.model import presets  # Plain data: imports nothing.
 
+_FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(float32).max, without importing numpy here.
+
 
 def _check(ok: bool, message: str) -> None:
   if not ok:
@@ -184,7 +186,7 @@ class TrainConfig:
   objective: str = "sft"  # What the step minimizes (`train/objective.py`).
   z_loss: float = 0.0  # PaLM's auxiliary loss on log(Z)^2 (1e-4 in PaLM).
   neftune_alpha: float = 5.0  # 0: off; the paper uses 5, 10, 15.
-  nonfinite: Literal["stop", "skip"] = "stop"  # What a non-finite loss or gradient does.
+  nonfinite: Literal["stop", "skip"] = "stop"  # What a non-finite loss, gradient or update does.
   log_every: int = 20
   eval_every: int = 100
   checkpoint_every: int = 200
@@ -224,6 +226,15 @@ class TrainConfig:
     _check(self.eps > 0, f"train.eps={self.eps} must be positive")
     _check(0 <= self.seed < 2**32, f"train.seed={self.seed} must be in [0, 2**32)")
     _check(bool(self.output_dir), "train.output_dir must not be empty")
+    # Both parameter dtypes (float32, bfloat16) top out at about 3.4e38: a larger rate
+    # overflows in the update, however small the gradient.
+    for key in ("learning_rate", "end_learning_rate"):
+      value = getattr(self, key)
+      _check(
+        math.isfinite(value) and value <= _FLOAT32_MAX,
+        f"train.{key}={value} does not fit the parameters' float32 or bfloat16 "
+        f"(at most {_FLOAT32_MAX:.3g})",
+      )
     _check(
       self.batch_size % self.micro_batches == 0,
       f"train.batch_size={self.batch_size} is not divisible by "

@@ -125,3 +125,9 @@ def gather(values: Sequence[int]) -> np.ndarray:
   that each know only their own shards of the data agree on counts (one collective)."""
   local = np.asarray(values, np.int64)
   return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1)
+
+
+def barrier(name: str) -> None:
+  """Waits until every process gets here (nothing to wait for in a single process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

@@ -28,6 +28,11 @@ class CheckpointError(JaxtuneError):
   model."""
 
 
+class CorruptCheckpointError(CheckpointError):
+  """A checkpoint's files are damaged: missing, unreadable, altered since they were saved (see
+  its manifest), or holding non-finite values. Resuming moves such a checkpoint aside."""
+
+
 class ShardingError(JaxtuneError):
   """The mesh does not fit the devices, or a shape does not fit the mesh."""
 
@@ -37,4 +42,5 @@ class GenerationError(JaxtuneError):
 
 
 class TrainingError(RuntimeError):
-  """Training cannot go on (a non-finite loss or gradient)."""
+  """Training cannot go on (a non-finite loss, gradient or update), or went on skipping most
+  of its steps."""

@@ -349,6 +349,21 @@ def test_non_finite_step_leaves_the_state_unchanged(poison):
   assert all(jax.tree.leaves(changed))
 
 
+def test_an_update_that_overflows_is_not_applied():
+  """Finite loss and gradient, but lr 1e39 (past config validation) overflows the update: the
+  step is skipped like a non-finite loss, state untouched (before, it wrote NaN parameters)."""
+  optimizer = optim.optimizer(dataclasses.replace(ADAMW, learning_rate=1e39), 100)
+  step = jax.jit(make_train_step(SFT(transformer.Transformer(BASE)), optimizer, jax.random.key(0)))
+  state = _device_state(_base_params(), optimizer)
+  before = jax.device_get(state)
+  after, metrics = step(state, {}, _batch(1))
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+  assert not bool(metrics["finite"])
+  assert int(after.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(after.params), before.params)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(after.opt_state), before.opt_state)
+
+
 # 5. One compilation.
 
 

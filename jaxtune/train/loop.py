@@ -248,8 +248,8 @@ def _log_model(cfg: Config, t: Trainer, mesh: jax.sharding.Mesh) -> None:
 
 
 def _restore(cfg: Config, ckpt: checkpoint.Checkpointer, t: Trainer, feed: Feed) -> TrainState:
-  """The initial state: the latest checkpoint's with `train.resume` (the data iterator moved to
-  where it was), else the freshly built one."""
+  """The initial state: the newest good checkpoint's with `train.resume` (the data iterator
+  moved to where it was; damaged newer ones are moved aside), else the freshly built one."""
   latest = ckpt.latest_step()
   if latest is None:
     return t.state
@@ -258,10 +258,10 @@ def _restore(cfg: Config, ckpt: checkpoint.Checkpointer, t: Trainer, feed: Feed)
       f"{cfg.train.output_dir} already has checkpoints (step {latest}); set "
       "train.resume=true to continue, or choose another train.output_dir"
     )
-  state, data_state = ckpt.restore(latest, checkpoint.abstract(t.state, t.state_sharding))
-  feed.batches.restore(data_state)
-  log.info("resumed from step %d of %s", latest, ckpt.directory)
-  return state
+  restored = ckpt.restore_latest(checkpoint.abstract(t.state, t.state_sharding))
+  feed.batches.restore(restored.data_state)
+  log.info("resumed from step %d of %s", restored.step, ckpt.directory)
+  return restored.state
 
 
 def _write_run_files(cfg: Config, tokenizer) -> None:
@@ -304,6 +304,7 @@ def run(cfg: Config) -> dict[str, Any]:
       state, summary = _train(cfg, t, state, feed, ckpt)
     finally:
       ckpt.close()
+  _check_skipped(summary)
   log.info(
     "held-out loss %.4f -> %.4f; checkpoints in %s",
     summary["eval_loss_start"],
@@ -368,16 +369,29 @@ def _train(
   finally:
     report.close()
   summary["tokens_per_s"] = report.tokens_per_s() if steps > first else 0.0
+  summary["skipped_steps"] = report.skipped
   return state, summary
 
 
 def _check_finite(step: int, step_metrics: dict[str, jax.Array], cfg: Config) -> None:
   if not bool(step_metrics["finite"]) and cfg.train.nonfinite == "stop":
     raise TrainingError(
-      f"step {step}: non-finite loss ({float(step_metrics['loss'])}) or gradient "
-      f"norm ({float(step_metrics['grad_norm'])}); the step was not applied and "
+      f"step {step}: non-finite loss ({float(step_metrics['loss'])}), gradient "
+      f"norm ({float(step_metrics['grad_norm'])}) or update; the step was not applied and "
       "no checkpoint holds it. Set train.nonfinite=skip to skip such steps"
     )
+
+
+def _check_skipped(summary: dict[str, Any]) -> None:
+  """With `train.nonfinite=skip`, a few skipped steps are a warning; half or more of the run's
+  steps skipped is an error (its checkpoints are saved, but it barely trained)."""
+  skipped, ran = summary["skipped_steps"], summary["steps"] - summary["start_step"]
+  if not skipped:
+    return
+  message = f"{skipped} of the {ran} steps run were skipped: non-finite loss, gradient or update"
+  if 2 * skipped >= ran:
+    raise TrainingError(f"{message}; check train.learning_rate and the data")
+  log.warning(message)
 
 
 @dataclasses.dataclass
@@ -394,6 +408,7 @@ class Reporter:
   peak: float | None
   t0: float = dataclasses.field(default_factory=time.perf_counter)
   tokens: int = 0
+  skipped: int = 0  # Steps not applied (non-finite), with train.nonfinite=skip.
 
   def tokens_per_s(self) -> float:
     return self.tokens / (time.perf_counter() - self.t0)
@@ -402,11 +417,12 @@ class Reporter:
     _check_finite(step, step_metrics, self.cfg)
     values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
     self.tokens += int(values.get("tokens", 0))
+    self.skipped += not values["finite"]
     bar = self.bar
     if bar.disable:  # Not process 0: nothing to show or write.
       return
     if not values["finite"]:
-      log.warning("step %d: non-finite loss or gradient; step skipped", step)
+      log.warning("step %d: non-finite loss, gradient or update; step skipped", step)
     bar.update(step - bar.n)
     if step % self.cfg.train.log_every and step != bar.total:
       return

@@ -5,8 +5,8 @@ The step owns only what every objective shares: `fold_in` of the step for the no
 accumulation, gradient clipping (in the optimizer chain), the non-finite guard, the in-place
 update and the token counts. The loss is the objective's sum over the global batch divided by its
 normalizer over the whole global batch, so k micro-batches accumulate to exactly the loss of one
-batch. A step whose loss or gradient is not finite leaves the state as it was (the loop stops or
-goes on, per `train.nonfinite`).
+batch. A step whose loss, gradient or updated state (parameters and optimizer moments) is not
+finite leaves the state as it was (the loop stops or goes on, per `train.nonfinite`).
 
 The state holds only the trainable parameters (all of them, or a PEFT method's: see
 `peft/partition.py`); the frozen rest is a separate argument, so gradients and optimizer state
@@ -54,6 +54,12 @@ def _counts(batch: Batch) -> dict[str, jax.Array]:
   return counts
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every floating-point value of `tree` is finite: one reduction."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
+
+
 def make_train_step(
   objective: Objective,
   optimizer: optax.GradientTransformation,
@@ -88,12 +94,15 @@ def make_train_step(
       xs = (_micro_batches(batch, micro_batches), jnp.arange(micro_batches))
       ((loss, metrics), grads), _ = jax.lax.scan(accumulate, zeros, xs)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(state):
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
       return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
 
+    # Finite inputs can still make a non-finite update (a learning rate of 1e39 overflows
+    # float32), so the new state is checked too: computed here only to be reduced, it fuses into
+    # the reduction and is not kept (one pass over the state); the branch computes it again.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(update(state))
     # A branch, not a select of old or new: then the update overwrites the parameters and
     # moments in place, with no copies of the old ones kept for the select.
     new_state = jax.lax.cond(finite, update, lambda s: s.replace(step=s.step + 1), state)
