@@ -374,10 +374,17 @@ def _train(
 
 
 def _check_finite(step: int, step_metrics: dict[str, jax.Array], cfg: Config) -> None:
+  if not bool(step_metrics["update_finite"]):  # Applied in place: no state to skip back to.
+    raise TrainingError(
+      f"step {step}: the update made the parameters non-finite (loss "
+      f"{float(step_metrics['loss'])}, gradient norm {float(step_metrics['grad_norm'])}); "
+      "check train.learning_rate. No checkpoint holds them, and the run stops whatever "
+      "train.nonfinite says"
+    )
   if not bool(step_metrics["finite"]) and cfg.train.nonfinite == "stop":
     raise TrainingError(
-      f"step {step}: non-finite loss ({float(step_metrics['loss'])}), gradient "
-      f"norm ({float(step_metrics['grad_norm'])}) or update; the step was not applied and "
+      f"step {step}: non-finite loss ({float(step_metrics['loss'])}) or gradient "
+      f"norm ({float(step_metrics['grad_norm'])}); the step was not applied and "
       "no checkpoint holds it. Set train.nonfinite=skip to skip such steps"
     )
 
@@ -388,7 +395,7 @@ def _check_skipped(summary: dict[str, Any]) -> None:
   skipped, ran = summary["skipped_steps"], summary["steps"] - summary["start_step"]
   if not skipped:
     return
-  message = f"{skipped} of the {ran} steps run were skipped: non-finite loss, gradient or update"
+  message = f"{skipped} of the {ran} steps run were skipped: non-finite loss or gradient"
   if 2 * skipped >= ran:
     raise TrainingError(f"{message}; check train.learning_rate and the data")
   log.warning(message)
@@ -422,7 +429,7 @@ class Reporter:
     if bar.disable:  # Not process 0: nothing to show or write.
       return
     if not values["finite"]:
-      log.warning("step %d: non-finite loss, gradient or update; step skipped", step)
+      log.warning("step %d: non-finite loss or gradient; step skipped", step)
     bar.update(step - bar.n)
     if step % self.cfg.train.log_every and step != bar.total:
       return
