@@ -98,19 +98,23 @@ def make_train_step(
 
     def update(state):
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-      return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+      params = optax.apply_updates(state.params, updates)
+      # Checked here, beside the update, so that XLA can fuse the reduction into it.
+      return TrainState(state.step + 1, params, opt_state), all_finite(params)
+
+    def skip(state):
+      return state.replace(step=state.step + 1), jnp.bool_(True)
 
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A branch, not a select of old or new: then the update overwrites the parameters and
     # moments in place, with no copies of the old ones kept for the select.
-    new_state = jax.lax.cond(finite, update, lambda s: s.replace(step=s.step + 1), state)
     # Finite inputs can still make a non-finite update (a learning rate of 1e38 overflows
     # float32): one reduction over the new parameters finds it. The moments need no check: they
     # average finite gradients and their squares, which a finite gradient norm bounds. Such an
     # update has overwritten the old state, so it cannot be skipped; the loop stops on it and no
     # checkpoint holds it (checking before the update would cost a second pass over the optimizer
     # state: 5% of a full fine-tuning step on a CPU).
-    update_finite = all_finite(new_state.params)
+    new_state, update_finite = jax.lax.cond(finite, update, skip, state)
     return new_state, {
       "loss": loss,
       **metrics,
