@@ -1,33 +1,25 @@
 """Configuration: frozen dataclass sections loaded as defaults <- YAML file <- `section.key=value`.
 
-Every key has a type; values from YAML or the command line are coerced by that type, and unknown
-keys, wrong types and invalid values raise `ConfigError` naming the key and where it came from.
+Every key has a type; values from YAML or the command line are coerced by that type (the
+machinery, which knows types but not keys, is `config_values.py`), and unknown keys, wrong types
+and invalid values raise `ConfigError` naming the key and where it came from.
 Validation runs once, on the final values. Derived values are properties, never stored keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
-import re
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import yaml
-
-from jaxtune.errors import ConfigError
+from jaxtune import config_values
+from jaxtune.config_values import check as _check
 from jaxtune.model import presets  # Plain data: imports nothing.
 
 _FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(float32).max, without importing numpy here.
-
-
-def _check(ok: bool, message: str) -> None:
-  if not ok:
-    raise ConfigError(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,7 +360,7 @@ def load(path: str | Sequence[str] | None = None, overrides: Sequence[str] = ())
     _check(bool(sep), f"override {item!r} is not of the form section.key=value")
     section, dot, name = key.strip().partition(".")
     _check(bool(dot and name), f"override {item!r}: the key must be section.key")
-    _add(raw, section, name, _Text(text), "the command line")
+    _add(raw, section, name, config_values.Text(text), "the command line")
   return from_dict(raw)
 
 
@@ -399,70 +391,33 @@ def from_dict(raw: Mapping[str, Mapping[str, Any]]) -> Config:
     if section == "model" and "preset" in items:
       name, source = items["preset"]
       where = f" (from {source})" if source else ""
-      name = _coerce("model.preset", name, hints["preset"], where)
+      name = config_values.coerce("model.preset", name, hints["preset"], where)
       if name is not None:  # null: no preset.
         base = _preset((name, source))
     values = {}
     for key, (value, source) in items.items():
       where = f" (from {source})" if source else ""
-      _check(key in hints, _unknown(f"{section}.{key}", hints, where))
-      values[key] = _coerce(f"{section}.{key}", value, hints[key], where)
+      _check(key in hints, config_values.unknown(f"{section}.{key}", hints, where))
+      values[key] = config_values.coerce(f"{section}.{key}", value, hints[key], where)
     built = dataclasses.replace(base, **values)
     built.validate()
     sections[section] = built
   for section in raw:
-    _check(section in _SECTIONS, _unknown(section, _SECTIONS, ""))
+    _check(section in _SECTIONS, config_values.unknown(section, _SECTIONS, ""))
   return Config(**sections)
 
 
 def _preset(item: tuple[Any, str]) -> ModelConfig:
   name, source = item
   where = f" (from {source})" if source else ""
-  _check(name in presets.PRESETS, _unknown(f"model.preset={name}", presets.PRESETS, where))
+  _check(
+    name in presets.PRESETS, config_values.unknown(f"model.preset={name}", presets.PRESETS, where)
+  )
   return ModelConfig(preset=name, **presets.PRESETS[name])
 
 
-class _Duplicate(Exception):
-  def __init__(self, key: Any, line: int, first: int):
-    super().__init__(key, line, first)
-    self.key, self.line, self.first = key, line, first
-
-
-class _Loader(yaml.SafeLoader):
-  """Safe YAML that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
-
-  def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-      if key_node.tag == "tag:yaml.org,2002:merge":
-        continue
-      key = self.construct_object(key_node, deep=deep)
-      try:
-        first = seen.setdefault(key, key_node.start_mark.line + 1)
-      except TypeError:  # An unhashable key: PyYAML's own error.
-        continue
-      if first != key_node.start_mark.line + 1:
-        raise _Duplicate(key, key_node.start_mark.line + 1, first)
-    return super().construct_mapping(node, deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _Loader.construct_mapping)
-
-
 def _merge_yaml(raw: dict, path: str) -> None:
-  try:
-    with open(path, "rb") as f:  # PyYAML detects the encoding; invalid text is a YAMLError.
-      data = yaml.load(f, _Loader)  # A SafeLoader.
-  except OSError as e:
-    raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-  except _Duplicate as e:
-    message = f"duplicate key {e.key!r} (first on line {e.first})"
-    raise ConfigError(f"{path}:{e.line}: {message}") from None
-  except yaml.YAMLError as e:
-    message = " ".join(str(e).split())  # One line.
-    raise ConfigError(f"config file {path} is not valid YAML: {message}") from None
-  data = {} if data is None else data
-  _check(isinstance(data, dict), f"config file {path} must be a mapping of sections")
+  data = config_values.read_yaml(path)
   for section, items in data.items():
     _check(
       isinstance(items, dict),
@@ -474,98 +429,3 @@ def _merge_yaml(raw: dict, path: str) -> None:
 
 def _add(raw: dict, section: str, key: str, value: Any, source: str) -> None:
   raw.setdefault(section, {})[key] = (value, source)
-
-
-def _unknown(key: str, known: Mapping[str, Any], where: str) -> str:
-  close = difflib.get_close_matches(key.rpartition(".")[2].partition("=")[0], list(known), n=1)
-  hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
-  return f"unknown key {key}{where}{hint}"
-
-
-class _Text(str):
-  """An override's value as written on the command line, converted by its key's type."""
-
-
-_INT_RE = re.compile(r"[+-]?[0-9]+")
-_BOOLS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
-
-
-def _shown(text: str) -> str:
-  """An override's text as error messages show it: numbers bare, other text quoted."""
-  try:
-    float(text)
-    return text.strip()
-  except ValueError:
-    return repr(str(text))
-
-
-def _from_text(key: str, text: _Text, hint: Any, where: str) -> Any:
-  """An override's text as the (non-optional) type `hint`, or a ConfigError naming `key`."""
-  args = typing.get_args(hint)
-  shown = f"{key}={_shown(text)}{where}"
-  if typing.get_origin(hint) is Literal:
-    _check(text in args, f"{key}={text!r}{where} must be one of {', '.join(map(str, args))}")
-    return str(text)
-  if typing.get_origin(hint) is tuple:  # "a,b,c" or "[a, b, c]".
-    body = text.strip()
-    if body.startswith("[") and body.endswith("]"):
-      body = body[1:-1]
-    items = [_Text(item.strip()) for item in body.split(",")] if body.strip() else []
-    return tuple(_coerce(key, item, args[0], where) for item in items)
-  if hint is str:
-    return str(text)
-  if hint is bool:
-    _check(text.strip().lower() in _BOOLS, f"{shown} must be true or false")
-    return _BOOLS[text.strip().lower()]
-  if hint is int:
-    _check(bool(_INT_RE.fullmatch(text.strip())), f"{shown} must be an integer")
-    return int(text.strip())
-  if hint is float:
-    try:
-      value = float(text.strip())
-    except ValueError:
-      raise ConfigError(f"{shown} must be a number") from None
-    _check(math.isfinite(value), f"{shown} must be a finite number")
-    return value
-  raise TypeError(f"config type {hint} of {key} is not supported")
-
-
-def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
-  """Converts `value` (from YAML, or an override's `_Text`) to the type `hint` or raises a
-  ConfigError naming `key`."""
-  args = typing.get_args(hint)
-  if typing.get_origin(hint) in (typing.Union, types.UnionType):
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
-      _check(type(None) in args, f"{key}{where} cannot be None")
-      return None
-    (hint,) = [a for a in args if a is not type(None)]
-    args = typing.get_args(hint)
-  if isinstance(value, _Text):
-    return _from_text(key, value, hint, where)
-  if typing.get_origin(hint) is Literal:
-    _check(value in args, f"{key}={value!r}{where} must be one of {', '.join(map(str, args))}")
-    return value
-  if typing.get_origin(hint) is tuple:  # tuple[X, ...]: a YAML list or "a,b,c".
-    items = value.split(",") if isinstance(value, str) else value
-    _check(isinstance(items, list | tuple), f"{key}={value!r}{where} must be a list")
-    return tuple(_coerce(key, item, args[0], where) for item in items)
-  try:
-    if hint is bool:
-      if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-      _check(isinstance(value, bool), f"{key}={value!r}{where} must be true or false")
-      return value
-    if hint is int:
-      _check(not isinstance(value, bool | float), f"{key}={value!r}{where} must be an integer")
-      return int(value)
-    if hint is float:
-      _check(not isinstance(value, bool), f"{key}={value!r}{where} must be a number")
-      number = float(value)  # YAML reads "1e-4" as a string.
-      _check(math.isfinite(number), f"{key}={value!r}{where} must be a finite number")
-      return number
-    if hint is str:
-      _check(isinstance(value, str | int | float), f"{key}={value!r}{where} must be a string")
-      return str(value)
-  except (TypeError, ValueError):
-    raise ConfigError(f"{key}={value!r}{where} must be of type {hint.__name__}") from None
-  raise TypeError(f"config type {hint} of {key} is not supported")
