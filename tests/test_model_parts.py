@@ -13,20 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from test_hf import _SMALL
 
 from jaxtune.convert import hf
 from jaxtune.model import transformer
 
-_CONFIG = dict(
-  vocab_size=256,
-  hidden_size=64,
-  intermediate_size=128,
-  num_hidden_layers=2,
-  num_attention_heads=8,
-  num_key_value_heads=2,
-  max_position_embeddings=128,
-  pad_token_id=0,
-)
+_CONFIG = dict(_SMALL, num_key_value_heads=2, pad_token_id=0)  # test_hf's tiny Llama, GQA.
 TOLERANCE = 1e-4
 
 
