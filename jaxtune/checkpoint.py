@@ -35,7 +35,7 @@ from etils import epath
 
 from jaxtune import distributed
 from jaxtune.errors import CheckpointError, CorruptCheckpointError
-from jaxtune.train.step import all_finite
+from jaxtune.finite import all_finite
 
 log = logging.getLogger(__name__)
 

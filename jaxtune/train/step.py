@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxtune.finite import all_finite
 from jaxtune.peft import partition
 from jaxtune.train.objective import Batch, Objective
 
@@ -53,12 +54,6 @@ def _counts(batch: Batch) -> dict[str, jax.Array]:
   if "weights" in batch:
     counts["supervised_tokens"] = jnp.sum(batch["weights"])
   return counts
-
-
-def all_finite(tree: Any) -> jax.Array:
-  """Whether every floating-point value of `tree` is finite: one reduction."""
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
 
 
 def make_train_step(
