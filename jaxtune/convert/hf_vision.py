@@ -1,0 +1,315 @@
+"""Hugging Face vision checkpoints: `CLIPVisionModel` and `SiglipVisionModel` folders into a
+`VisionEncoder`, and `LlavaForConditionalGeneration` folders (a CLIP or SigLIP tower, the
+`mlp2x_gelu` projector, a Llama-family decoder) into a `Llava` model, and back.
+
+Shape letters: D width, C channels, P patch size, S positions, N heads, H head dim, F mlp dim.
+
+Stored names differ between transformers versions and between a tower saved alone and inside a
+CLIPModel or LLaVA (`vision_model.`, `vision_tower.vision_model.`, `model.vision_tower.`,
+`language_model.model.`, `model.language_model.`): `_RENAMES` maps each to one canonical name,
+which the tensor tables below use. The decoder's tables are `hf_layout`'s own. SigLIP's attention
+pooling head (`head.*`) is not part of the features LLaVA uses and is not read.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+
+from jaxtune.config import ModelConfig
+from jaxtune.config_vision import ACTIVATIONS, LlavaConfig, VisionConfig
+from jaxtune.convert import hf
+from jaxtune.convert.hf_layout import FAMILIES, Tensor, View, family_for
+from jaxtune.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+# model_type -> the layout's fixed choices.
+_TOWERS: dict[str, dict[str, Any]] = {
+  "clip_vision_model": dict(class_token=True, pre_norm=True, patch_bias=False),
+  "siglip_vision_model": dict(class_token=False, pre_norm=False, patch_bias=True),
+}
+_TOWER_ARCHITECTURES = {
+  "clip_vision_model": ("CLIPVisionModel",),
+  "siglip_vision_model": ("SiglipVisionModel",),
+}
+_SKIPPED = ("head.",)  # SigLIP's pooling head (relative to the tower).
+_SELECT = {"default": "patch", "full": "full"}  # vision_feature_select_strategy -> ours.
+
+# Stored prefix -> canonical prefix, applied in order.
+_RENAMES = (
+  ("model.language_model.", "model."),
+  ("language_model.model.", "model."),
+  ("language_model.lm_head.", "lm_head."),
+  ("model.vision_tower.", "vision_tower."),
+  ("model.multi_modal_projector.", "multi_modal_projector."),
+  ("vision_tower.vision_model.", "vision_tower."),
+  ("vision_model.", ""),
+)
+
+
+def _canonical(name: str) -> str:
+  for old, new in _RENAMES:
+    if name.startswith(old):
+      name = new + name[len(old) :]
+  return name
+
+
+def _view(name: str, path: str, shape: tuple[int, ...], split=None, perm=None) -> Tensor:
+  split = split or shape
+  return Tensor(name, (path,), shape, (View(split, perm or tuple(range(len(split)))),))
+
+
+def vision_tensors(cfg: VisionConfig, prefix: str = "", path: str = "") -> list[Tensor]:
+  """The tower's tensors: Hugging Face names under `prefix`, jaxtune paths under `path`."""
+  d, c, p, s = cfg.dim, cfg.channels, cfg.patch_size, cfg.num_positions
+  n, h, f = cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+  emb, layer = prefix + "embeddings.", prefix + "encoder.layers.{i}."
+  tensors = [
+    # Conv2d [D, C, P, P] <-> [P, P, C, D].
+    _view(
+      emb + "patch_embedding.weight",
+      path + "embeddings/patch/kernel",
+      (d, c, p, p),
+      None,
+      (2, 3, 1, 0),
+    ),
+    _view(emb + "position_embedding.weight", path + "embeddings/position", (s, d)),
+  ]
+  if cfg.patch_bias:
+    tensors.append(_view(emb + "patch_embedding.bias", path + "embeddings/patch/bias", (d,)))
+  if cfg.class_token:
+    tensors.append(_view(emb + "class_embedding", path + "embeddings/class_token", (d,)))
+  norms = [
+    (layer + "layer_norm1", "layers/attn_norm"),
+    (layer + "layer_norm2", "layers/mlp_norm"),
+    (prefix + "post_layernorm", "post_norm"),
+  ]
+  if cfg.pre_norm:
+    norms.append((prefix + "pre_layrnorm", "pre_norm"))  # Sic: CLIP's name.
+  for name, ours in norms:
+    tensors.append(_view(name + ".weight", path + ours + "/scale", (d,)))
+    tensors.append(_view(name + ".bias", path + ours + "/bias", (d,)))
+  for x in "qkv":
+    proj, ours = f"{layer}self_attn.{x}_proj.", f"{path}layers/{x}/"
+    # nn.Linear [N*H, D] <-> [D, N, H]; bias [N*H] <-> [N, H].
+    tensors.append(_view(proj + "weight", ours + "kernel", (n * h, d), (n, h, d), (2, 0, 1)))
+    tensors.append(_view(proj + "bias", ours + "bias", (n * h,), (n, h)))
+  out = layer + "self_attn.out_proj."
+  tensors += [
+    _view(out + "weight", path + "layers/o/kernel", (d, n * h), (d, n, h), (1, 2, 0)),
+    _view(out + "bias", path + "layers/o/bias", (d,)),
+    _view(layer + "mlp.fc1.weight", path + "layers/up/kernel", (f, d), None, (1, 0)),
+    _view(layer + "mlp.fc1.bias", path + "layers/up/bias", (f,)),
+    _view(layer + "mlp.fc2.weight", path + "layers/down/kernel", (d, f), None, (1, 0)),
+    _view(layer + "mlp.fc2.bias", path + "layers/down/bias", (d,)),
+  ]
+  return tensors
+
+
+def projector_tensors(cfg: LlavaConfig) -> list[Tensor]:
+  """LLaVA-1.5's `multi_modal_projector.linear_{1,2}` (nn.Linear [out, in] <-> [in, out])."""
+  dv, d = cfg.vision.dim, cfg.text.dim
+  shapes = {"linear_1": (d, dv), "linear_2": (d, d)}
+  tensors = []
+  for name, (out, inp) in shapes.items():
+    hf_name, ours = f"multi_modal_projector.{name}.", f"projector/{name}/"
+    tensors.append(_view(hf_name + "weight", ours + "kernel", (out, inp), None, (1, 0)))
+    tensors.append(_view(hf_name + "bias", ours + "bias", (out,)))
+  return tensors
+
+
+def vision_config(hf_config: Mapping[str, Any], where: str) -> VisionConfig:
+  """The VisionConfig of a CLIP or SigLIP vision config.json (or LLaVA's `vision_config`)."""
+  model_type = hf_config.get("model_type")
+  if model_type not in _TOWERS:
+    raise CheckpointError(
+      f"{where}: unsupported vision model_type {model_type!r}; supported: {', '.join(_TOWERS)}"
+    )
+  act = hf_config.get("hidden_act", "quick_gelu")
+  if act not in ACTIVATIONS:
+    raise CheckpointError(f"{where}: hidden_act={act!r} has no jaxtune equivalent")
+  try:
+    cfg = VisionConfig(
+      image_size=int(hf_config["image_size"]),
+      patch_size=int(hf_config["patch_size"]),
+      channels=int(hf_config.get("num_channels", 3)),
+      dim=int(hf_config["hidden_size"]),
+      num_layers=int(hf_config["num_hidden_layers"]),
+      num_heads=int(hf_config["num_attention_heads"]),
+      mlp_dim=int(hf_config["intermediate_size"]),
+      act=act,
+      norm_eps=float(hf_config.get("layer_norm_eps", 1e-5 if "clip" in model_type else 1e-6)),
+      **_TOWERS[model_type],
+    )
+    cfg.validate()
+  except KeyError as e:
+    raise CheckpointError(f"{where}: the vision config has no {e.args[0]!r}") from None
+  except ConfigError as e:
+    raise CheckpointError(f"{where}: {e}") from None
+  return cfg
+
+
+def llava_config(hf_config: Mapping[str, Any], where: str) -> LlavaConfig:
+  """The LlavaConfig of a `llava` config.json."""
+  text_hf = hf_config.get("text_config") or {}
+  text_type = text_hf.get("model_type", "llama")
+  if text_type not in FAMILIES or text_type == "gpt2":
+    raise CheckpointError(f"{where}: unsupported text model_type {text_type!r}")
+  checks = {
+    "projector_hidden_act": ("gelu",),
+    "multimodal_projector_bias": (True,),
+    "vision_feature_select_strategy": tuple(_SELECT),
+  }
+  for key, allowed in checks.items():
+    value = hf_config.get(key, allowed[0])
+    if value not in allowed:
+      raise CheckpointError(f"{where}: {key}={value!r} has no jaxtune equivalent")
+  layer = hf_config.get("vision_feature_layer", -2)
+  if not isinstance(layer, int):
+    raise CheckpointError(f"{where}: vision_feature_layer={layer!r}: only one layer is supported")
+  token = hf_config.get("image_token_index", hf_config.get("image_token_id"))
+  if token is None:
+    raise CheckpointError(f"{where}: no image_token_index")
+  try:
+    text = ModelConfig(**FAMILIES[text_type].to_config(text_hf))
+    cfg = LlavaConfig(
+      vision=vision_config(hf_config.get("vision_config") or {}, where),
+      text=text,
+      projector="mlp2x_gelu",
+      feature_layer=layer,
+      feature_select=_SELECT[hf_config.get("vision_feature_select_strategy", "default")],
+      image_token_id=int(token),
+    )
+    cfg.validate()
+  except ConfigError as e:
+    raise CheckpointError(f"{where}: {e}") from None
+  return cfg
+
+
+def _read_folder(
+  folder: pathlib.Path,
+  tensors: list[Tensor],
+  layers: Callable[[Tensor], int],
+  skipped: tuple[str, ...] = (),
+) -> dict[str, Any]:
+  """The float32 params tree of `tensors` read from `folder`, a per-layer tensor stacking
+  `layers(tensor)` layers. Every stored tensor must be read, but those `skipped` (prefixes of
+  canonical names)."""
+  params: dict[str, Any] = {}
+  with hf._Checkpoint(folder, "") as checkpoint:
+    checkpoint.stored = {_canonical(n): n for n in checkpoint.where}
+    for tensor in tensors:
+      stored = [checkpoint.slice(n, tensor.shape) for n in tensor.names(layers(tensor))]
+      for path, view in zip(tensor.paths, tensor.views, strict=True):
+        hf._put(params, path, hf._read(stored, tensor, view, np.float32, None))
+    unused = [
+      n for n in checkpoint.unused(ignore_lm_head=False) if not _canonical(n).startswith(skipped)
+    ]
+  if unused:
+    raise CheckpointError(
+      f"{folder}: {len(unused)} tensors this model does not have, e.g. {', '.join(unused[:3])}"
+    )
+  return params
+
+
+def load_vision(folder: str | pathlib.Path) -> tuple[VisionConfig, dict[str, Any]]:
+  """A `CLIPVisionModel` or `SiglipVisionModel` folder as (VisionConfig, {'params': ...})."""
+  folder = pathlib.Path(folder)
+  where = str(folder / "config.json")
+  hf_config = hf._read_config(folder / "config.json")
+  cfg = vision_config(hf_config, where)
+  skipped = _SKIPPED if hf_config["model_type"] == "siglip_vision_model" else ()
+  params = _read_folder(folder, vision_tensors(cfg), lambda _: cfg.num_layers, skipped)
+  return cfg, {"params": params}
+
+
+def _text_tensors(cfg: LlavaConfig) -> list[Tensor]:
+  return FAMILIES[family_for(cfg.text)].tensors(cfg.text)
+
+
+def _llava_tensors(cfg: LlavaConfig) -> list[Tensor]:
+  vision = vision_tensors(cfg.vision, prefix="vision_tower.", path="vision/")
+  return [*vision, *projector_tensors(cfg), *_text_tensors(cfg)]
+
+
+def is_llava(folder: str | pathlib.Path) -> bool:
+  """Whether a Hugging Face folder holds a LLaVA model."""
+  path = pathlib.Path(folder) / "config.json"
+  return path.is_file() and hf._read_config(path).get("model_type") == "llava"
+
+
+def load_llava(folder: str | pathlib.Path) -> tuple[LlavaConfig, dict[str, Any]]:
+  """A `LlavaForConditionalGeneration` folder as (LlavaConfig, {'params': ...}): the decoder's
+  parameters at the top, as a `Transformer`'s, with `vision` and `projector` beside them."""
+  folder = pathlib.Path(folder)
+  cfg = llava_config(hf._read_config(folder / "config.json"), str(folder / "config.json"))
+  skipped = tuple("vision_tower." + s for s in _SKIPPED) if not cfg.vision.class_token else ()
+  params = _read_folder(folder, _llava_tensors(cfg), functools.partial(_layers, cfg), skipped)
+  logger.info("loaded LLaVA model from %s: %s", folder, cfg)
+  return cfg, {"params": params}
+
+
+def _layers(cfg: LlavaConfig, tensor: Tensor) -> int:
+  """Layers of one of LLaVA's per-layer tensors: the tower's or the decoder's."""
+  return cfg.vision.num_layers if tensor.paths[0].startswith("vision/") else cfg.text.num_layers
+
+
+def save_llava(cfg: LlavaConfig, params: Mapping[str, Any], folder: str | pathlib.Path) -> None:
+  """Writes config.json and model.safetensors that transformers loads as
+  `LlavaForConditionalGeneration` computing the same model (float32 tensors)."""
+  if cfg.projector != "mlp2x_gelu":
+    raise CheckpointError(
+      f"llava.projector={cfg.projector!r}: Hugging Face LLaVA has only the mlp2x_gelu projector"
+    )
+  if not cfg.vision.class_token:
+    raise CheckpointError("only a CLIP vision tower is written as Hugging Face LLaVA")
+  text_type = family_for(cfg.text)
+  flat = hf._flatten(hf._numpy_params(params))
+  tensors = {}
+  for tensor in _llava_tensors(cfg):
+    arrays = [flat[path] for path in tensor.paths]
+    if tensor.per_layer:
+      for i in range(_layers(cfg, tensor)):
+        tensors[tensor.name.format(i=i)] = tensor.to_hf(*(a[i] for a in arrays))
+    else:
+      tensors[tensor.name] = tensor.to_hf(*arrays)
+  tensors = {n: np.ascontiguousarray(x, np.float32) for n, x in tensors.items()}
+  v = cfg.vision
+  hf_config = dict(
+    architectures=["LlavaForConditionalGeneration"],
+    model_type="llava",
+    dtype="float32",
+    image_token_index=cfg.image_token_id,
+    image_seq_length=cfg.image_tokens,
+    projector_hidden_act="gelu",
+    multimodal_projector_bias=True,
+    vision_feature_layer=cfg.feature_layer,
+    vision_feature_select_strategy={b: a for a, b in _SELECT.items()}[cfg.feature_select],
+    tie_word_embeddings=cfg.text.tie_embeddings,
+    text_config=FAMILIES[text_type].to_hf(cfg.text) | dict(model_type=text_type),
+    vision_config=dict(
+      model_type="clip_vision_model",
+      image_size=v.image_size,
+      patch_size=v.patch_size,
+      num_channels=v.channels,
+      hidden_size=v.dim,
+      num_hidden_layers=v.num_layers,
+      num_attention_heads=v.num_heads,
+      intermediate_size=v.mlp_dim,
+      hidden_act=v.act,
+      layer_norm_eps=v.norm_eps,
+    ),
+  )
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+  safetensors.numpy.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+  logger.info("saved LLaVA model (%d tensors) to %s", len(tensors), folder)
