@@ -164,7 +164,7 @@ def _compiled(model: transformer.Transformer, sampling: Sampling, stop_ids: tupl
       step=state.step + 1,
     )
 
-  def prefill(params, tokens_bt, positions_bt, segments_bt, rows_b, seed, cache_len):
+  def prefill(params, tokens_bt, positions_bt, segments_bt, rows_b, seed, images, cache_len):
     b = tokens_bt.shape[0]
     cache = _constrain_cache(transformer.init_cache(model, b, cache_len))
     logits_btv, mutated = model.apply(
@@ -174,6 +174,7 @@ def _compiled(model: transformer.Transformer, sampling: Sampling, stop_ids: tupl
       segments_bt,
       decode=True,
       mutable=["cache"],
+      **({} if images is None else {"images": images}),
     )
     seen_bv = None
     if sampling.repetition_penalty != 1.0:
@@ -293,7 +294,7 @@ def _check_cache_fits(model, plan: _Plan, batch: int, mesh: jax.sharding.Mesh | 
 class _Run:
   """One batch of prompts on the way: prefilled, then decoded by `advance`."""
 
-  def __init__(self, model, params, prompts, rows, sampling, stop_ids, seed, mesh, rules):
+  def __init__(self, model, params, prompts, rows, sampling, stop_ids, seed, mesh, rules, images):
     self.model, self.params, self.mesh, self.rules = model, params, mesh, rules
     self.count = len(prompts)
     self.prefill, self.decode = _compiled(model, sampling, tuple(stop_ids))
@@ -309,6 +310,9 @@ class _Run:
     for b, prompt in enumerate(prompts):
       n = len(prompt)
       tokens_bt[b, -n:], segments_bt[b, -n:], positions_bt[b, -n:] = prompt, 1, np.arange(n)
+    if images is not None:
+      images = _stack_images(list(images) + [images[0]] * (padded - len(images)))
+      images = sharding.put_global(images, mesh, rules, ("act_batch", None, None, None, None))
     with sharding.use(mesh, rules):
       arrays = [
         sharding.put_global(x, mesh, rules, ("act_batch", "act_seq"))
@@ -319,6 +323,7 @@ class _Run:
         *arrays,
         sharding.put_global(rows, mesh, rules, ("act_batch",)),
         np.uint32(seed),
+        images,
         cache_len=self.plan.cache_len,
       )
 
@@ -327,6 +332,17 @@ class _Run:
     with sharding.use(self.mesh, self.rules):
       self.state, tokens_bo = self.decode(self.params, self.state, np.int32(limit))
     return np.asarray(tokens_bo)[: self.count, : int(self.state.step)]
+
+
+def _stack_images(images: Sequence[np.ndarray]) -> np.ndarray:
+  """Each prompt's images [M_b, Y, X, C] as one array [B, M, Y, X, C], zeros after a row's own."""
+  shapes = {x.shape[1:] for x in images if len(x)}
+  if len(shapes) != 1:
+    raise GenerationError(f"the prompts' images must share one shape [Y, X, C], got {shapes}")
+  out = np.zeros((len(images), max(map(len, images)), *shapes.pop()), np.float32)
+  for b, x in enumerate(images):
+    out[b, : len(x)] = x
+  return out
 
 
 def _completion(tokens: np.ndarray, stop_ids: Sequence[int]) -> Completion:
@@ -349,11 +365,14 @@ def generate(
   mesh: jax.sharding.Mesh | None = None,
   rules: sharding.Rules = (),
   progress: bool = False,
+  images: Sequence[np.ndarray] | None = None,
 ) -> list[Completion]:
   """Completions of `prompts` (token ids), in their order, `batch_size` prompts at a time
   (longest first, so that a batch's prompts are of similar lengths).
 
-  With a `mesh`, `params` are sharded on it under `rules` and so is each batch.
+  With a `mesh`, `params` are sharded on it under `rules` and so is each batch. `images` (a model
+  that reads them, `model/llava.py`): each prompt's images [M, Y, X, C], whose features the
+  prefill puts in the KV cache in place of the prompt's image tokens.
   """
   sampling.validate()
   if batch_size < 1:
@@ -365,8 +384,18 @@ def generate(
   with tqdm(total=len(prompts), unit="prompt", disable=not (progress and chief)) as bar:
     for start in range(0, len(order), batch_size):
       rows = order[start : start + batch_size]
+      batch_images = None if images is None else [np.asarray(images[i]) for i in rows]
       run = _Run(
-        model, params, [prompts[i] for i in rows], rows, sampling, stop_ids, seed, mesh, rules
+        model,
+        params,
+        [prompts[i] for i in rows],
+        rows,
+        sampling,
+        stop_ids,
+        seed,
+        mesh,
+        rules,
+        batch_images,
       )
       tokens_bo = run.advance(run.plan.steps)
       for i, tokens in zip(rows, tokens_bo, strict=True):
@@ -385,12 +414,15 @@ def stream(
   seed: int = 0,
   mesh: jax.sharding.Mesh | None = None,
   rules: sharding.Rules = (),
+  images: np.ndarray | None = None,
 ) -> Iterator[int]:
   """The tokens of one completion as they come (the stop id is not yielded): `generate`'s
-  compiled loop, run one token at a time. The same seed gives the same tokens as `generate`."""
+  compiled loop, run one token at a time. The same seed gives the same tokens as `generate`.
+  `images`: the prompt's images [M, Y, X, C], as in `generate`."""
   sampling.validate()
   stop_ids = tuple(int(i) for i in stop_ids)
-  run = _Run(model, params, [prompt], [0], sampling, stop_ids, seed, mesh, rules)
+  batch_images = None if images is None else [np.asarray(images)]
+  run = _Run(model, params, [prompt], [0], sampling, stop_ids, seed, mesh, rules, batch_images)
   for produced in range(1, run.plan.steps + 1):
     token = int(run.advance(produced)[0, -1])
     if token in stop_ids:

@@ -1,0 +1,114 @@
+"""LLaVA against transformers' `LlavaForConditionalGeneration` (a random tiny one: CLIP tower,
+mlp2x_gelu projector, Llama decoder, every parameter perturbed): logits on a prompt with an
+image, greedy generation with an image; and the splice against a NumPy reference."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jaxtune import generate
+from jaxtune.convert import hf_vision
+from jaxtune.model import llava
+from tests.test_vision import _TOWER, images, perturbed
+
+IMAGE_TOKEN = 250
+_TEXT = dict(
+  vocab_size=256,
+  hidden_size=64,
+  intermediate_size=128,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=128,
+)
+
+
+@functools.cache
+def hf_llava() -> transformers.LlavaForConditionalGeneration:
+  torch.manual_seed(0)
+  config = transformers.LlavaConfig(
+    vision_config=transformers.CLIPVisionConfig(**_TOWER),
+    text_config=transformers.LlamaConfig(**_TEXT),
+    image_token_index=IMAGE_TOKEN,
+  )
+  return perturbed(transformers.LlavaForConditionalGeneration(config))
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("llava")
+  hf_llava().save_pretrained(folder)
+  return folder, *hf_vision.load_llava(folder)
+
+
+def prompt(n_image_tokens: int) -> np.ndarray:
+  """BOS, some text, the image's tokens, more text."""
+  rng = np.random.default_rng(3)
+  text = rng.integers(3, 200, size=9)
+  return np.concatenate([[1], text[:4], [IMAGE_TOKEN] * n_image_tokens, text[4:]]).astype(np.int64)
+
+
+def test_logits_match_transformers(imported):
+  _, cfg, variables = imported
+  assert (cfg.feature_layer, cfg.feature_select, cfg.image_tokens) == (-2, "patch", 16)
+  ids, pixels = prompt(cfg.image_tokens)[None], images(1)
+  with torch.no_grad():
+    theirs = hf_llava()(
+      input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    ).logits.numpy()
+  ours = llava.model(cfg).apply(variables, jnp.asarray(ids), images=jnp.asarray(pixels)[:, None])
+  np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=0)
+
+
+def test_init_matches_the_import_layout(imported):
+  _, cfg, variables = imported
+  module = llava.model(cfg)
+  abstract = nn.meta.unbox(jax.eval_shape(llava.init_fn(module), jax.random.key(0)))
+  assert jax.tree.map(jnp.shape, abstract) == jax.tree.map(np.shape, variables)
+
+
+def test_splice_against_numpy():
+  rng = np.random.default_rng(0)
+  is_image = rng.random((3, 12)) < 0.4
+  x = rng.normal(size=(3, 12, 5)).astype(np.float32)
+  features = rng.normal(size=(3, 12, 5)).astype(np.float32)
+  expected = x.copy()
+  for b in range(3):
+    for k, t in enumerate(np.flatnonzero(is_image[b])):
+      expected[b, t] = features[b, k]
+  np.testing.assert_array_equal(np.asarray(llava.splice(x, is_image, features)), expected)
+
+
+def test_greedy_generation_with_an_image_matches_transformers(imported):
+  _, cfg, variables = imported
+  ids, pixels = prompt(cfg.image_tokens), images(1)
+  with torch.no_grad():
+    out = hf_llava().generate(
+      input_ids=torch.from_numpy(ids)[None],
+      pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2),
+      max_new_tokens=12,
+      do_sample=False,
+      eos_token_id=None,
+      pad_token_id=0,
+    )
+  theirs = out[0, len(ids) :].tolist()
+  module = llava.model(cfg)
+  (ours,) = generate.generate(
+    module,
+    variables["params"],
+    [ids.tolist()],
+    generate.Sampling(max_new_tokens=12),
+    images=[pixels],
+  )
+  assert ours.ids == theirs
+  # Without the image the model says something else: the image's features reached the cache.
+  (blind,) = generate.generate(
+    module, variables["params"], [ids.tolist()], generate.Sampling(max_new_tokens=12)
+  )
+  assert blind.ids != theirs
