@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from test_vision import _TOWER, images, perturbed
 
 from jaxtune import generate
 from jaxtune.convert import hf_vision
 from jaxtune.model import llava
-from tests.test_vision import _TOWER, images, perturbed
 
 IMAGE_TOKEN = 250
 _TEXT = dict(
