@@ -19,7 +19,7 @@ import jax
 from jaxtune.config import TrainConfig
 from jaxtune.errors import ConfigError
 from jaxtune.model import transformer
-from jaxtune.train import sft
+from jaxtune.train import llava_sft, sft
 
 Batch = dict[str, jax.Array]
 
@@ -38,6 +38,7 @@ class Objective(Protocol):
 # train.objective -> (model, train config) -> the objective.
 OBJECTIVES: dict[str, Callable[[transformer.Transformer, TrainConfig], Objective]] = {
   "sft": sft.SFT.from_config,
+  "llava_sft": llava_sft.LlavaSFT.from_config,
 }
 
 

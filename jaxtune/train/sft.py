@@ -45,6 +45,7 @@ class SFT:
     "segment_ids",
   )
   eval_metric: ClassVar[str] = "nll"  # The held-out loss: without the z-loss term.
+  extra_inputs: ClassVar[tuple[str, ...]] = ()  # Batch keys passed on to the model by name.
 
   @classmethod
   def from_config(cls, model: transformer.Transformer, train: TrainConfig) -> SFT:
@@ -64,6 +65,7 @@ class SFT:
       deterministic=rng is None,
       neftune_alpha=self.neftune_alpha,
       rngs=transformer.training_rngs(rng),
+      **{key: batch[key] for key in self.extra_inputs},
     )
     loss, nll = token_losses(logits_btv, batch["targets"], batch["weights"], self.z_loss)
     return loss, {"nll": nll}

@@ -1,0 +1,29 @@
+"""Visual instruction tuning's objective: SFT's loss, with each row's images (`images`
+[B, M, Y, X, C]) in place of its image tokens (`model/llava.py`), which carry no loss.
+
+Which parameters train is LLaVA's stage (`STAGES`): stage 1 the projector alone, stage 2 the
+projector and the decoder (or its LoRA adapters); the vision encoder stays frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from jaxtune.model.adapters import LORA_A, LORA_B
+from jaxtune.peft.partition import Predicate
+from jaxtune.train import sft
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaSFT(sft.SFT):
+  batch_keys: ClassVar[tuple[str, ...]] = (*sft.SFT.batch_keys, "images")
+  extra_inputs: ClassVar[tuple[str, ...]] = ("images",)
+
+
+# Stage -> which parameters train (a predicate on their paths, for `partition.split`).
+STAGES: dict[str, Predicate] = {
+  "projector": lambda path: path[0] == "projector",
+  "projector_llm": lambda path: path[0] != "vision",
+  "projector_lora": lambda path: path[0] == "projector" or path[-1] in (LORA_A, LORA_B),
+}

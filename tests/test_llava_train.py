@@ -1,0 +1,239 @@
+"""LLaVA data and training: LLaVA's JSON with real image files (made here with Pillow), image
+tokens, truncation around images, packing with images (same loss as unpacked), the
+projector-only stage (gradients and optimizer state for the projector alone) and sharded ==
+single device on 2x4 and 8x1."""
+
+import dataclasses
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from PIL import Image
+
+from jaxtune import sharding
+from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.config_vision import LlavaConfig, VisionConfig
+from jaxtune.data import multimodal
+from jaxtune.data.images import Preprocess
+from jaxtune.errors import DataError
+from jaxtune.model import llava
+from jaxtune.peft import partition
+from jaxtune.train import llava_sft, step
+
+IMAGE_ID = 5
+CFG = LlavaConfig(
+  vision=VisionConfig(image_size=16, patch_size=8, dim=16, num_layers=2, num_heads=4, mlp_dim=32),
+  text=ModelConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, mlp_dim=64, max_seq_len=128),
+  image_token_id=IMAGE_ID,
+)
+PRE = Preprocess(size=16)
+
+
+class CharTokenizer:
+  """One id per character (3 + code mod 59, skipping the image id): enough for the packing."""
+
+  bos_id, eos_id, prepend_scheme = 1, 2, "first"
+
+  def encode(self, text, first=False):
+    return [6 + ord(c) % 58 for c in text]
+
+  def special_id(self, token):
+    return None
+
+
+def write_images(folder, n, seed=0):
+  rng = np.random.default_rng(seed)
+  for i in range(n):
+    pixels = rng.integers(0, 256, (12 + 4 * i, 20, 3), np.uint8)  # Not square: resized, cropped.
+    Image.fromarray(pixels).save(folder / f"im{i}.png")
+
+
+def record(images, question, answer):
+  marks = "".join(f"{multimodal.IMAGE}\n" for _ in images)
+  return {
+    "image": images if len(images) != 1 else images[0],
+    "conversations": [
+      {"from": "human", "value": marks + question},
+      {"from": "gpt", "value": answer},
+    ],
+  }
+
+
+RECORDS = [
+  record(["im0.png"], "what is it?", "a shoe"),
+  record(["im1.png", "im2.png"], "same?", "no"),
+  record([], "hello", "hi there"),
+  record(["im2.png"], "is it footwear?", "yes it is"),
+]
+
+
+@pytest.fixture
+def data(tmp_path):
+  write_images(tmp_path, 3)
+  path = tmp_path / "llava.json"
+  path.write_text(json.dumps(RECORDS, indent=1))
+  return path
+
+
+def examples(path, max_length=64, policy="truncate", stats=None):
+  stats = stats or multimodal.Stats()
+  out = []
+  for conv in multimodal.read(str(path)):
+    ex = multimodal.tokenize(conv, "raw", CharTokenizer(), IMAGE_ID, CFG.image_tokens)
+    if (ex := multimodal.fit(ex, max_length, policy, stats)) is not None:
+      out.append(ex)
+  return out
+
+
+def test_image_tokens_are_expanded_and_unsupervised(data):
+  exs = examples(data)
+  s = CFG.image_tokens
+  for ex, n in zip(exs, (1, 2, 0, 1), strict=True):
+    is_image = ex.example.ids == IMAGE_ID
+    assert is_image.sum() == n * s and len(ex.spans) == n
+    for start, end in ex.spans:
+      assert end - start == s and is_image[start:end].all()
+    assert not ex.example.supervised[is_image].any()
+    assert ex.example.supervised.any()
+
+
+def test_truncation_never_cuts_an_image(data):
+  (ex, *_) = examples(data)
+  first_end = ex.spans[0][1]
+  stats = multimodal.Stats()
+  kept = examples(data, max_length=first_end - 2, stats=stats)
+  assert not any(e.images for e in kept)
+  assert stats.dropped_image_cut == 3  # Three of four conversations have an image there.
+  stats = multimodal.Stats()
+  cut = examples(data, max_length=len(ex) - 3, stats=stats)  # Cut in the answer.
+  assert cut[0].images == ex.images and len(cut[0]) == len(ex) - 2
+  assert stats.truncated >= 1 and stats.dropped_image_cut == 0
+  two = examples(data)[1]  # Cut inside its second image: dropped, not cut.
+  stats = multimodal.Stats()
+  assert multimodal.fit(two, two.spans[1][0] + 1, "truncate", stats) is None
+  assert stats.dropped_image_cut == 1
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    (lambda r: r | {"image": "gone.png"}, r"llava.json:\d+: field 'image': .*gone.png.*no such"),
+    (lambda r: r | {"image": ["im0.png", "im1.png"]}, r"llava.json:\d+: .*1 <image> .* but 2"),
+    (lambda r: r | {"image": 3}, r"llava.json:\d+: field 'image': expected a path"),
+  ],
+)
+def test_bad_records_name_file_and_line(data, change, message):
+  """In a .jsonl file, file:line; in a .json array, file: record N (as every data format)."""
+  records = [RECORDS[2], change(RECORDS[0])]
+  lines = data.with_suffix(".jsonl")
+  lines.write_text("\n".join(json.dumps(r) for r in records))
+  with pytest.raises(DataError, match=message.replace(r"llava.json:\d+", "llava.jsonl:2")):
+    multimodal.read(str(lines))
+  data.write_text(json.dumps(records, indent=1))
+  with pytest.raises(DataError, match=message.replace(r":\d+", ": record 1")):
+    multimodal.read(str(data))
+
+
+def test_corrupt_image_names_its_record(data):
+  (data.parent / "im1.png").write_bytes(b"not a png")
+  exs = examples(data)
+  placed = multimodal.assign_rows(exs, 4, 64, 2, pack=False)
+  with pytest.raises(DataError, match=r"llava.json: record 1: image .*im1.png.*cannot read"):
+    multimodal.make_batch(exs, placed, 64, 2, PRE)
+
+
+def test_preprocess_against_numpy(tmp_path):
+  """A 12x20 image: shortest edge to 16 (Pillow bicubic), center crop, normalized; with
+  pad_to_square, padded with the mean color first."""
+  write_images(tmp_path, 1)
+  image = Image.open(tmp_path / "im0.png")
+  resized = np.asarray(image.resize((27, 16), Image.Resampling.BICUBIC), np.float32)
+  crop = resized[:, 5:21] / 255.0
+  expected = (crop - np.asarray(PRE.mean)) / np.asarray(PRE.std)
+  np.testing.assert_allclose(PRE(image), expected, atol=1e-6)
+  padded = dataclasses.replace(PRE, pad_to_square=True)(image)
+  assert padded.shape == (16, 16, 3)
+  np.testing.assert_allclose(
+    padded[0], np.zeros((16, 3)), atol=0.5 / 255 / 0.26
+  )  # The mean color, rounded.
+
+
+def _loss(model, params, batch):
+  objective = llava_sft.LlavaSFT(model)
+  loss, _ = objective.loss(params, {k: jnp.asarray(v) for k, v in batch.items()}, None)
+  return loss
+
+
+@pytest.fixture(scope="module")
+def params():
+  init = llava.init_fn(llava.model(CFG))
+  return nn.meta.unbox(jax.jit(init)(jax.random.key(0)))["params"]
+
+
+def test_packed_rows_give_the_loss_of_unpacked(data, params):
+  exs = examples(data)
+  model = llava.model(CFG)
+  packed = multimodal.assign_rows(exs, 2, 96, 4, pack=True)
+  unpacked = multimodal.assign_rows(exs, 4, 96, 4, pack=False)
+  assert len(packed[0]) > 1 and [len(r) for r in unpacked] == [1, 1, 1, 1]
+  loss_packed = _loss(model, params, multimodal.make_batch(exs, packed, 96, 4, PRE))
+  loss_unpacked = _loss(model, params, multimodal.make_batch(exs, unpacked, 96, 4, PRE))
+  np.testing.assert_allclose(loss_packed, loss_unpacked, rtol=1e-5)
+  # The images matter: zeroed images change the loss.
+  batch = multimodal.make_batch(exs, packed, 96, 4, PRE)
+  assert abs(_loss(model, params, batch | {"images": 0 * batch["images"]}) - loss_packed) > 1e-4
+
+
+def _batch(data, rows=8):
+  exs = examples(data) * 2
+  placed = multimodal.assign_rows(exs, rows, 48, 2, pack=False)
+  return multimodal.make_batch(exs, placed, 48, 2, PRE)
+
+
+def test_projector_stage_trains_the_projector_alone(data, params):
+  model = llava.model(CFG)
+  trainable, frozen = partition.split(params, llava_sft.STAGES["projector"])
+  assert set(trainable) == {"projector"} and "projector" not in frozen
+  optimizer = optax.adamw(1e-2)
+  state = step.TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+  opt_shapes = {x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim}
+  assert opt_shapes == {x.shape for x in jax.tree.leaves(trainable)}
+  train_step = jax.jit(
+    step.make_train_step(llava_sft.LlavaSFT(model), optimizer, jax.random.key(1))
+  )
+  batch = {k: jnp.asarray(v) for k, v in _batch(data).items()}
+  new, metrics = train_step(state, frozen, batch)
+  assert jax.tree.structure(new.params) == jax.tree.structure(trainable)
+  assert float(metrics["grad_norm"]) > 0
+  moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new.params, trainable)
+  assert all(jax.tree.leaves(moved))
+
+
+@pytest.mark.parametrize("data_axis, model_axis", [(2, 4), (8, 1)])
+def test_sharded_loss_and_gradients_equal_single_device(data, params, data_axis, model_axis):
+  model = llava.model(CFG)
+  objective = llava_sft.LlavaSFT(model)
+  batch = _batch(data)
+
+  def loss(p, b):
+    return objective.loss(p, b, None)[0]
+
+  grad = jax.value_and_grad(loss)
+  ref_loss, ref_grads = jax.jit(grad)(params, {k: jnp.asarray(v) for k, v in batch.items()})
+  mesh = sharding.make_mesh(MeshConfig(data=data_axis, model=model_axis))
+  sharded = sharding.init_sharded(llava.init_fn(model), jax.random.key(0), mesh, "fsdp")
+  names = {k: ("act_batch",) + (None,) * (v.ndim - 1) for k, v in batch.items()}
+  with sharding.use(mesh, sharded.rules):
+    placed = {k: sharding.put_global(v, mesh, sharded.rules, names[k]) for k, v in batch.items()}
+    got_loss, got_grads = jax.jit(grad)(sharded.variables["params"], placed)
+  # Some weight is split over both mesh axes (the encoder's too).
+  specs = jax.tree.leaves(sharded.shardings["params"]["vision"])
+  assert any(len([a for a in s.spec if a]) >= 1 for s in specs)
+  np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-5)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), got_grads, ref_grads
+  )
