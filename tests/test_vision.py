@@ -67,7 +67,7 @@ def test_features_match_transformers(kind, tmp_path):
   pixels = images(2)
   theirs, last = hf_hidden(model, pixels)
   encoder = vision.VisionEncoder(cfg)
-  ours = np.asarray(encoder.apply(variables, jnp.asarray(pixels)))
+  ours = np.asarray(jax.jit(encoder.apply)(variables, jnp.asarray(pixels)))
   assert ours.shape == (cfg.num_layers + 1, 2, cfg.num_positions, cfg.dim)
   for i, h in enumerate(theirs):
     np.testing.assert_allclose(ours[i], h, atol=1e-4, rtol=0, err_msg=f"hidden state {i}")
