@@ -31,12 +31,15 @@ from jax.sharding import Mesh
 
 from jaxtune import checkpoint, config, generate, runs, sharding
 from jaxtune.config import ModelConfig
-from jaxtune.convert import hf, llama2c
-from jaxtune.data import llama2c_tokenizer, pipeline
+from jaxtune.config_vision import LlavaConfig
+from jaxtune.convert import hf, hf_vision, llama2c
+from jaxtune.data import llama2c_tokenizer, multimodal, pipeline
 from jaxtune.data import tokenizer as tokenizer_lib
+from jaxtune.data.formats import Conversation, Message
 from jaxtune.data.hf_tokenizer import TOKENIZER_JSON
+from jaxtune.data.images import Preprocess
 from jaxtune.errors import CheckpointError
-from jaxtune.model import transformer
+from jaxtune.model import llava, transformer
 from jaxtune.model.adapters import NONE, Adapters
 from jaxtune.peft import lora, methods, partition, prefix
 
@@ -58,10 +61,43 @@ class Model:
   rules: sharding.Rules | None = None
   adapters: Adapters = NONE  # A PEFT run's adapters, ready to decode (see `_load_run`).
   base: str = ""  # Where a PEFT run's base model came from (its train.init_from).
+  llava: LlavaConfig | None = None  # A model that reads images: its encoder and projector.
+  preprocess: Preprocess | None = None  # How its images are prepared.
 
   @functools.cached_property
   def module(self) -> transformer.Transformer:
+    if self.llava is not None:
+      return llava.model(self.llava, adapters=self.adapters)
     return transformer.Transformer(self.config, self.adapters)
+
+  def image_prompt(
+    self, messages: Sequence[Message], images: Sequence[str | pathlib.Path]
+  ) -> tuple[list[int], np.ndarray]:
+    """(token ids, images [M, Y, X, C]) of a conversation about `images`, to continue with
+    `generate(..., images=...)`: the template's prompt for the next assistant turn, each
+    `<image>` of the user turns expanded (placed before the first user turn's text where the
+    turns have none)."""
+    if self.llava is None or self.preprocess is None:
+      raise CheckpointError("this model reads no images (not a LLaVA model)")
+    messages = list(messages)
+    if images and not any(multimodal.IMAGE in m.content for m in messages):
+      first = next(i for i, m in enumerate(messages) if m.role == "user")
+      marks = "".join(f"{multimodal.IMAGE}\n" for _ in images)
+      messages[first] = dataclasses.replace(
+        messages[first], content=marks + messages[first].content
+      )
+    conversation = multimodal.ImageConversation(
+      Conversation(tuple(messages), "prompt"), tuple(pathlib.Path(p) for p in images)
+    )
+    ids = multimodal.prompt_ids(
+      conversation,
+      self.template,
+      self.tokenizer,
+      self.llava.image_token_id,
+      self.llava.image_tokens,
+    )
+    pixels = [self.preprocess.load(p, str(p)) for p in images]
+    return ids, np.stack(pixels) if pixels else np.zeros((0, 1, 1, 1), np.float32)
 
   def merged(self) -> Model:
     """The plain model that computes what this one does: LoRA folded into the base weights."""
@@ -77,18 +113,20 @@ class Model:
     return dataclasses.replace(self, params=merged, adapters=NONE)
 
   @functools.cached_property
-  def _logits(self) -> Callable[[Any, jax.Array], jax.Array]:
-    return jax.jit(lambda params, tokens_bt: self.module.apply({"params": params}, tokens_bt))
+  def _logits(self) -> Callable[..., jax.Array]:
+    return jax.jit(
+      lambda params, tokens_bt, **images: self.module.apply({"params": params}, tokens_bt, **images)
+    )
 
-  def logits(self, tokens_bt: Any) -> jax.Array:
-    """Float32 logits [B, T, V] of token ids [B, T] (one sequence per row, from position 0)."""
+  def logits(self, tokens_bt: Any, images: Any = None) -> jax.Array:
+    """Float32 logits [B, T, V] of token ids [B, T] (one sequence per row, from position 0);
+    `images` [B, M, Y, X, C] (a LLaVA model) in place of each row's image tokens."""
     tokens_bt = jnp.asarray(tokens_bt, jnp.int32)
     if tokens_bt.ndim != 2:
       raise ValueError(f"tokens must be [batch, length], got shape {tokens_bt.shape}")
-    if self.mesh is None:
-      return self._logits(self.params, tokens_bt)
-    with sharding.use(self.mesh, self.rules):
-      return self._logits(self.params, tokens_bt)
+    extra = {} if images is None else {"images": jnp.asarray(images, jnp.float32)}
+    with sharding.use(self.mesh, self.rules or ()):
+      return self._logits(self.params, tokens_bt, **extra)
 
   def generate(
     self,
@@ -99,10 +137,14 @@ class Model:
     seed: int = 0,
     batch_size: int = 8,
     progress: bool = False,
+    images: Sequence[np.ndarray] | None = None,
   ) -> list[generate.Completion]:
     """Completions of token-id `prompts` with the KV cache, on the model's mesh (see
     `jaxtune.generate`; sampling None: greedy, up to 256 tokens). `stop_ids` None: EOS and the
-    template's end-of-turn tokens."""
+    template's end-of-turn tokens. `images` (a LLaVA model): each prompt's images [M, Y, X, C]
+    (see `image_prompt`), prefilled into the KV cache once."""
+    if images is not None and self.llava is None:
+      raise CheckpointError("this model reads no images (not a LLaVA model)")
     if stop_ids is None:
       has_tokenizer = self.tokenizer is not None
       stop_ids = generate.template_stop_ids(self.tokenizer, self.template) if has_tokenizer else ()
@@ -117,6 +159,7 @@ class Model:
       mesh=self.mesh,
       rules=self.rules,
       progress=progress,
+      images=images,
     )
 
 
@@ -234,11 +277,41 @@ def _run_tokenizer(path: pathlib.Path) -> Tokenizer | None:
 
 
 def _load_hf(path, mesh, param_dtype, strategy) -> Model:
+  if hf_vision.is_llava(path):
+    return _load_hf_llava(path, mesh, param_dtype, strategy)
   cfg = hf.load_config(path, param_dtype)
   _, shardings, rules = _placement(cfg, mesh, strategy or "tp")
   cfg, variables = hf.load_hf(path, cfg.param_dtype, shardings if mesh is not None else None)
   params = variables["params"] if mesh is not None else _put(variables["params"], shardings)
   return Model(cfg, params, None, "raw", mesh, rules)
+
+
+def _load_hf_llava(path, mesh, param_dtype, strategy) -> Model:
+  """A Hugging Face LLaVA folder, with its preprocessor_config.json if it has one (else the
+  encoder's image size and CLIP's mean and deviation)."""
+  cfg, variables = hf_vision.load_llava(path)
+  dtype = param_dtype or "float32"
+  cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, param_dtype=dtype))
+  module = llava.model(cfg)
+  abstract = jax.eval_shape(llava.init_fn(module), jax.random.key(0))
+  params = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(dtype)), variables["params"])
+  rules = None
+  if mesh is None:
+    shardings = jax.tree.map(
+      lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), params
+    )
+  else:
+    rules = sharding.resolve_rules(strategy or "tp", mesh, abstract)
+    shardings = sharding.variable_shardings(abstract, mesh, rules, strategy or "tp")["params"]
+  config_file = pathlib.Path(path) / "preprocessor_config.json"
+  preprocess = (
+    Preprocess.from_hf(config_file)
+    if config_file.is_file()
+    else Preprocess(size=cfg.vision.image_size, resize="shortest_edge")
+  )
+  return Model(
+    cfg.text, _put(params, shardings), None, "raw", mesh, rules, llava=cfg, preprocess=preprocess
+  )
 
 
 def _hf_tokenizer(path: pathlib.Path) -> Tokenizer | None:

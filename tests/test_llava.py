@@ -13,6 +13,7 @@ import torch
 import transformers
 from test_vision import _TOWER, images, perturbed
 
+import jaxtune
 from jaxtune import generate
 from jaxtune.convert import hf_vision
 from jaxtune.model import llava
@@ -54,17 +55,32 @@ def prompt(n_image_tokens: int) -> np.ndarray:
   return np.concatenate([[1], text[:4], [IMAGE_TOKEN] * n_image_tokens, text[4:]]).astype(np.int64)
 
 
-def test_logits_match_transformers(imported):
-  _, cfg, variables = imported
-  assert (cfg.feature_layer, cfg.feature_select, cfg.image_tokens) == (-2, "patch", 16)
-  ids, pixels = prompt(cfg.image_tokens)[None], images(1)
+def hf_logits(ids, pixels, model=None):
   with torch.no_grad():
-    theirs = hf_llava()(
+    return (model or hf_llava())(
       input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2)
     ).logits.numpy()
-  apply = jax.jit(llava.model(cfg).apply)
-  ours = apply(variables, jnp.asarray(ids), images=jnp.asarray(pixels)[:, None])
-  np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=0)
+
+
+def test_logits_match_transformers(imported):
+  folder, cfg, _ = imported
+  assert (cfg.feature_layer, cfg.feature_select, cfg.image_tokens) == (-2, "patch", 16)
+  ids, pixels = prompt(cfg.image_tokens)[None], images(1)
+  model = jaxtune.load(folder)
+  assert model.llava == cfg
+  ours = model.logits(ids, pixels[:, None])
+  np.testing.assert_allclose(np.asarray(ours), hf_logits(ids, pixels), atol=1e-4, rtol=0)
+
+
+def test_export_loads_in_transformers(imported, tmp_path):
+  _, cfg, variables = imported
+  hf_vision.save_llava(cfg, variables, tmp_path)
+  again = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+  ids, pixels = prompt(cfg.image_tokens)[None], images(1)
+  np.testing.assert_allclose(hf_logits(ids, pixels, again), hf_logits(ids, pixels), atol=1e-5)
+  cfg_again, variables_again = hf_vision.load_llava(tmp_path)
+  assert cfg_again == cfg
+  jax.tree.map(np.testing.assert_array_equal, variables_again, variables)
 
 
 def test_init_matches_the_import_layout(imported):
@@ -87,7 +103,7 @@ def test_splice_against_numpy():
 
 
 def test_greedy_generation_with_an_image_matches_transformers(imported):
-  _, cfg, variables = imported
+  folder, cfg, _ = imported
   ids, pixels = prompt(cfg.image_tokens), images(1)
   with torch.no_grad():
     out = hf_llava().generate(
@@ -99,11 +115,7 @@ def test_greedy_generation_with_an_image_matches_transformers(imported):
       pad_token_id=0,
     )
   theirs = out[0, len(ids) :].tolist()
-  (ours,) = generate.generate(
-    llava.model(cfg),
-    variables["params"],
-    [ids.tolist()],
-    generate.Sampling(max_new_tokens=12),
-    images=[pixels],
+  (ours,) = jaxtune.load(folder).generate(
+    [ids.tolist()], generate.Sampling(max_new_tokens=12), stop_ids=(), images=[pixels]
   )
   assert ours.ids == theirs

@@ -55,6 +55,15 @@ _RENAMES = (
 )
 
 
+# Canonical prefix -> the prefix written at export (as transformers 5's `save_pretrained` writes).
+_EXPORT = (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
+
+
+def _exported(name: str) -> str:
+  old, new = next(((o, n) for o, n in _EXPORT if name.startswith(o)), ("", ""))
+  return new + name[len(old) :]
+
+
 def _canonical(name: str) -> str:
   for old, new in _RENAMES:
     if name.startswith(old):
@@ -281,7 +290,7 @@ def save_llava(cfg: LlavaConfig, params: Mapping[str, Any], folder: str | pathli
         tensors[tensor.name.format(i=i)] = tensor.to_hf(*(a[i] for a in arrays))
     else:
       tensors[tensor.name] = tensor.to_hf(*arrays)
-  tensors = {n: np.ascontiguousarray(x, np.float32) for n, x in tensors.items()}
+  tensors = {_exported(n): np.ascontiguousarray(x, np.float32) for n, x in tensors.items()}
   v = cfg.vision
   hf_config = dict(
     architectures=["LlavaForConditionalGeneration"],
