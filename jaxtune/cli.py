@@ -34,8 +34,11 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _data(args: argparse.Namespace) -> None:
-  from jaxtune.data import inspect
+  from jaxtune.data import inspect, inspect_images
 
+  if args.image_tokens:
+    print(inspect_images.report(_config(args), args.image_tokens, args.num_examples))
+    return
   print(inspect.report(_config(args), args.num_examples))
 
 
@@ -66,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     if verb == "data":
       p.add_argument("action", choices=["inspect"], help="what to do with the data")
       p.add_argument("-n", "--num-examples", type=int, default=3, help="examples to print")
+      p.add_argument(
+        "--image-tokens",
+        type=int,
+        default=0,
+        metavar="S",
+        help="LLaVA data (data.path): each <image> takes S tokens (the encoder's patches)",
+      )
     elif verb in commands.ARGUMENTS:
       commands.ARGUMENTS[verb](p)
     mesh_only = verb in commands.CHECKPOINT_VERBS

@@ -17,7 +17,7 @@ from PIL import Image
 from jaxtune import sharding
 from jaxtune.config import MeshConfig, ModelConfig
 from jaxtune.config_vision import LlavaConfig, VisionConfig
-from jaxtune.data import multimodal
+from jaxtune.data import inspect_images, multimodal
 from jaxtune.data.images import Preprocess
 from jaxtune.errors import DataError
 from jaxtune.model import llava
@@ -27,19 +27,23 @@ from jaxtune.train import llava_sft, step
 IMAGE_ID = 5
 CFG = LlavaConfig(
   vision=VisionConfig(image_size=16, patch_size=8, dim=16, num_layers=2, num_heads=4, mlp_dim=32),
-  text=ModelConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, mlp_dim=64, max_seq_len=128),
+  text=ModelConfig(vocab_size=104, dim=32, num_layers=2, num_heads=4, mlp_dim=64, max_seq_len=128),
   image_token_id=IMAGE_ID,
 )
 PRE = Preprocess(size=16)
 
 
 class CharTokenizer:
-  """One id per character (3 + code mod 59, skipping the image id): enough for the packing."""
+  """One id per printable ASCII character (6 + code - 32, above the image id) or newline (3)."""
 
   bos_id, eos_id, prepend_scheme = 1, 2, "first"
 
   def encode(self, text, first=False):
-    return [6 + ord(c) % 58 for c in text]
+    return [3 if c == "\n" else 6 + ord(c) - 32 for c in text]
+
+  def decode(self, ids, show_special=False):
+    specials = {1: "<s>", 2: "</s>"} if show_special else {}
+    return "".join(specials.get(i, "\n" if i == 3 else chr(i - 6 + 32)) for i in ids)
 
   def special_id(self, token):
     return None
@@ -99,6 +103,14 @@ def test_image_tokens_are_expanded_and_unsupervised(data):
       assert end - start == s and is_image[start:end].all()
     assert not ex.example.supervised[is_image].any()
     assert ex.example.supervised.any()
+
+
+def test_inspect_marks_image_slots(data):
+  ex = examples(data)[1]
+  assert inspect_images.marked(CharTokenizer(), ex) == (
+    "<s>\u27e8image 1: im1.png, 4 tokens\u27e9\n\u27e8image 2: im2.png, 4 tokens\u27e9\n"
+    "same?\u27e6no</s>\u27e7"
+  )
 
 
 def test_truncation_never_cuts_an_image(data):
