@@ -53,8 +53,19 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per batch")
 
 
+def _image_argument(p: argparse.ArgumentParser) -> None:
+  p.add_argument(
+    "--image",
+    action="append",
+    default=[],
+    metavar="PATH",
+    help="an image to ask about (a LLaVA checkpoint); repeat for several",
+  )
+
+
 def generate_arguments(p: argparse.ArgumentParser) -> None:
   _model_arguments(p)
+  _image_argument(p)
   source = p.add_mutually_exclusive_group(required=True)
   source.add_argument("--prompt", metavar="TEXT", help="one prompt (the user's turn)")
   source.add_argument(
@@ -69,6 +80,7 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
 
 def chat_arguments(p: argparse.ArgumentParser) -> None:
   _model_arguments(p)
+  _image_argument(p)
   p.add_argument("--system", metavar="TEXT", help="a system prompt, if the template has a place")
   _sampling_arguments(p)
 
@@ -201,14 +213,26 @@ def generate(args: argparse.Namespace) -> None:
   _check_positive(args, "batch_size")
   if args.output:
     _check_output(args.output, args.force)
+  if args.image and args.prompt is None:
+    raise ConfigError("--image goes with --prompt")
   model = _load(args)
   if args.prompt is not None:
     records = [({}, Message("user", args.prompt))]
   else:
     records = _records(args.prompts_file)
-  prompts = [_prompt_ids(model, [message]) for _, message in records]
+  images = None
+  if args.image:
+    ids, pixels = model.image_prompt([records[0][1]], args.image)
+    prompts, images = [ids], [pixels]
+  else:
+    prompts = [_prompt_ids(model, [message]) for _, message in records]
   outs = model.generate(
-    prompts, sampling, seed=args.seed, batch_size=args.batch_size, progress=len(prompts) > 1
+    prompts,
+    sampling,
+    seed=args.seed,
+    batch_size=args.batch_size,
+    progress=len(prompts) > 1,
+    images=images,
   )
   texts = [engine.cut_at_stop(model.tokenizer.decode(o.ids), args.stop)[0] for o in outs]
   if args.prompt is not None:
@@ -228,8 +252,9 @@ def generate(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
-def _stream_reply(model: Any, ids: list[int], sampling: Any, seed: int) -> str:
-  """Prints the reply as it comes (holding back an incomplete UTF-8 character); returns it."""
+def _stream_reply(model: Any, ids: list[int], sampling: Any, seed: int, images=None) -> str:
+  """Prints the reply as it comes (holding back an incomplete UTF-8 character); returns it.
+  `images` [M, Y, X, C]: the images of the prompt's image tokens."""
   from jaxtune import generate as engine
 
   stop_ids = engine.template_stop_ids(model.tokenizer, model.template)
@@ -244,6 +269,7 @@ def _stream_reply(model: Any, ids: list[int], sampling: Any, seed: int) -> str:
     seed=seed,
     mesh=model.mesh,
     rules=model.rules,
+    images=images,
   ):
     tokens.append(token)
     text = model.tokenizer.decode(tokens)
@@ -266,6 +292,16 @@ def chat(args: argparse.Namespace) -> None:
     raise ConfigError(f"--system: the {model.template!r} template has no place for a system prompt")
   system = [Message("system", args.system)] if args.system else []
   history: list = []
+  images = None
+
+  def prompt_ids(messages):
+    """The prompt; with --image, the images ride with the first user turn still kept."""
+    nonlocal images
+    if not args.image:
+      return _prompt_ids(model, messages)
+    ids, images = model.image_prompt(messages, args.image)
+    return ids
+
   print("Chat: an empty line or end of input quits; /reset starts over.", file=sys.stderr)
   for turn in itertools.count():
     try:
@@ -278,15 +314,15 @@ def chat(args: argparse.Namespace) -> None:
       history = []
       continue
     history.append(Message("user", text))
-    ids = _prompt_ids(model, system + history)
+    ids = prompt_ids(system + history)
     while len(ids) >= model.config.max_seq_len and len(history) > 1:  # Forget the oldest turns.
       history = history[2:]
-      ids = _prompt_ids(model, system + history)
+      ids = prompt_ids(system + history)
     if len(ids) >= model.config.max_seq_len:
       print(f"(too long for the model's {model.config.max_seq_len} positions)", file=sys.stderr)
       history = []
       continue
-    reply = _stream_reply(model, ids, sampling, args.seed + turn)
+    reply = _stream_reply(model, ids, sampling, args.seed + turn, images)
     history.append(Message("assistant", reply))
 
 

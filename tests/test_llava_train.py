@@ -36,7 +36,7 @@ PRE = Preprocess(size=16)
 class CharTokenizer:
   """One id per printable ASCII character (6 + code - 32, above the image id) or newline (3)."""
 
-  bos_id, eos_id, prepend_scheme = 1, 2, "first"
+  bos_id, eos_id, prepend_scheme, vocab_size = 1, 2, "first", 104
 
   def encode(self, text, first=False):
     return [3 if c == "\n" else 6 + ord(c) - 32 for c in text]
