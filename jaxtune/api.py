@@ -291,7 +291,11 @@ def _load_hf_llava(path, mesh, param_dtype, strategy) -> Model:
   encoder's image size and CLIP's mean and deviation)."""
   cfg, variables = hf_vision.load_llava(path)
   dtype = param_dtype or "float32"
-  cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, param_dtype=dtype))
+  cfg = dataclasses.replace(
+    cfg,
+    text=dataclasses.replace(cfg.text, param_dtype=dtype),
+    vision=dataclasses.replace(cfg.vision, param_dtype=dtype),
+  )
   module = llava.model(cfg)
   abstract = jax.eval_shape(llava.init_fn(module), jax.random.key(0))
   params = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(dtype)), variables["params"])

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 from PIL import Image
 
 from jaxtune import sharding
@@ -21,6 +22,7 @@ from jaxtune.data import inspect_images, multimodal
 from jaxtune.data.images import Preprocess
 from jaxtune.errors import DataError
 from jaxtune.model import llava
+from jaxtune.model.adapters import Adapters
 from jaxtune.peft import partition
 from jaxtune.train import llava_sft, step
 
@@ -258,3 +260,21 @@ def test_sharded_equals_single_device(data, params):
       jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), got_grads, ref_grads
       )
+
+
+def test_stages_choose_their_parameters():
+  """Stage 1: the projector; stage 2: the projector and the decoder, or the projector and the
+  decoder's LoRA adapters. The encoder never trains."""
+  adapters = Adapters(lora_rank=4, lora_targets=("q", "v"))
+  module = llava.model(CFG, adapters=adapters)
+  abstract = nn.meta.unbox(jax.eval_shape(llava.init_fn(module), jax.random.key(0)))["params"]
+  flat = traverse_util.flatten_dict(abstract)
+  assert any(p[0] == "vision" for p in flat) and any(p[-1] == "lora_a" for p in flat)
+  for stage, expected in {
+    "projector": lambda p: p[0] == "projector",
+    "projector_llm": lambda p: p[0] != "vision",
+    "projector_lora": lambda p: p[0] == "projector" or p[-1] in ("lora_a", "lora_b"),
+  }.items():
+    trainable, frozen = partition.split(abstract, llava_sft.STAGES[stage])
+    assert set(traverse_util.flatten_dict(trainable)) == {p for p in flat if expected(p)}, stage
+    assert "vision" in frozen
