@@ -38,7 +38,7 @@ from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.data.formats import Conversation, Message
 from jaxtune.data.hf_tokenizer import TOKENIZER_JSON
 from jaxtune.data.images import Preprocess
-from jaxtune.errors import CheckpointError
+from jaxtune.errors import CheckpointError, GenerationError
 from jaxtune.model import llava, transformer
 from jaxtune.model.adapters import NONE, Adapters
 from jaxtune.peft import lora, methods, partition, prefix
@@ -69,6 +69,20 @@ class Model:
     if self.llava is not None:
       return llava.model(self.llava, adapters=self.adapters)
     return transformer.Transformer(self.config, self.adapters)
+
+  def _check_images(self, prompts: Sequence[Sequence[int]], images: Sequence[Any]) -> None:
+    """Each prompt has the image tokens of its images."""
+    if self.llava is None:
+      raise CheckpointError("this model reads no images (not a LLaVA model)")
+    if len(images) != len(prompts):
+      raise GenerationError(f"{len(prompts)} prompts but {len(images)} lists of images")
+    for i, (prompt, pixels) in enumerate(zip(prompts, images, strict=True)):
+      slots = sum(t == self.llava.image_token_id for t in prompt)
+      if slots != len(pixels) * self.llava.image_tokens:
+        raise GenerationError(
+          f"prompt {i} has {slots} image tokens, but its {len(pixels)} images take "
+          f"{len(pixels) * self.llava.image_tokens} (see Model.image_prompt)"
+        )
 
   def image_prompt(
     self, messages: Sequence[Message], images: Sequence[str | pathlib.Path]
@@ -143,8 +157,8 @@ class Model:
     `jaxtune.generate`; sampling None: greedy, up to 256 tokens). `stop_ids` None: EOS and the
     template's end-of-turn tokens. `images` (a LLaVA model): each prompt's images [M, Y, X, C]
     (see `image_prompt`), prefilled into the KV cache once."""
-    if images is not None and self.llava is None:
-      raise CheckpointError("this model reads no images (not a LLaVA model)")
+    if images is not None:
+      self._check_images(prompts, images)
     if stop_ids is None:
       has_tokenizer = self.tokenizer is not None
       stop_ids = generate.template_stop_ids(self.tokenizer, self.template) if has_tokenizer else ()

@@ -294,7 +294,9 @@ def _check_cache_fits(model, plan: _Plan, batch: int, mesh: jax.sharding.Mesh | 
 class _Run:
   """One batch of prompts on the way: prefilled, then decoded by `advance`."""
 
-  def __init__(self, model, params, prompts, rows, sampling, stop_ids, seed, mesh, rules, images):
+  def __init__(
+    self, model, params, prompts, rows, sampling, stop_ids, seed, mesh, rules, *, images
+  ):
     self.model, self.params, self.mesh, self.rules = model, params, mesh, rules
     self.count = len(prompts)
     self.prefill, self.decode = _compiled(model, sampling, tuple(stop_ids))
@@ -395,7 +397,7 @@ def generate(
         seed,
         mesh,
         rules,
-        batch_images,
+        images=batch_images,
       )
       tokens_bo = run.advance(run.plan.steps)
       for i, tokens in zip(rows, tokens_bo, strict=True):
@@ -422,7 +424,9 @@ def stream(
   sampling.validate()
   stop_ids = tuple(int(i) for i in stop_ids)
   batch_images = None if images is None else [np.asarray(images)]
-  run = _Run(model, params, [prompt], [0], sampling, stop_ids, seed, mesh, rules, batch_images)
+  run = _Run(
+    model, params, [prompt], [0], sampling, stop_ids, seed, mesh, rules, images=batch_images
+  )
   for produced in range(1, run.plan.steps + 1):
     token = int(run.advance(produced)[0, -1])
     if token in stop_ids:

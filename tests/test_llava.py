@@ -19,6 +19,7 @@ import jaxtune
 from jaxtune import cli
 from jaxtune.convert import hf_vision
 from jaxtune.data.formats import Message
+from jaxtune.errors import GenerationError
 from jaxtune.model import llava
 
 IMAGE_TOKEN = 250
@@ -73,6 +74,8 @@ def test_logits_match_transformers(imported):
   assert model.llava == cfg
   ours = model.logits(ids, pixels[:, None])
   np.testing.assert_allclose(np.asarray(ours), hf_logits(ids, pixels), atol=1e-4, rtol=0)
+  with pytest.raises(GenerationError, match="prompt 0 has 16 image tokens, but its 2 images"):
+    model.generate(ids.tolist(), images=[images(2)])
 
 
 def test_export_loads_in_transformers(imported, tmp_path):
