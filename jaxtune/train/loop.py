@@ -21,8 +21,9 @@ from jaxtune.convert import hf, llama2c
 from jaxtune.data import packing, pipeline
 from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.model import transformer
+from jaxtune.model.adapters import NONE
 from jaxtune.peft import methods, partition, prefix
-from jaxtune.train import metrics, objective, optim
+from jaxtune.train import metrics, objective, optim, reference
 from jaxtune.train.step import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,10 @@ def build(
   trains = methods.trains(cfg.peft)
   trainable, frozen = partition.split(params, trains)
   trainable_sharding, frozen_sharding = partition.split(shardings, trains)
+  if getattr(goal, "needs_reference", False) and model.adapters == NONE:  # Full fine-tuning.
+    frozen, frozen_sharding = reference.attach_copy(
+      trainable, trainable_sharding, frozen, frozen_sharding, abstract=shapes_only
+    )
   optimizer = optim.optimizer(cfg.train, steps)
   replicated = sharding.replicated(mesh)
   state_sharding = TrainState(
@@ -313,7 +318,7 @@ def run(cfg: Config) -> dict[str, Any]:
   )
   if feed.data.held_out:  # Every process: the parameters may span them all.
     with sharding.use(mesh, t.rules):
-      params = partition.combine(state.params, t.frozen)
+      params = reference.without_copy(partition.combine(state.params, t.frozen))
       _answer(*prefix.for_decoding(t.model, params), feed.data, cfg, mesh, t.rules)
   return summary
 
@@ -401,6 +406,10 @@ def _check_skipped(summary: dict[str, Any]) -> None:
   log.warning(message)
 
 
+# What every step reports besides the objective's metrics (`step.make_train_step`).
+_STEP_INTERNALS = ("loss", "grad_norm", "finite", "update_finite", "tokens", "supervised_tokens")
+
+
 @dataclasses.dataclass
 class Reporter:
   """Reports each step's metrics (progress bar, metrics.jsonl, TensorBoard) and counts the real
@@ -440,6 +449,8 @@ class Reporter:
       "tokens_per_s": self.tokens_per_s(),
       "step_time_s": (time.perf_counter() - self.t0) / max(bar.n - bar.initial, 1),
     }
+    # The objective's own metrics (a DPO step's rewards, margin, accuracy and KL; SFT's nll).
+    record.update({k: v for k, v in values.items() if k not in _STEP_INTERNALS})
     if self.peak:
       record["mfu"] = (
         record["tokens_per_s"] * self.flops_per_token / (self.peak * jax.device_count())

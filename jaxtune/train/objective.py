@@ -19,7 +19,7 @@ import jax
 from jaxtune.config import TrainConfig
 from jaxtune.errors import ConfigError
 from jaxtune.model import transformer
-from jaxtune.train import sft
+from jaxtune.train import dpo, sft
 
 Batch = dict[str, jax.Array]
 
@@ -38,6 +38,9 @@ class Objective(Protocol):
 # train.objective -> (model, train config) -> the objective.
 OBJECTIVES: dict[str, Callable[[transformer.Transformer, TrainConfig], Objective]] = {
   "sft": sft.SFT.from_config,
+  "dpo": dpo.DPO.maker("dpo"),  # With train.label_smoothing > 0: conservative DPO.
+  "ipo": dpo.DPO.maker("ipo"),
+  "simpo": dpo.DPO.maker("simpo"),
 }
 
 
