@@ -136,7 +136,12 @@ def conversations(
     else:
       tasks, held_out = mixtures.flan_cot_tasks(cfg.path), []
     stats.records = sum(len(t.records) for t in tasks)
-    train = mixtures.mix(tasks, seed, cfg.mixture_cap, cfg.few_shot)
+    if cfg.format == "pairwise":  # Each prompt's answer against another record's.
+      train = mixtures.preference_pairs(tasks, seed, cfg.mixture_cap)
+      if not cfg.path:
+        held_out = mixtures.preference_pairs(held_out_tasks, seed, cfg.mixture_cap, held_out=True)
+    else:
+      train = mixtures.mix(tasks, seed, cfg.mixture_cap, cfg.few_shot)
     return Conversations(train, list(range(len(train))), held_out).sharded(rows)
   source = _source(cfg.path, cfg)
   held: set[int] = set()
