@@ -172,7 +172,7 @@ def test_full_fine_tuning_without_a_reference_copy_is_an_error(policy_and_refere
     _objective("dpo", model).loss(params, _batch(_groups(3), 3, True), None)
 
 
-def _run(mesh_shape, peft, batch):
+def _run(mesh_shape, peft, batch, goal="dpo"):
   cfg = config.load(
     None,
     [
@@ -180,7 +180,7 @@ def _run(mesh_shape, peft, batch):
       for k, v in dict(vocab_size=VOCAB, dim=32, num_layers=2, num_heads=4, mlp_dim=64).items()
     ]
     + [
-      "train.objective=dpo",
+      f"train.objective={goal}",
       "train.batch_size=8",
       "train.learning_rate=1e-2",
       "train.warmup_steps=0",
@@ -196,7 +196,9 @@ def _run(mesh_shape, peft, batch):
   state, out = t.state, []
   with sharding.use(mesh, t.rules):
     put = {
-      k: jax.device_put(v, t.batch_sharding) for k, v in batch.items() if k in dpo.DPO.batch_keys
+      k: jax.device_put(v, t.batch_sharding)
+      for k, v in batch.items()
+      if k in t.objective.batch_keys
     }
     for _ in range(2):
       state, metrics = t.train_step(state, t.frozen, put)

@@ -23,7 +23,7 @@ from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.model import transformer
 from jaxtune.model.adapters import NONE
 from jaxtune.peft import methods, partition, prefix
-from jaxtune.train import metrics, objective, optim, reference
+from jaxtune.train import metrics, objective, optim, reference, reward
 from jaxtune.train.step import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,10 @@ def _check_fits(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh) -> None:
   sharding.check_batch(cfg.train.batch_size // cfg.train.micro_batches, mesh)
 
 
+def _pretrained(params: Any) -> dict:
+  return {k: v for k, v in partition.base(params).items() if k != reward.HEAD}
+
+
 def _initial_params(cfg: Config, model, mesh, rng) -> sharding.Sharded:
   """Random (abstract-first, sharded) parameters, or pretrained ones from `train.init_from`
   (the base model's; PEFT parameters start as initialized)."""
@@ -50,8 +54,9 @@ def _initial_params(cfg: Config, model, mesh, rng) -> sharding.Sharded:
   path = cfg.train.init_from
   if not path:
     return sharded
-  base_shardings = partition.base(sharded.shardings["params"])
-  base_params = partition.base(sharded.variables["params"])
+  # The base model's parameters; PEFT ones and a new scalar head start as initialized.
+  base_shardings = _pretrained(sharded.shardings["params"])
+  base_params = _pretrained(sharded.variables["params"])
   if path.endswith(".bin") or os.path.exists(os.path.join(path, "config.json")):
     # llama2.c or Hugging Face; the architecture is checked by the shapes below.
     _, variables = (llama2c.load_model if path.endswith(".bin") else hf.load_hf)(path)
@@ -106,7 +111,7 @@ def build(
   length); `tokenizer` encodes a PEFT method's initialization text. `shapes_only`: the state
   and frozen parameters are `jax.ShapeDtypeStruct`s with their shardings (nothing initialized
   or loaded), so the steps of a model too large to hold can be compiled and measured."""
-  model = methods.model(cfg.model, cfg.peft)
+  model = methods.model(cfg.model, cfg.peft, **objective.model_options(cfg.train))
   goal = objective.make(model, cfg.train)
   init_rng, step_rng = runs.seed_rngs(cfg.train.seed)
   if shapes_only:
@@ -119,7 +124,7 @@ def build(
   if tokenizer is not None and not shapes_only:
     with sharding.use(mesh, sharded.rules):
       params = _init_peft_from_text(cfg, params, tokenizer, shardings)
-  trains = methods.trains(cfg.peft)
+  trains = objective.trains(cfg.train, methods.trains(cfg.peft))
   trainable, frozen = partition.split(params, trains)
   trainable_sharding, frozen_sharding = partition.split(shardings, trains)
   if getattr(goal, "needs_reference", False) and model.adapters == NONE:  # Full fine-tuning.

@@ -19,7 +19,8 @@ import jax
 from jaxtune.config import TrainConfig
 from jaxtune.errors import ConfigError
 from jaxtune.model import transformer
-from jaxtune.train import dpo, sft
+from jaxtune.peft.partition import Predicate
+from jaxtune.train import dpo, reward, sft
 
 Batch = dict[str, jax.Array]
 
@@ -41,7 +42,22 @@ OBJECTIVES: dict[str, Callable[[transformer.Transformer, TrainConfig], Objective
   "dpo": dpo.DPO.maker("dpo"),  # With train.label_smoothing > 0: conservative DPO.
   "ipo": dpo.DPO.maker("ipo"),
   "simpo": dpo.DPO.maker("simpo"),
+  "reward": reward.RewardModel.from_config,
 }
+# Objectives whose model has the scalar head (`model/heads.py`), which always trains.
+SCALAR_HEAD = ("reward",)
+
+
+def model_options(train: TrainConfig) -> dict[str, Any]:
+  """What the model of `train.objective` is built with besides its config and adapters."""
+  return {"scalar_head": True} if train.objective in SCALAR_HEAD else {}
+
+
+def trains(train: TrainConfig, method_trains: Predicate) -> Predicate:
+  """Which parameters train: the PEFT method's, and the objective's scalar head."""
+  if train.objective not in SCALAR_HEAD:
+    return method_trains
+  return lambda path: path[0] == reward.HEAD or method_trains(path)
 
 
 def make(model: transformer.Transformer, train: TrainConfig) -> Objective:
