@@ -143,7 +143,9 @@ def test_packed_equals_unpacked_loss_and_gradients(policy_and_reference):
     return loss / n, jax.tree.map(lambda m: m / n, metrics)
 
   grad = jax.value_and_grad(mean_loss, has_aux=True)
-  (packed, pm), pg = grad(params, _batch(groups, rows=3, pack=True))
+  packed_batch = _batch(groups, rows=len(groups), pack=True)  # First fit: the last rows empty.
+  assert (packed_batch["groups"].max(axis=1) > 1).any() and not packed_batch["groups"][-1].any()
+  (packed, pm), pg = grad(params, packed_batch)
   (unpacked, um), ug = grad(params, _batch(groups, rows=len(groups), pack=False))
   np.testing.assert_allclose(packed, unpacked, rtol=1e-5)
   for k in pm:
@@ -207,14 +209,21 @@ def _run(mesh_shape, peft, batch, goal="dpo"):
   return out
 
 
-@pytest.mark.parametrize("peft, shape", [("none", (2, 4)), ("lora", (8, 1))])
-def test_sharded_steps_equal_one_device(peft, shape):
-  """Full fine-tuning (its reference a frozen copy, sharded like the policy) on 2x4 and LoRA (the
-  base with the adapters off) on 8x1: two steps give one device's losses and metrics (not the
-  accuracy: under LoRA at init every margin is 0, and its sign is rounding)."""
-  batch = _batch(_groups(4, sizes=(2, 3) * 6), rows=8, pack=True)
-  single = _run((1, 1), peft, batch)
-  for a, b in zip(single, _run(shape, peft, batch), strict=True):
-    for key in ("loss", "grad_norm", "rewards_chosen", "kl", "margin"):
+SHARDED_BATCH = _batch(_groups(4, sizes=(2, 3) * 6), rows=8, pack=True)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+  return _run((1, 1), "none", SHARDED_BATCH)
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (8, 1)])
+def test_sharded_steps_equal_one_device(shape, one_device):
+  """Full fine-tuning, its reference a frozen copy sharded like the policy: two steps on 2x4 and
+  8x1 give one device's losses and metrics. The first step's loss is log 2: the copy is the
+  initial policy."""
+  assert one_device[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+  for a, b in zip(one_device, _run(shape, "none", SHARDED_BATCH), strict=True):
+    for key in ("loss", "grad_norm", "rewards_chosen", "accuracy", "kl", "margin"):
       np.testing.assert_allclose(a[key], b[key], rtol=2e-5, atol=1e-6, err_msg=f"{shape} {key}")
-  assert single[-1]["loss"] < single[0]["loss"]
+  assert one_device[-1]["loss"] < one_device[0]["loss"]

@@ -10,7 +10,9 @@ from jaxtune import config
 from jaxtune.data import pipeline, preference, tfds
 from jaxtune.data.packing import Group, Stats
 from jaxtune.data.sources import Record
-from jaxtune.errors import DataError
+from jaxtune.errors import ConfigError, DataError
+from jaxtune.model import transformer
+from jaxtune.train import objective
 
 USER, CHOSEN, REJECTED = "Name a color.", "Blue.", "Seven."
 
@@ -197,3 +199,18 @@ def test_embedded_pairs_answer_one_prompt_right_and_wrong():
   for pref in convs.train + convs.held_out:
     chosen, rejected = (c.messages for c in pref.conversations)
     assert chosen[0] == rejected[0] and chosen[1].content != rejected[1].content
+
+
+@pytest.mark.parametrize(
+  "name, preferences, message", [("dpo", False, "needs preference data"), ("sft", True, "cannot")]
+)
+def test_objectives_refuse_the_other_kind_of_data(prefs, name, preferences, message):
+  _, cfg, data = prefs
+  best = [preference.to_preference(Record(r, "x"), "pairwise", {}).best for r in _records(4)[:4]]
+  sft_examples = pipeline.examples(best, cfg.data, data.tokenizer, Stats())
+  examples, right = (data.train, sft_examples) if preferences else (sft_examples, data.train)
+  train = config.TrainConfig(objective=name)
+  goal = objective.make(transformer.Transformer(cfg.model), train)
+  with pytest.raises(ConfigError, match=message):
+    objective.check_data(train, goal, examples)
+  objective.check_data(train, goal, right)

@@ -65,7 +65,8 @@ def test_the_scalar_head_trains_under_lora():
 
 
 def test_sharded_step_equals_one_device():
-  """LoRA and the scalar head on a 2x4 mesh: two steps give one device's losses and metrics."""
+  """LoRA and the scalar head on a 2x4 mesh: two steps give one device's losses and metrics
+  (8x1 is the DPO test's)."""
   batch = _batch(_groups(7, sizes=(4, 3, 2) * 4), rows=8, pack=True)
   single = _run((1, 1), "lora", batch, "reward")
   for a, b in zip(single, _run((2, 4), "lora", batch, "reward"), strict=True):

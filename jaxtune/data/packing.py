@@ -70,9 +70,6 @@ class Group:
   responses: tuple[Example, ...]
   ranks: tuple[int, ...]
 
-  def __len__(self) -> int:
-    return sum(len(r) for r in self.responses)
-
   @property
   def pairs(self) -> int:
     return sum(r.pairs for r in self.responses)

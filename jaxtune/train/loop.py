@@ -303,6 +303,7 @@ def run(cfg: Config) -> dict[str, Any]:
   mesh = sharding.make_mesh(cfg.mesh)
   feed = _feed(cfg, mesh)
   t = build(cfg, mesh, feed.steps, feed.data.tokenizer)
+  objective.check_data(cfg.train, t.objective, feed.data.train)
   _log_model(cfg, t, mesh)
   with sharding.use(mesh, t.rules):
     ckpt = checkpoint.Checkpointer(

@@ -11,12 +11,13 @@ A new objective is a file of its own and one line in `OBJECTIVES` (`train.object
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import jax
 
 from jaxtune.config import TrainConfig
+from jaxtune.data.packing import Group
 from jaxtune.errors import ConfigError
 from jaxtune.model import transformer
 from jaxtune.peft.partition import Predicate
@@ -58,6 +59,23 @@ def trains(train: TrainConfig, method_trains: Predicate) -> Predicate:
   if train.objective not in SCALAR_HEAD:
     return method_trains
   return lambda path: path[0] == reward.HEAD or method_trains(path)
+
+
+def check_data(train: TrainConfig, goal: Objective, examples: Sequence[Any]) -> None:
+  """Preference objectives (their batches have `groups`) train on preference data only, and the
+  others never on it (SFT would learn the rejected responses too)."""
+  wants = "groups" in goal.batch_keys
+  has = any(isinstance(ex, Group) for ex in examples)
+  if wants and not has:
+    raise ConfigError(
+      f"train.objective={train.objective} needs preference data (pairs or rankings: "
+      "data.format pairwise or ranked, see jaxtune/data/preference.py); the data has none"
+    )
+  if has and not wants:
+    raise ConfigError(
+      f"the data are preferences, which train.objective={train.objective} cannot train on; "
+      f"choose one of {sorted(k for k in OBJECTIVES if k != 'sft')}"
+    )
 
 
 def make(model: transformer.Transformer, train: TrainConfig) -> Objective:
