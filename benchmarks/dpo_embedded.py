@@ -9,7 +9,7 @@
    the reference at the end of DPO (per response, from metrics.jsonl).
 
 Run: `python benchmarks/dpo_embedded.py --out /tmp/dpo_embedded` (about 10 minutes on 2 cores).
-Writes benchmarks/results/dpo_embedded.{json,md,png}.
+Writes benchmarks/results/dpo_embedded[_TAG].{json,md,png}.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=120)
   parser.add_argument("--beta", type=float, default=0.1)
   parser.add_argument("--lr", type=float, default=2e-3)
+  parser.add_argument("--objective", default="dpo", help="dpo, ipo or simpo")
+  parser.add_argument("--tag", default="", help="names the results (dpo_embedded_TAG)")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   sft_dir = args.sft or os.path.join(args.out, "sft")
@@ -72,7 +74,8 @@ def main() -> None:
   pairs_path = os.path.join(args.out, "pairs.jsonl")
   with open(pairs_path, "w") as f:
     f.writelines(json.dumps(p) + "\n" for p in pairs)
-  dpo_dir = os.path.join(args.out, "dpo")
+  name = "dpo_embedded" + (f"_{args.tag}" if args.tag else "")
+  dpo_dir = os.path.join(args.out, name)
   dpo_cfg = config.load(
     None,
     [
@@ -84,7 +87,7 @@ def main() -> None:
       "data.eval_size=32",
       "data.on_bad_record=skip",
       "peft.method=lora",
-      "train.objective=dpo",
+      f"train.objective={args.objective}",
       f"train.preference_beta={args.beta}",
       f"train.init_from={sft_dir}",
       f"train.steps={args.steps}",
@@ -110,8 +113,10 @@ def main() -> None:
     "sampled_prompts": len(train),
     "sampled_right": len(train) - len(pairs),
     "pairs": len(pairs),
+    "objective": args.objective,
     "dpo_steps": args.steps,
     "beta": args.beta,
+    "learning_rate": args.lr,
     "held_out_prompts": len(held_out),
     "held_out_exact_match_sft": before,
     "held_out_exact_match_dpo": after,
@@ -122,7 +127,10 @@ def main() -> None:
   }
   rows = [
     {"model": "SFT (default run)", "held-out exact match": f"{100 * before:.1f}%"},
-    {"model": f"+ DPO ({args.steps} steps, LoRA)", "held-out exact match": f"{100 * after:.1f}%"},
+    {
+      "model": f"+ {args.objective} ({args.steps} steps, LoRA, beta {args.beta}, lr {args.lr})",
+      "held-out exact match": f"{100 * after:.1f}%",
+    },
   ]
   markdown = (
     "# DPO on the SFT model's own mistakes (embedded tasks)\n\n"
@@ -134,11 +142,11 @@ def main() -> None:
     f"at the last step: preference accuracy {steps[-1]['accuracy']:.3f}, "
     f"KL to the reference {steps[-1]['kl']:.3f} nats per response.\n"
   )
-  common.write("dpo_embedded", results, markdown)
-  _plot(results)
+  common.write(name, results, markdown)
+  _plot(results, name)
 
 
-def _plot(results) -> None:
+def _plot(results, name: str) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
@@ -156,7 +164,7 @@ def _plot(results) -> None:
     ax.set_title(f"DPO training {key}")
     ax.set_xlabel("step")
   fig.tight_layout()
-  fig.savefig(os.path.join(common.RESULTS, "dpo_embedded.png"), dpi=100)
+  fig.savefig(os.path.join(common.RESULTS, f"{name}.png"), dpi=100)
 
 
 if __name__ == "__main__":
