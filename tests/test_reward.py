@@ -5,6 +5,7 @@ import math
 
 import jax
 import numpy as np
+import pytest
 from test_dpo import LENGTH, MODEL, _batch, _groups, _init, _run
 
 from jaxtune.config import TrainConfig
@@ -34,12 +35,13 @@ MARGINS = (0.0, 0.5)
 
 def test_kwise_loss_is_the_mean_of_its_pairs_one_at_a_time():
   """With and without a margin, on rankings of 4, 3 and 2 responses packed together."""
-  model = transformer.Transformer(MODEL, scalar_head=True)
+  model = transformer.Transformer(MODEL, scalar_head=True, scalar_bias=True)
   params = _init(model, 5)
   groups = _groups(6, sizes=(4, 3, 2, 4))
   batch = _batch(groups, rows=3, pack=True)
   goals = [reward.RewardModel(model, m) for m in MARGINS]
-  results = jax.jit(lambda b: [g.loss(params, b, None) for g in goals])(batch)
+  loss_fn = jax.jit(lambda p, b: [g.loss(p, b, None) for g in goals])
+  results = loss_fn(params, batch)
   n = float(goals[0].normalizer(batch))
   assert n == len(groups)
   scores = _scores(model, params, groups)
@@ -56,6 +58,15 @@ def test_kwise_loss_is_the_mean_of_its_pairs_one_at_a_time():
       accuracy.append(np.mean([r[i] > r[j] for i, j in pairs]))
     np.testing.assert_allclose(float(loss) / n, np.mean(per_group), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["accuracy"]) / n, np.mean(accuracy), rtol=1e-6)
+  # After training, the offset moves so the demonstrations (best responses) score 0 on average;
+  # the pairwise loss does not change.
+  normalized = goals[0].finish(params, {}, [batch])
+  best = [r[g.ranks.index(0)] for g, r in zip(groups, scores, strict=True)]
+  assert float(normalized["score"]["bias"]) == pytest.approx(-np.mean(best), rel=1e-5)
+  total, count = goals[0].demonstrations(normalized, batch)
+  assert abs(float(total) / int(count)) < 1e-5 and int(count) == len(groups)
+  for (a, _), (b, _) in zip(results, loss_fn(normalized, batch), strict=True):
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
 
 
 def test_the_scalar_head_trains_under_lora():

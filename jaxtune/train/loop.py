@@ -374,6 +374,8 @@ def _train(
         ckpt.save(step, state, feed.batches.state())
     if pending is not None:
       report(*pending)
+    if hasattr(t.objective, "finish"):  # A reward model's offset (`train/reward.py`).
+      state = state.replace(params=t.objective.finish(state.params, t.frozen, held_out))
     ckpt.save(steps, state, feed.batches.state())
     summary["eval_loss_end"] = held_out_loss(state.params)
     report.writer.write(steps, {"eval_loss": summary["eval_loss_end"]})

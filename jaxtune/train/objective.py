@@ -51,7 +51,7 @@ SCALAR_HEAD = ("reward",)
 
 def model_options(train: TrainConfig) -> dict[str, Any]:
   """What the model of `train.objective` is built with besides its config and adapters."""
-  return {"scalar_head": True} if train.objective in SCALAR_HEAD else {}
+  return {"scalar_head": True, "scalar_bias": True} if train.objective in SCALAR_HEAD else {}
 
 
 def trains(train: TrainConfig, method_trains: Predicate) -> Predicate:

@@ -8,6 +8,9 @@ the loss is a mean over prompts. `train.reward_margin` = m per rank apart is the
 (Llama 2's, made of the ranks; 0 is InstructGPT's loss). The held-out metric is the pairwise
 accuracy: the share of pairs whose better response scores higher.
 
+After training, the head's offset is set so that the demonstrations (the best response of each
+held-out prompt) score 0 on average (`RewardModel.finish`), as InstructGPT normalizes its reward.
+
 The reward is read at the segment's last input token: a row holds next-token pairs, so it has
 seen the whole response but its final token (the end-of-turn token under every template).
 
@@ -17,6 +20,8 @@ Shape letters: B batch, T length, S segments of a row.
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -24,9 +29,13 @@ import jax.numpy as jnp
 
 from jaxtune.config import TrainConfig
 from jaxtune.model import transformer
+from jaxtune.peft import partition
 from jaxtune.train import preference
 
+log = logging.getLogger(__name__)
+
 HEAD = "score"  # The scalar head's parameters (`Transformer(..., scalar_head=True)`).
+BIAS = "bias"  # Its offset (`scalar_bias=True`).
 
 
 def scores(model: transformer.Transformer, params: Any, batch: preference.Batch, rng) -> jax.Array:
@@ -79,3 +88,26 @@ class RewardModel:
     w_bss = preference.pair_weights(batch)
     loss = jnp.sum(w_bss * kwise_losses(reward_bs, rank_bs, self.margin))
     return loss, preference.pair_metrics(reward_bs, w_bss)
+
+  def demonstrations(self, params: Any, batch: preference.Batch) -> tuple[jax.Array, jax.Array]:
+    """(the sum of the best responses' rewards, their count) in the batch."""
+    reward_bs = scores(self.model, params, batch, None)
+    group_bs = preference.segment_values(batch["groups"], batch["segment_ids"])
+    rank_bs = preference.segment_values(batch["ranks"], batch["segment_ids"])
+    best_bs = (group_bs > 0) & (rank_bs == 0)
+    return jnp.sum(jnp.where(best_bs, reward_bs, 0.0)), jnp.sum(best_bs)
+
+  def finish(self, trainable: Any, frozen: Any, batches: Sequence[preference.Batch]) -> Any:
+    """The trained parameters with the offset moved so the demonstrations in `batches` score 0
+    on average (the pairwise loss and accuracy do not change)."""
+    step = jax.jit(lambda t, b: self.demonstrations(partition.combine(t, frozen), b))
+    total, count = 0.0, 0
+    for b in batches:
+      s, n = step(trainable, b)
+      total, count = total + float(s), count + int(n)
+    if not count:
+      return trainable
+    mean = total / count
+    log.info("reward offset: the %d demonstrations scored %.4f on average, now 0", count, mean)
+    head = dict(trainable[HEAD], **{BIAS: trainable[HEAD][BIAS] - mean})
+    return {**trainable, HEAD: head}
