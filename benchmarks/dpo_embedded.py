@@ -52,7 +52,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=120)
   parser.add_argument("--beta", type=float, default=0.1)
   parser.add_argument("--lr", type=float, default=2e-3)
-  parser.add_argument("--objective", default="dpo", help="dpo, ipo or simpo")
+  parser.add_argument("--objective", default="dpo", help="dpo, ipo, simpo or reward")
+  parser.add_argument("--eval-size", type=int, default=32, help="pairs held out")
   parser.add_argument("--tag", default="", help="names the results (dpo_embedded_TAG)")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
@@ -84,7 +85,7 @@ def main() -> None:
       f"data.tokenizer={os.path.join(sft_dir, 'tokenizer')}",
       f"data.template={sft_cfg.data.template}",
       "data.max_length=256",
-      "data.eval_size=32",
+      f"data.eval_size={args.eval_size}",
       "data.on_bad_record=skip",
       "peft.method=lora",
       f"train.objective={args.objective}",
@@ -102,6 +103,9 @@ def main() -> None:
     ],
   )
   summary = loop.run(dpo_cfg)
+  if args.objective == "reward":
+    _reward_results(args, name, summary, len(train), len(pairs))
+    return
   dpo = api.load(dpo_dir)
   greedy = generate.Sampling(max_new_tokens=96)
   before, after = _exact(held_out, _answers(sft, held_out, greedy)), None
@@ -144,6 +148,27 @@ def main() -> None:
   )
   common.write(name, results, markdown)
   _plot(results, name)
+
+
+def _reward_results(args, name: str, summary, sampled: int, pairs: int) -> None:
+  """A reward model on the same pairs: its held-out pairwise accuracy before and after."""
+  results = {
+    "objective": "reward",
+    "sampled_prompts": sampled,
+    "pairs": pairs,
+    "held_out_pairs": args.eval_size,
+    "steps": args.steps,
+    "learning_rate": args.lr,
+    "held_out_accuracy": [summary["eval_loss_start"], summary["eval_loss_end"]],
+  }
+  markdown = (
+    "# A reward model on the SFT model's own mistakes (embedded tasks)\n\n"
+    f"{pairs} pairs (chosen = the reference, rejected = the SFT model's wrong sample), "
+    f"{args.eval_size} held out; LoRA rank 8 and the scalar head, {args.steps} steps, lr {args.lr}."
+    f"\n\nHeld-out pairwise accuracy {summary['eval_loss_start']:.3f} -> "
+    f"{summary['eval_loss_end']:.3f}.\n"
+  )
+  common.write(name, results, markdown)
 
 
 def _plot(results, name: str) -> None:
