@@ -174,7 +174,7 @@ def test_full_fine_tuning_without_a_reference_copy_is_an_error(policy_and_refere
     _objective("dpo", model).loss(params, _batch(_groups(3), 3, True), None)
 
 
-def _run(mesh_shape, peft, batch, goal="dpo"):
+def _run(mesh_shape, peft, batch, goal="dpo", micro_batches=1):
   cfg = config.load(
     None,
     [
@@ -184,6 +184,7 @@ def _run(mesh_shape, peft, batch, goal="dpo"):
     + [
       f"train.objective={goal}",
       "train.batch_size=8",
+      f"train.micro_batches={micro_batches}",
       "train.learning_rate=1e-2",
       "train.warmup_steps=0",
       "train.schedule=constant",
@@ -217,13 +218,15 @@ def one_device():
   return _run((1, 1), "none", SHARDED_BATCH)
 
 
-@pytest.mark.parametrize("shape", [(2, 4), (8, 1)])
-def test_sharded_steps_equal_one_device(shape, one_device):
-  """Full fine-tuning, its reference a frozen copy sharded like the policy: two steps on 2x4 and
-  8x1 give one device's losses and metrics. The first step's loss is log 2: the copy is the
-  initial policy."""
+@pytest.mark.parametrize("shape, micro_batches", [((2, 4), 2), ((8, 1), 1)])
+def test_sharded_steps_equal_one_device(shape, micro_batches, one_device):
+  """Full fine-tuning, its reference a frozen copy sharded like the policy: two steps on 2x4 (in
+  2 micro-batches) and 8x1 give one device's losses and metrics. The first step's loss is log 2:
+  the copy is the initial policy."""
   assert one_device[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-  for a, b in zip(one_device, _run(shape, "none", SHARDED_BATCH), strict=True):
+  for a, b in zip(
+    one_device, _run(shape, "none", SHARDED_BATCH, "dpo", micro_batches), strict=True
+  ):
     for key in ("loss", "grad_norm", "rewards_chosen", "accuracy", "kl", "margin"):
       np.testing.assert_allclose(a[key], b[key], rtol=2e-5, atol=1e-6, err_msg=f"{shape} {key}")
   assert one_device[-1]["loss"] < one_device[0]["loss"]
