@@ -129,7 +129,16 @@ class DataConfig:
   # or a folder of Flan CoT .tsv files (one task each, mixed Flan-style).
   path: str = ""
   format: Literal[
-    "auto", "alpaca", "sharegpt", "messages", "dolly", "gsm8k", "flan_cot", "prompt_completion"
+    "auto",
+    "alpaca",
+    "sharegpt",
+    "messages",
+    "dolly",
+    "gsm8k",
+    "flan_cot",
+    "prompt_completion",
+    "pairwise",  # Preference data (`data/preference.py`).
+    "ranked",
   ] = "auto"
   fields: str = ""  # Field renames, e.g. "instruction=query,output=response".
   tsv_columns: str = "question,answer,rationale"
@@ -177,6 +186,11 @@ class TrainConfig:
   clip_norm: float = 1.0  # 0: no clipping.
   objective: str = "sft"  # What the step minimizes (`train/objective.py`).
   z_loss: float = 0.0  # PaLM's auxiliary loss on log(Z)^2 (1e-4 in PaLM).
+  # Preference objectives (`train/dpo.py`, `train/reward.py`).
+  preference_beta: float = 0.1  # DPO's and IPO's beta; SimPO's (which takes ~2).
+  label_smoothing: float = 0.0  # Conservative DPO: the chance a label is flipped (< 0.5).
+  simpo_gamma: float = 0.5  # SimPO's target reward margin.
+  reward_margin: float = 0.0  # The reward model's margin per rank apart (0: InstructGPT's).
   neftune_alpha: float = 5.0  # 0: off; the paper uses 5, 10, 15.
   nonfinite: Literal["stop", "skip"] = "stop"  # What a non-finite loss, gradient or update does.
   log_every: int = 20
@@ -211,6 +225,13 @@ class TrainConfig:
       "peak_flops",
     ):
       _check(getattr(self, key) >= 0, f"train.{key}={getattr(self, key)} must not be negative")
+    _check(
+      self.preference_beta > 0, f"train.preference_beta={self.preference_beta} must be positive"
+    )
+    _check(
+      0 <= self.label_smoothing < 0.5,
+      f"train.label_smoothing={self.label_smoothing} must be in [0, 0.5)",
+    )
     _check(self.learning_rate > 0, f"train.learning_rate={self.learning_rate} must be positive")
     for key in ("b1", "b2"):
       value = getattr(self, key)
