@@ -51,8 +51,9 @@ class ModelConfig:
   dtype: Literal["float32", "bfloat16"] = "float32"  # Compute dtype.
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   remat: Literal["none", "full", "dots", "dots_no_batch", "minimal"] = "none"
-  linear: Literal["dense", "bitnet", "bitnet158"] = "dense"  # The projections' kernel product
-  # (`model/linear.py`): full precision, BitNet's 1-bit or b1.58's ternary weights.
+  # The projections' kernel product (`model/linear.py`): full precision, BitNet's 1-bit or
+  # b1.58's ternary weights (trained on float latent weights), or b1.58's packed 2-bit weights.
+  linear: Literal["dense", "bitnet", "bitnet158", "bitnet158_packed"] = "dense"
   sub_norm: bool = False  # RMSNorms before o and down (HF BitNet's attn/ffn_sub_norm).
   # BitNet's scales per block of the heads / mlp axis (`model/bitlinear.py`); 0: one block per
   # device of the `model` mesh axis, fixed when training starts (1 without a mesh).
@@ -117,6 +118,17 @@ class ModelConfig:
       self.mlp_dim % self.groups == 0,
       f"model.bitnet_groups={self.groups} does not divide model.mlp_dim={self.mlp_dim}",
     )
+    packed_rows = {
+      "dim": self.dim,
+      "mlp_dim": self.mlp_dim,
+      "kv_heads * head_dim": self.kv_heads * self.head_size,
+    }
+    for key, rows in packed_rows.items():
+      _check(
+        self.linear != "bitnet158_packed" or rows % 4 == 0,
+        f"model.linear=bitnet158_packed packs 4 weights to a byte: model.{key}={rows} is not a "
+        "multiple of 4",
+      )
     _check(
       not self.sub_norm or self.num_heads * self.head_size == self.dim,
       f"model.sub_norm needs num_heads * head_dim = dim ({self.num_heads} * {self.head_size} "

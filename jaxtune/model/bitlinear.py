@@ -60,11 +60,27 @@ def _blocks(x: jax.Array, axis: int | None, groups: int) -> tuple[jax.Array, tup
   return blocked, tuple(a for a in range(blocked.ndim) if a != axis)
 
 
-def ternary(w: jax.Array, axis: int | None = None, groups: int = 1) -> jax.Array:
-  """b1.58 weights: `RoundClip(W / m, -1, 1) * m`, one `m = mean|W|` per block of `axis`."""
+def ternary_parts(
+  w: jax.Array, axis: int | None = None, groups: int = 1
+) -> tuple[jax.Array, jax.Array]:
+  """b1.58's codes `RoundClip(W / m, -1, 1)` (float32, shaped as `w`) and scales `m` [groups]."""
   blocked, reduce = _blocks(w.astype(jnp.float32), axis, groups)
   m = jnp.maximum(jnp.mean(jnp.abs(blocked), axis=reduce, keepdims=True), EPS)
-  return (jnp.clip(jnp.round(blocked / m), -1, 1) * m).reshape(w.shape)
+  return jnp.clip(jnp.round(blocked / m), -1, 1).reshape(w.shape), m.reshape(-1)
+
+
+def scaled(codes: jax.Array, scales: jax.Array, axis: int | None, groups: int) -> jax.Array:
+  """`codes` (float32) times one scale of `scales` [groups] per block of `axis`."""
+  blocked, _ = _blocks(codes, axis, groups)
+  shape = [1] * blocked.ndim
+  if axis is not None:
+    shape[axis] = groups
+  return (blocked * scales.astype(jnp.float32).reshape(shape)).reshape(codes.shape)
+
+
+def ternary(w: jax.Array, axis: int | None = None, groups: int = 1) -> jax.Array:
+  """b1.58 weights: `RoundClip(W / m, -1, 1) * m`, one `m = mean|W|` per block of `axis`."""
+  return scaled(*ternary_parts(w, axis, groups), axis, groups)
 
 
 def binary(w: jax.Array, axis: int | None = None, groups: int = 1) -> jax.Array:

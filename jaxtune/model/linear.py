@@ -22,6 +22,7 @@ import jax
 from jaxtune.config import ModelConfig
 from jaxtune.model import bitlinear as bitlinear_lib
 from jaxtune.model import lora as lora_lib
+from jaxtune.model import packed
 from jaxtune.model.adapters import LORA_A, LORA_B, Lora
 from jaxtune.model.layers import INIT_STDDEV, dtypes, weight
 from jaxtune.model.matmul import matmul
@@ -71,6 +72,7 @@ KERNELS: dict[str, Callable[[nn.Module, Projection, jax.Array], jax.Array]] = {
   "dense": dense,
   "bitnet": functools.partial(bitlinear, "bitnet"),
   "bitnet158": functools.partial(bitlinear, "bitnet158"),
+  "bitnet158_packed": packed.packed_ternary,
 }
 
 

@@ -264,6 +264,25 @@ def _restore(cfg: Config, ckpt: checkpoint.Checkpointer, t: Trainer, feed: Feed)
   return restored.state
 
 
+def _with_bitnet_groups(cfg: Config, mesh: jax.sharding.Mesh) -> Config:
+  """`model.bitnet_groups=0` fixed to the `model` mesh axis (one block of scales per device, so
+  none needs a collective), as the run's config records it: its checkpoints then compute the
+  same function on any mesh."""
+  model = cfg.model
+  if model.bitnet_groups or (model.linear == "dense" and not model.sub_norm):
+    return cfg
+  groups = sharding.model_parallelism(mesh)
+  model = dataclasses.replace(model, bitnet_groups=groups)
+  try:
+    model.validate()
+  except ConfigError as e:
+    raise ConfigError(f"{e} (0: one group per device of mesh.model={groups})") from None
+  log.info(
+    "model.bitnet_groups=%d: one block of BitNet scales per device of the model axis", groups
+  )
+  return dataclasses.replace(cfg, model=model)
+
+
 def _write_run_files(cfg: Config, tokenizer) -> None:
   """The run's resolved config and tokenizer (process 0 alone)."""
   if jax.process_index() != 0:
@@ -291,6 +310,7 @@ def run(cfg: Config) -> dict[str, Any]:
   """Trains as configured; returns a summary (losses, steps, throughput)."""
   cfg = _with_saved_tokenizer(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
+  cfg = _with_bitnet_groups(cfg, mesh)
   feed = _feed(cfg, mesh)
   t = build(cfg, mesh, feed.steps, feed.data.tokenizer)
   _log_model(cfg, t, mesh)
