@@ -105,6 +105,11 @@ def build(
   length); `tokenizer` encodes a PEFT method's initialization text. `shapes_only`: the state
   and frozen parameters are `jax.ShapeDtypeStruct`s with their shardings (nothing initialized
   or loaded), so the steps of a model too large to hold can be compiled and measured."""
+  if cfg.model.linear == "bitnet158_packed" and cfg.peft.method == "none":
+    raise ConfigError(
+      "model.linear=bitnet158_packed holds 2-bit codes, which cannot be trained: train the "
+      "bitnet158 model (float latent weights) it was packed from, or a PEFT method on it"
+    )
   model = methods.model(cfg.model, cfg.peft)
   goal = objective.make(model, cfg.train)
   init_rng, step_rng = runs.seed_rngs(cfg.train.seed)
