@@ -12,11 +12,12 @@ import pytest
 import torch
 from transformers.integrations.bitnet import pack_weights, unpack_weights
 
-from jaxtune import api, generate
+from jaxtune import api, config, generate, sharding
 from jaxtune.config import ModelConfig
 from jaxtune.convert import export, ternary
-from jaxtune.errors import CheckpointError
+from jaxtune.errors import CheckpointError, ConfigError
 from jaxtune.model import bitlinear, packed, transformer
+from jaxtune.train import loop
 
 CFG = ModelConfig(
   vocab_size=64,
@@ -87,9 +88,6 @@ def test_pack_restores_exactly_the_effective_weights_and_greedy_decoding(qat, tm
   from_packed = restored.generate(prompts, greedy, stop_ids=())
   assert [c.ids for c in from_packed] == [c.ids for c in from_qat]
   assert len(set(from_qat[0].ids)) > 1  # Not a degenerate repetition.
-  np.testing.assert_allclose(
-    restored.logits(np.asarray([[1, 2, 3, 4]])), qat.logits(np.asarray([[1, 2, 3, 4]])), atol=1e-6
-  )
 
 
 def test_only_bitnet158_models_pack(qat):
@@ -97,3 +95,12 @@ def test_only_bitnet158_models_pack(qat):
     CheckpointError, match="packs a model.linear=bitnet158 model; this one is dense"
   ):
     ternary.pack(dataclasses.replace(CFG, linear="dense"), qat.params)
+
+
+def test_a_packed_model_is_not_fully_fine_tuned():
+  cfg = config.load(None, ["model.linear=bitnet158_packed"])
+  mesh = sharding.make_mesh(cfg.mesh)
+  with pytest.raises(
+    ConfigError, match="bitnet158_packed holds 2-bit codes, which cannot be trained"
+  ):
+    loop.build(cfg, mesh, steps=1)

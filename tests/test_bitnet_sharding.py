@@ -10,6 +10,7 @@ import pytest
 
 from jaxtune import config, sharding
 from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.errors import ConfigError
 from jaxtune.model import attention, transformer
 from jaxtune.train import loop
 
@@ -52,10 +53,9 @@ def test_grouped_scales_add_no_collective_on_a_model_axis_of_8():
   assert grouped == dense, (dense, grouped)
 
 
-@pytest.mark.parametrize("linear", ["bitnet158", "bitnet"])
-def test_sharded_bitnet_logits_equal_one_device_with_the_same_groups(linear):
+def test_sharded_bitnet_logits_equal_one_device_with_the_same_groups():
   cfg = ModelConfig(
-    **_MODEL, linear=linear, sub_norm=True, mlp="relu2", num_kv_heads=8, bitnet_groups=8
+    **_MODEL, linear="bitnet158", sub_norm=True, mlp="relu2", num_kv_heads=8, bitnet_groups=8
   )
   model = transformer.Transformer(cfg)
   init = transformer.init_fn(model)
@@ -78,3 +78,15 @@ def test_sharded_bitnet_logits_equal_one_device_with_the_same_groups(linear):
   diff = np.abs(np.asarray(logits) - np.asarray(reference))
   assert np.mean(diff <= 2e-5 + 1e-5 * np.abs(np.asarray(reference))) > 0.98
   assert diff.max() < 2e-3
+
+
+def test_default_groups_are_the_model_axis_and_must_divide():
+  overrides = [f"model.{k}={v}" for k, v in _MODEL.items()] + ["model.linear=bitnet158"]
+  mesh = sharding.make_mesh(MeshConfig(data=2, model=4))
+  resolved = loop._with_bitnet_groups(config.load(None, overrides), mesh)
+  assert resolved.model.bitnet_groups == 4
+  dense = config.load(None, [f"model.{k}={v}" for k, v in _MODEL.items()])
+  assert loop._with_bitnet_groups(dense, mesh) == dense  # Nothing to group.
+  odd = config.load(None, [*overrides, "model.mlp_dim=130"])
+  with pytest.raises(ConfigError, match=r"bitnet_groups=4 does not divide model.mlp_dim=130 \(0:"):
+    loop._with_bitnet_groups(odd, mesh)
