@@ -8,6 +8,7 @@ is loaded by `jaxtune.load` and compared logit by logit with PyTorch (float32); 
 exported and loaded back by transformers, with the same logits.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -19,7 +20,9 @@ import transformers
 from transformers.integrations.bitnet import pack_weights
 
 import jaxtune
+from jaxtune.config import ModelConfig
 from jaxtune.convert import hf
+from jaxtune.errors import CheckpointError
 
 TOKENS_BT = np.random.default_rng(0).integers(0, 256, (2, 16))
 TOLERANCE = 1e-4
@@ -113,3 +116,16 @@ def test_bitnet_logit_parity_and_round_trip(case, tmp_path):
   for x, y in zip(*(jax.tree.leaves(m.params) for m in (again, model)), strict=True):
     assert x.dtype == y.dtype
     np.testing.assert_allclose(x, y, rtol=1e-7)  # Exact but a BitLinear scale's 1 / (1 / s).
+
+
+def test_what_transformers_cannot_express_is_refused():
+  base = dict(_SMALL, model_type="bitnet", hidden_act="relu2")
+  one_bit = ModelConfig(**hf.FAMILIES["bitnet"].to_config(base) | dict(linear="bitnet"))
+  with pytest.raises(CheckpointError, match="cannot express model.linear='bitnet'"):
+    hf.family_for(one_bit)
+  grouped = dataclasses.replace(one_bit, linear="bitnet158", bitnet_groups=2)
+  with pytest.raises(CheckpointError, match="model.bitnet_groups=2"):
+    hf.family_for(grouped)
+  quant = dict(quant_method="bitnet", linear_class="bitlinear", use_rms_norm=True)
+  with pytest.raises(CheckpointError, match="use_rms_norm=True has no jaxtune equivalent"):
+    hf.FAMILIES["bitnet"].to_config(dict(base, quantization_config=quant))
