@@ -13,10 +13,11 @@ import torch
 from transformers.integrations.bitnet import pack_weights, unpack_weights
 
 from jaxtune import api, config, generate, sharding
-from jaxtune.config import ModelConfig
+from jaxtune.config import ModelConfig, PeftConfig
 from jaxtune.convert import export, ternary
 from jaxtune.errors import CheckpointError, ConfigError
 from jaxtune.model import bitlinear, packed, transformer
+from jaxtune.peft import methods
 from jaxtune.train import loop
 
 CFG = ModelConfig(
@@ -104,3 +105,9 @@ def test_a_packed_model_is_not_fully_fine_tuned():
     ConfigError, match="bitnet158_packed holds 2-bit codes, which cannot be trained"
   ):
     loop.build(cfg, mesh, steps=1)
+
+
+def test_lora_beside_quantized_projections_is_not_folded_in(qat):
+  with_lora = dataclasses.replace(qat, adapters=methods.adapters(PeftConfig(method="lora")))
+  with pytest.raises(CheckpointError, match="LoRA beside model.linear=bitnet158 projections"):
+    with_lora.merged()
