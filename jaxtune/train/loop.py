@@ -111,6 +111,11 @@ def build(
   length); `tokenizer` encodes a PEFT method's initialization text. `shapes_only`: the state
   and frozen parameters are `jax.ShapeDtypeStruct`s with their shardings (nothing initialized
   or loaded), so the steps of a model too large to hold can be compiled and measured."""
+  if cfg.model.linear == "bitnet158_packed" and cfg.peft.method == "none":
+    raise ConfigError(
+      "model.linear=bitnet158_packed holds 2-bit codes, which cannot be trained: train the "
+      "bitnet158 model (float latent weights) it was packed from, or a PEFT method on it"
+    )
   model = methods.model(cfg.model, cfg.peft, **objective.model_options(cfg.train))
   goal = objective.make(model, cfg.train)
   init_rng, step_rng = runs.seed_rngs(cfg.train.seed)
@@ -274,6 +279,25 @@ def _restore(cfg: Config, ckpt: checkpoint.Checkpointer, t: Trainer, feed: Feed)
   return restored.state
 
 
+def _with_bitnet_groups(cfg: Config, mesh: jax.sharding.Mesh) -> Config:
+  """`model.bitnet_groups=0` fixed to the `model` mesh axis (one block of scales per device, so
+  none needs a collective), as the run's config records it: its checkpoints then compute the
+  same function on any mesh."""
+  model = cfg.model
+  if model.bitnet_groups or (model.linear == "dense" and not model.sub_norm):
+    return cfg
+  groups = sharding.model_parallelism(mesh)
+  model = dataclasses.replace(model, bitnet_groups=groups)
+  try:
+    model.validate()
+  except ConfigError as e:
+    raise ConfigError(f"{e} (0: one group per device of mesh.model={groups})") from None
+  log.info(
+    "model.bitnet_groups=%d: one block of BitNet scales per device of the model axis", groups
+  )
+  return dataclasses.replace(cfg, model=model)
+
+
 def _write_run_files(cfg: Config, tokenizer) -> None:
   """The run's resolved config and tokenizer (process 0 alone)."""
   if jax.process_index() != 0:
@@ -301,6 +325,7 @@ def run(cfg: Config) -> dict[str, Any]:
   """Trains as configured; returns a summary (losses, steps, throughput)."""
   cfg = _with_saved_tokenizer(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
+  cfg = _with_bitnet_groups(cfg, mesh)
   feed = _feed(cfg, mesh)
   t = build(cfg, mesh, feed.steps, feed.data.tokenizer)
   objective.check_data(cfg.train, t.objective, feed.data.train)
