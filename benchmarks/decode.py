@@ -24,12 +24,17 @@ cache slots, prompt + new - 1). "GB/s" is what one decoding step must read at le
 weights once plus the whole cache, over its time: near the machine's memory bandwidth when
 decoding is bound by it.
 
-  python benchmarks/decode.py [--quick] [--runs N]
+With `--bitnet`, the variants are one random BitNet b1.58 model (HF BitNet's layout) computed
+dense, fake-quantized (as QAT trains it) and with its weights packed at 2 bits each
+(`model.linear=bitnet158_packed`), at batch 1 and 16.
+
+  python benchmarks/decode.py [--quick] [--runs N] [--bitnet]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -43,7 +48,7 @@ import numpy as np
 
 from jaxtune import generate
 from jaxtune.config import ModelConfig
-from jaxtune.convert import uptrain
+from jaxtune.convert import ternary, uptrain
 from jaxtune.model import transformer
 
 # dim 512 with 8 heads of 64 keeps the prefill of 64 prompts of 512 tokens within seconds on two
@@ -55,6 +60,10 @@ SIZES = dict(prompt=512, new=128)
 QUICK_SIZES = dict(prompt=32, new=16)
 BATCHES = (1, 16, 64)
 KV_HEADS = {"MHA": 8, "GQA": 2, "MQA": 1}
+# --bitnet: HF BitNet's layout; dense, ternary fake-quantized from float weights (QAT), packed.
+BITNET = dict(mlp="relu2", sub_norm=True, tie_embeddings=False)
+BITNET_VARIANTS = ("dense", "bitnet158", "bitnet158_packed")
+BITNET_BATCHES = (1, 16)
 
 
 def variants(cfg: ModelConfig) -> dict[str, tuple[transformer.Transformer, Any]]:
@@ -66,6 +75,20 @@ def variants(cfg: ModelConfig) -> dict[str, tuple[transformer.Transformer, Any]]
     pooled_cfg, pooled = uptrain.to_kv_heads(cfg, {"params": params}, kv_heads)
     out[name] = (transformer.Transformer(pooled_cfg), pooled["params"])
   return out
+
+
+def bitnet_variants(cfg: ModelConfig) -> dict[str, tuple[transformer.Transformer, Any]]:
+  """One random b1.58 model as dense (its latent weights as they are), as QAT computes it
+  (fake-quantized at every step) and packed (`convert --pack-ternary`)."""
+  qat_cfg = dataclasses.replace(cfg, linear="bitnet158")
+  model = transformer.Transformer(qat_cfg)
+  params = nn.meta.unbox(jax.jit(transformer.init_fn(model))(jax.random.key(0)))["params"]
+  packed_cfg, packed = ternary.pack(qat_cfg, params)
+  return {
+    "dense": (transformer.Transformer(cfg), params),
+    "bitnet158": (model, params),
+    "bitnet158_packed": (transformer.Transformer(packed_cfg), jax.device_put(packed)),
+  }
 
 
 def kv_bytes(cache: Any) -> int:
@@ -126,7 +149,8 @@ def measure_batch(models: dict, batch: int, sizes: dict, runs: int) -> list[dict
     row["decode_s"] = statistics.median(row["decode_runs_s"])
     row["ms_per_step"] = 1e3 * row["decode_s"] / steps
     row["decode_tokens_per_s"] = batch * steps / row["decode_s"]
-    row["speedup_vs_mha"] = row["decode_tokens_per_s"] / rows["MHA"]["decode_tokens_per_s"]
+    baseline = rows[next(iter(rows))]  # MHA, or dense.
+    row["speedup_vs_mha"] = row["decode_tokens_per_s"] / baseline["decode_tokens_per_s"]
     read_bytes = (row["params_mb"] + row["kv_cache_mb"]) * 1e6
     row["read_gb_per_s"] = read_bytes / (row["ms_per_step"] / 1e3) / 1e9
     print(
@@ -138,23 +162,23 @@ def measure_batch(models: dict, batch: int, sizes: dict, runs: int) -> list[dict
   return list(rows.values())
 
 
-def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
+def plot(rows: list[dict[str, Any]], path: str, title: str, batches=BATCHES) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6, 4))
-  for name in KV_HEADS:
+  for name in dict.fromkeys(r["variant"] for r in rows):
     mine = [r for r in rows if r["variant"] == name]
     ax.plot(
       [r["batch"] for r in mine],
       [r["decode_tokens_per_s"] for r in mine],
       marker="o",
-      label=f"{name} (KV heads: {mine[0]['kv_heads']})",
+      label=f"{name} (KV heads: {mine[0]['kv_heads']}, weights {mine[0]['params_mb']:.1f} MB)",
     )
   ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s", title=title)
-  ax.set_xticks(BATCHES, [str(b) for b in BATCHES])
+  ax.set_xticks(batches, [str(b) for b in batches])
   ax.grid(True, which="both", alpha=0.3)
   ax.legend()
   fig.tight_layout()
@@ -166,7 +190,12 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="a tiny model, to check it works")
   parser.add_argument("--runs", type=int, default=3, help="timed decode runs per variant")
+  parser.add_argument(
+    "--bitnet", action="store_true", help="dense against BitNet b1.58 (QAT and packed weights)"
+  )
   args = parser.parse_args()
+  if args.bitnet:
+    return main_bitnet(args)
   model = QUICK_MODEL if args.quick else MODEL
   sizes = QUICK_SIZES if args.quick else SIZES
   cfg = ModelConfig(**model)
@@ -207,6 +236,48 @@ def main() -> None:
   results = {"model": model, "sizes": sizes, "kv_heads": KV_HEADS, "rows": rows}
   path = common.write(name, results, markdown)
   plot(rows, os.path.join(common.RESULTS, f"{name}.png"), title)
+  print(markdown)
+  print(f"written: {path}")
+
+
+def main_bitnet(args: argparse.Namespace) -> None:
+  model = dict(QUICK_MODEL if args.quick else MODEL, **BITNET)
+  sizes = QUICK_SIZES if args.quick else dict(prompt=128, new=64)
+  cfg = ModelConfig(**model)
+  cfg.validate()
+  models = bitnet_variants(cfg)
+  rows = []
+  for batch in BITNET_BATCHES:
+    rows += measure_batch(models, batch, sizes, args.runs)
+  name = "decode_bitnet_quick" if args.quick else "decode_bitnet"
+  for row in rows:
+    row["vs_dense"] = row.pop("speedup_vs_mha")
+  columns = [
+    "batch",
+    "variant",
+    "decode_tokens_per_s",
+    "vs_dense",
+    "ms_per_step",
+    "params_mb",
+    "read_gb_per_s",
+    "prefill_s",
+    "kv_cache_mb",
+  ]
+  shape = ", ".join(f"{k} {v}" for k, v in model.items())
+  title = f"Decoding BitNet b1.58 on XLA:CPU ({'quick' if args.quick else 'full'})"
+  markdown = "\n\n".join(
+    [
+      f"# {title}",
+      f"Model: {shape}; float32 compute; the same random b1.58 weights as dense (the latent "
+      "weights as they are), as QAT computes them (fake-quantized at every step) and packed at 2 "
+      f"bits a weight. Prompts of {sizes['prompt']} tokens, {sizes['new']} new tokens (greedy); "
+      f"{args.runs} decode runs, median. One CPU device. params_mb: the weights held in memory.",
+      common.markdown_table(rows, columns),
+      f"![decode tokens/s]({name}.png)",
+    ]
+  )
+  path = common.write(name, {"model": model, "sizes": sizes, "rows": rows}, markdown)
+  plot(rows, os.path.join(common.RESULTS, f"{name}.png"), title, BITNET_BATCHES)
   print(markdown)
   print(f"written: {path}")
 

@@ -123,6 +123,12 @@ class Model:
         "a prefix- or prompt-tuned model cannot be folded into plain weights; export its "
         "base model, or load it with jaxtune.load"
       )
+    if self.config.linear != "dense":
+      raise CheckpointError(
+        f"LoRA beside model.linear={self.config.linear} projections adds its update in full "
+        "precision: folded into the weights it would be quantized with them, another model; "
+        "load it with jaxtune.load, or export the adapters with --to peft"
+      )
     merged = lora.merge(self.params, adapters.lora_scale)
     return dataclasses.replace(self, params=merged, adapters=NONE)
 

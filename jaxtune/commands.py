@@ -375,7 +375,7 @@ def convert(args: argparse.Namespace) -> None:
 
   if args.args:
     raise ConfigError(f"'jaxtune convert' takes no config file or overrides, got {args.args}")
-  export.convert(args.src, args.dst, args.to, args.kv_heads, args.dtype)
+  export.convert(args.src, args.dst, args.to, args.kv_heads, args.dtype, args.pack_ternary)
 
 
 def convert_arguments(p: argparse.ArgumentParser) -> None:
@@ -392,6 +392,11 @@ def convert_arguments(p: argparse.ArgumentParser) -> None:
     type=int,
     metavar="K",
     help="first mean-pool the K/V heads into K (GQA/MQA uptraining; see configs/uptrain_gqa.yaml)",
+  )
+  p.add_argument(
+    "--pack-ternary",
+    action="store_true",
+    help="a model.linear=bitnet158 model as its packed inference model (2 bits a weight)",
   )
   p.add_argument(
     "--dtype",

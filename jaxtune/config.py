@@ -34,7 +34,7 @@ class ModelConfig:
   num_kv_heads: int | None = None  # None: as many as num_heads (MHA); 1: MQA; else GQA.
   head_dim: int | None = None  # None: dim // num_heads.
   mlp_dim: int = 384
-  mlp: Literal["swiglu", "geglu", "gelu"] = "swiglu"
+  mlp: Literal["swiglu", "geglu", "gelu", "relu2"] = "swiglu"  # relu2: gated ReLU^2 (BitNet).
   norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
   norm_eps: float = 1e-5
   parallel_block: bool = False  # PaLM: x + attn(ln(x)) + mlp(ln(x)).
@@ -51,7 +51,13 @@ class ModelConfig:
   dtype: Literal["float32", "bfloat16"] = "float32"  # Compute dtype.
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   remat: Literal["none", "full", "dots", "dots_no_batch", "minimal"] = "none"
-  linear: Literal["dense"] = "dense"  # The projections' kernel product (`model/linear.py`).
+  # The projections' kernel product (`model/linear.py`): full precision, BitNet's 1-bit or
+  # b1.58's ternary weights (trained on float latent weights), or b1.58's packed 2-bit weights.
+  linear: Literal["dense", "bitnet", "bitnet158", "bitnet158_packed"] = "dense"
+  sub_norm: bool = False  # RMSNorms before o and down (HF BitNet's attn/ffn_sub_norm).
+  # BitNet's scales per block of the heads / mlp axis (`model/bitlinear.py`); 0: one block per
+  # device of the `model` mesh axis, fixed when training starts (1 without a mesh).
+  bitnet_groups: int = 0
 
   @property
   def kv_heads(self) -> int:
@@ -64,6 +70,11 @@ class ModelConfig:
   @property
   def queries_per_kv(self) -> int:
     return self.num_heads // self.kv_heads
+
+  @property
+  def groups(self) -> int:
+    """The blocks of BitNet's scales and sub-norms (`bitnet_groups`; 1 while unresolved)."""
+    return self.bitnet_groups or 1
 
   @property
   def layer_dropout_rates(self) -> tuple[float, ...]:
@@ -94,6 +105,34 @@ class ModelConfig:
     _check(
       self.position != "rope" or self.head_size % 2 == 0,
       f"RoPE needs an even head size, got {self.head_size} (model.head_dim)",
+    )
+    _check(
+      self.bitnet_groups >= 0, f"model.bitnet_groups={self.bitnet_groups} must not be negative"
+    )
+    for key, size in (("num_heads", self.num_heads), ("num_kv_heads", self.kv_heads)):
+      _check(
+        size % self.groups == 0,
+        f"model.bitnet_groups={self.groups} does not divide model.{key}={size}",
+      )
+    _check(
+      self.mlp_dim % self.groups == 0,
+      f"model.bitnet_groups={self.groups} does not divide model.mlp_dim={self.mlp_dim}",
+    )
+    packed_rows = {
+      "dim": self.dim,
+      "mlp_dim": self.mlp_dim,
+      "kv_heads * head_dim": self.kv_heads * self.head_size,
+    }
+    for key, rows in packed_rows.items():
+      _check(
+        self.linear != "bitnet158_packed" or rows % 4 == 0,
+        f"model.linear=bitnet158_packed packs 4 weights to a byte: model.{key}={rows} is not a "
+        "multiple of 4",
+      )
+    _check(
+      not self.sub_norm or self.num_heads * self.head_size == self.dim,
+      f"model.sub_norm needs num_heads * head_dim = dim ({self.num_heads} * {self.head_size} "
+      f"!= {self.dim}), as HF's attn_sub_norm",
     )
     _check(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be positive")
     _check(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be positive")
@@ -129,7 +168,16 @@ class DataConfig:
   # or a folder of Flan CoT .tsv files (one task each, mixed Flan-style).
   path: str = ""
   format: Literal[
-    "auto", "alpaca", "sharegpt", "messages", "dolly", "gsm8k", "flan_cot", "prompt_completion"
+    "auto",
+    "alpaca",
+    "sharegpt",
+    "messages",
+    "dolly",
+    "gsm8k",
+    "flan_cot",
+    "prompt_completion",
+    "pairwise",  # Preference data (`data/preference.py`).
+    "ranked",
   ] = "auto"
   fields: str = ""  # Field renames, e.g. "instruction=query,output=response".
   tsv_columns: str = "question,answer,rationale"
@@ -177,6 +225,11 @@ class TrainConfig:
   clip_norm: float = 1.0  # 0: no clipping.
   objective: str = "sft"  # What the step minimizes (`train/objective.py`).
   z_loss: float = 0.0  # PaLM's auxiliary loss on log(Z)^2 (1e-4 in PaLM).
+  # Preference objectives (`train/dpo.py`, `train/reward.py`).
+  preference_beta: float = 0.1  # DPO's and IPO's beta; SimPO's (which takes ~2).
+  label_smoothing: float = 0.0  # Conservative DPO: the chance a label is flipped (< 0.5).
+  simpo_gamma: float = 0.5  # SimPO's target reward margin.
+  reward_margin: float = 0.0  # The reward model's margin per rank apart (0: InstructGPT's).
   neftune_alpha: float = 5.0  # 0: off; the paper uses 5, 10, 15.
   nonfinite: Literal["stop", "skip"] = "stop"  # What a non-finite loss, gradient or update does.
   log_every: int = 20
@@ -211,6 +264,13 @@ class TrainConfig:
       "peak_flops",
     ):
       _check(getattr(self, key) >= 0, f"train.{key}={getattr(self, key)} must not be negative")
+    _check(
+      self.preference_beta > 0, f"train.preference_beta={self.preference_beta} must be positive"
+    )
+    _check(
+      0 <= self.label_smoothing < 0.5,
+      f"train.label_smoothing={self.label_smoothing} must be in [0, 0.5)",
+    )
     _check(self.learning_rate > 0, f"train.learning_rate={self.learning_rate} must be positive")
     for key in ("b1", "b2"):
       value = getattr(self, key)

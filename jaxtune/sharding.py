@@ -97,6 +97,11 @@ def make_mesh(cfg: MeshConfig, devices: list[jax.Device] | None = None) -> Mesh:
   return jax.make_mesh((data, model), MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
+def model_parallelism(mesh: Mesh) -> int:
+  """The number of devices on the `model` axis (what each weight's split axis is cut into)."""
+  return mesh.shape[MODEL]
+
+
 def resolve_rules(strategy: str, mesh: Mesh, abstract_variables: Any) -> Rules:
   """Fits the `strategy` preset to the logical axes and sizes of `abstract_variables`.
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxtune import config
-from jaxtune.data import formats, mixtures, packing, pipeline, templates, tfds
+from jaxtune.data import formats, mixtures, packing, pipeline, preference, templates, tfds
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.data.sources import read_records
 from jaxtune.errors import DataError
@@ -355,7 +355,11 @@ def test_config_choices_match_the_registries():
 
   data_hints = typing.get_type_hints(config.DataConfig)
   assert set(typing.get_args(data_hints["template"])) == set(templates.TEMPLATES)
-  assert set(typing.get_args(data_hints["format"])) == {"auto", *formats.FORMATS}
+  assert set(typing.get_args(data_hints["format"])) == {
+    "auto",
+    *formats.FORMATS,
+    *preference.FORMATS,
+  }
 
 
 def test_train_on_prompt_supervises_everything_but_the_first_token(small_data):

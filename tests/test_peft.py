@@ -325,8 +325,9 @@ def _peft_results(mesh_shape):
   return results
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 8), (2, 4), (4, 2), (8, 1)], ids=str)
-def test_peft_on_every_mesh_equals_single_device(mesh_shape):
+# A model axis of 8 (every head split) and one split both ways; test_sharding covers the rest.
+@pytest.mark.parametrize("mesh_shape", [(1, 8), (4, 2)], ids=str)
+def test_peft_on_two_meshes_equals_single_device(mesh_shape):
   expected = _single_device_reference()
   got = _peft_results(mesh_shape)
   np.testing.assert_allclose(got["lora"][0], expected["lora"][0], rtol=1e-5)

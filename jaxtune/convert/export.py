@@ -1,5 +1,6 @@
 """`jaxtune convert`: any checkpoint `jaxtune.load` reads, written as a jaxtune run or for Hugging
-Face, optionally with its K/V heads pooled first (GQA/MQA uptraining, see `uptrain.py`). A LoRA
+Face, optionally with its K/V heads pooled first (GQA/MQA uptraining, see `uptrain.py`) or its
+b1.58 weights packed at 2 bits each (`ternary.py`). A LoRA
 fine-tune is written merged into its base weights, or (`peft`) as its adapters alone in Hugging
 Face PEFT's format (see `hf_peft.py`).
 
@@ -22,7 +23,7 @@ import yaml
 
 from jaxtune import api, checkpoint, runs
 from jaxtune.config import Config, DataConfig, TrainConfig
-from jaxtune.convert import hf, hf_peft, llama2c, uptrain
+from jaxtune.convert import hf, hf_peft, llama2c, ternary, uptrain
 from jaxtune.data import llama2c_tokenizer
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.errors import CheckpointError, ConfigError
@@ -39,10 +40,12 @@ def convert(
   to: str,
   kv_heads: int | None = None,
   dtype: str | None = None,
+  pack_ternary: bool = False,
 ) -> None:
   """Writes the checkpoint at `src` to the new (or empty) directory `dst` in format `to`
   ("jaxtune", "hf" or "peft"), its K/V heads first pooled to `kv_heads` if given, its parameters in
-  `dtype` (default: as loaded, see `api.load`; float16 only for "hf")."""
+  `dtype` (default: as loaded, see `api.load`; float16 only for "hf"); with `pack_ternary`, a
+  `bitnet158` model as its packed 2-bit inference model (see `ternary.py`)."""
   dst = pathlib.Path(dst)
   if to not in _WRITERS:
     raise ConfigError(f"cannot convert to {to!r}; formats: {', '.join(_WRITERS)}")
@@ -60,6 +63,11 @@ def convert(
   if kv_heads is not None:
     cfg, variables = uptrain.to_kv_heads(model.config, {"params": model.params}, kv_heads)
     model = dataclasses.replace(model, config=cfg, params=variables["params"])
+  if pack_ternary:
+    if to == "peft":
+      raise ConfigError("--pack-ternary packs a whole model; it does not apply to --to peft")
+    cfg, params = ternary.pack(model.config, model.params)
+    model = dataclasses.replace(model, config=cfg, params=params)
   existed = dst.exists()
   try:
     _WRITERS[to](model, dst, dtype or model.config.param_dtype)

@@ -1,6 +1,7 @@
 """Hugging Face checkpoints: `load_hf` and `save_hf` for folders of config.json + safetensors.
 
-Families: Llama (1/2/3), Mistral, Qwen2, Gemma and GPT-2; their config and tensor layouts are in
+Families: Llama (1/2/3), Mistral, Qwen2, Gemma, GPT-2 and BitNet (float, online-quantized or
+packed 2-bit weights); their config and tensor layouts are in
 `hf_layout.py`. Weights are read with safetensors' numpy API, one file or shards listed in
 `model.safetensors.index.json`. Pickled checkpoints (.bin, .pt) are refused, never unpickled:
 unpickling runs arbitrary code. Every error is a `CheckpointError` naming the file and the tensor.
@@ -64,10 +65,11 @@ def load_hf(
   """
   folder = pathlib.Path(folder)
   cfg, model_type, family, checkpoint = _open(folder, param_dtype)
+  hf_config = _read_config(folder / "config.json")
   dtype = jnp.dtype(cfg.param_dtype)
   placement = _flatten(shardings) if shardings is not None else {}
   with checkpoint:
-    tensors = family.tensors(cfg)
+    tensors = family.tensors(cfg, hf_config)
     # Every name and shape is checked before anything is read.
     stored = {
       t.name: [checkpoint.slice(n, t.shape) for n in t.names(cfg.num_layers)] for t in tensors
@@ -75,13 +77,14 @@ def load_hf(
     params: dict[str, Any] = {}
     chief = jax.process_index() == 0
     for tensor in tqdm(tensors, f"reading {folder.name}", unit="tensor", disable=not chief):
+      as_dtype = jnp.dtype(tensor.dtype) if tensor.dtype else dtype
       for path, view in zip(tensor.paths, tensor.views, strict=True):
-        read = functools.partial(_read, stored[tensor.name], tensor, view, dtype)
+        read = functools.partial(_read, stored[tensor.name], tensor, view, as_dtype)
         if shardings is None:
           _put(params, path, read(None))
         else:
           shape = (cfg.num_layers, *view.shape) if tensor.per_layer else view.shape
-          _put(params, path, _sharded(read, shape, placement[path], dtype))
+          _put(params, path, _sharded(read, shape, placement[path], as_dtype))
     unused = checkpoint.unused(ignore_lm_head=cfg.tie_embeddings)
   if unused:
     raise CheckpointError(
@@ -143,19 +146,19 @@ def save_hf(
   params = _flatten(_numpy_params(variables))
   _check_shapes(config, params)
   tensors = {}
-  for tensor in family.tensors(config):
-    arrays = [params[path] for path in tensor.paths]
-    if tensor.per_layer:
-      for i in range(config.num_layers):
-        tensors[tensor.name.format(i=i)] = tensor.to_hf(*(a[i] for a in arrays))
-    else:
-      tensors[tensor.name] = tensor.to_hf(*arrays)
   np_dtype = jnp.dtype(dtype)
-  tensors = {name: np.ascontiguousarray(x, np_dtype) for name, x in tensors.items()}
+  hf_config = family.to_hf(config)
+  for tensor in family.tensors(config, hf_config):
+    arrays = [params[path] for path in tensor.paths]
+    as_dtype = np.uint8 if tensor.dtype == "uint8" else np_dtype  # Packed codes stay packed.
+    names = tensor.names(config.num_layers)
+    for i, name in enumerate(names):
+      x = tensor.to_hf(*(a[i] for a in arrays)) if tensor.per_layer else tensor.to_hf(*arrays)
+      tensors[name] = np.ascontiguousarray(x, as_dtype)
 
   folder = pathlib.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
-  hf_config = family.to_hf(config) | dict(
+  hf_config = hf_config | dict(
     architectures=[family.architectures[0]],
     model_type=model_type,
     dtype=dtype,  # transformers 5; 4 reads torch_dtype.

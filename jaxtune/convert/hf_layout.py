@@ -1,4 +1,5 @@
-"""Hugging Face model families: config.json <-> ModelConfig, and each tensor's name and layout.
+"""Hugging Face model families (Llama, Mistral, Qwen2, Gemma, GPT-2, BitNet): config.json <->
+ModelConfig, and each tensor's name and layout.
 
 Shape letters: D model dim, F mlp dim, V vocab, S positions, N query heads, K KV heads, H head dim.
 
@@ -51,6 +52,7 @@ class View:
   perm: tuple[int, ...]
   pick: tuple[int, int] | None = None
   offset: float = 0.0
+  reciprocal: bool = False  # Stored as 1 / x (transformers' packed BitLinear's weight_scale).
 
   @property
   def kept(self) -> tuple[int, ...]:
@@ -97,12 +99,16 @@ class View:
     if self.pick is not None:
       x = np.squeeze(x, self.pick[0])
     x = x.transpose(self.perm)
+    if self.reciprocal:
+      x = np.float32(1) / x.astype(np.float32)
     return x.astype(np.float32) + np.float32(self.offset) if self.offset else x
 
   def unread(self, x: np.ndarray) -> np.ndarray:
     """The inverse of `read` of everything, before the reshape and the pick."""
     if self.offset:
       x = x.astype(np.float32) - np.float32(self.offset)
+    if self.reciprocal:
+      x = np.float32(1) / x.astype(np.float32)
     return np.transpose(x, np.argsort(self.perm))
 
 
@@ -111,7 +117,7 @@ def _groups(stored_shape: tuple[int, ...], split: tuple[int, ...]) -> list[list[
   groups, a = [], 0
   for n in stored_shape:
     group, size = [], 1
-    while a < len(split) and (size < n or (group and split[a] == 1)):
+    while a < len(split) and (size < n or (split[a] == 1 and (group or n == 1))):
       group.append(a)
       size *= split[a]
       a += 1
@@ -132,6 +138,7 @@ class Tensor:
   paths: tuple[str, ...]
   shape: tuple[int, ...]
   views: tuple[View, ...]
+  dtype: str | None = None  # Read as this dtype, not the parameter dtype; "uint8": stored so.
 
   @property
   def per_layer(self) -> bool:
@@ -160,7 +167,8 @@ class Family:
   prefix: str
   to_config: Callable[[Mapping[str, Any]], dict[str, Any]]  # config.json -> ModelConfig fields.
   to_hf: Callable[[ModelConfig], dict[str, Any]]  # ModelConfig -> config.json fields.
-  tensors: Callable[[ModelConfig], list[Tensor]]
+  # (ModelConfig, config.json) -> the tensors; config.json says how some are stored (BitNet).
+  tensors: Callable[[ModelConfig, Mapping[str, Any]], list[Tensor]]
 
 
 # Tensor layouts.
@@ -214,7 +222,9 @@ def _fused_qkv(name: str, kind: str, n: int, h: int, d: int) -> Tensor:
   )
 
 
-def _decoder_tensors(cfg: ModelConfig, norm_offset: float = 0.0) -> list[Tensor]:
+def _decoder_tensors(
+  cfg: ModelConfig, hf: Mapping[str, Any] | None = None, norm_offset: float = 0.0
+) -> list[Tensor]:
   """Llama, Mistral, Qwen2 and Gemma: `model.layers.{i}.*`, RMSNorms, an optional `lm_head`."""
   d, f, v = cfg.dim, cfg.mlp_dim, cfg.vocab_size
   n, k, h = cfg.num_heads, cfg.kv_heads, cfg.head_size
@@ -242,7 +252,7 @@ def _decoder_tensors(cfg: ModelConfig, norm_offset: float = 0.0) -> list[Tensor]
   return tensors
 
 
-def _gpt2_tensors(cfg: ModelConfig) -> list[Tensor]:
+def _gpt2_tensors(cfg: ModelConfig, hf: Mapping[str, Any] | None = None) -> list[Tensor]:
   d, f, v, p = cfg.dim, cfg.mlp_dim, cfg.vocab_size, cfg.max_seq_len
   n, h = cfg.num_heads, cfg.head_size
   block = "transformer.h.{i}."
@@ -267,6 +277,51 @@ def _gpt2_tensors(cfg: ModelConfig) -> list[Tensor]:
     tensors.append(_copy(hf_name + ".bias", ours + "/bias", (d,)))
   if not cfg.tie_embeddings:
     tensors.append(_copy("lm_head.weight", "lm_head/embedding", (v, d)))
+  return tensors
+
+
+def _packed(name: str, path: str, out: int, inp: int, reciprocal: bool) -> list[Tensor]:
+  """A packed BitNet nn.Linear: uint8 weight [out / 4, in] and weight_scale [1] <-> the packed
+  projection's `packed` and `scale` (see `model/packed.py`, which stores them in this layout)."""
+  rows = (out // 4, inp)
+  return [
+    Tensor(name, (f"{path}/packed",), rows, (View(rows, (0, 1)),), dtype="uint8"),
+    Tensor(
+      name + "_scale",
+      (f"{path}/scale",),
+      (1,),
+      (View((1,), (0,), reciprocal=reciprocal),),
+      "float32",
+    ),
+  ]
+
+
+def _bitnet_tensors(cfg: ModelConfig, hf: Mapping[str, Any] | None = None) -> list[Tensor]:
+  """BitNet: Llama's tensors, the sub-norms, and with packed weights (`bitnet158_packed`) each
+  projection as `weight` (uint8) and `weight_scale`, which transformers' `BitLinear` divides by
+  and `AutoBitLinear` multiplies by (jaxtune's scale multiplies)."""
+  d, f, n, k, h = cfg.dim, cfg.mlp_dim, cfg.num_heads, cfg.kv_heads, cfg.head_size
+  attn, mlp = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
+  tensors = _decoder_tensors(cfg) + [
+    _view(attn + "attn_sub_norm.weight", "layers/attn/sub_norm/scale", (n * h,), (n, h)),
+    _norm(mlp + "ffn_sub_norm.weight", "layers/mlp/sub_norm/scale", f, 0.0),
+  ]
+  if cfg.linear != "bitnet158_packed":
+    return tensors
+  quant = (hf or {}).get("quantization_config") or {}
+  reciprocal = quant.get("linear_class", "bitlinear") == "bitlinear"
+  projections = {
+    attn + "q_proj.weight": ("layers/attn/q", n * h, d),
+    attn + "k_proj.weight": ("layers/attn/k", k * h, d),
+    attn + "v_proj.weight": ("layers/attn/v", k * h, d),
+    attn + "o_proj.weight": ("layers/attn/o", d, n * h),
+    mlp + "gate_proj.weight": ("layers/mlp/gate", f, d),
+    mlp + "up_proj.weight": ("layers/mlp/up", f, d),
+    mlp + "down_proj.weight": ("layers/mlp/down", d, f),
+  }
+  tensors = [t for t in tensors if t.name not in projections]
+  for name, (path, out, inp) in projections.items():
+    tensors += _packed(name, path, out, inp, reciprocal)
   return tensors
 
 
@@ -357,6 +412,41 @@ def _gemma_config(hf: Mapping[str, Any]) -> dict[str, Any]:
   return _decoder_config(hf, tie_default=True) | dict(mlp="geglu", scale_embeddings=True)
 
 
+# transformers' BitNet quantization_config (linear_class, quantization_mode) -> model.linear.
+# `BitLinear` always reads packed weights; `AutoBitLinear` quantizes float weights online or
+# reads packed ones offline. No quantization_config: plain nn.Linear layers.
+_BITNET_LINEAR = {
+  ("autobitlinear", "online"): "bitnet158",
+  ("autobitlinear", "offline"): "bitnet158_packed",
+  ("bitlinear", "online"): "bitnet158_packed",
+  ("bitlinear", "offline"): "bitnet158_packed",
+}
+
+
+def _bitnet_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+  _require(hf, "hidden_act", ("relu2",), "relu2")
+  _require(hf, "attention_bias", (False,), False)
+  linear = "dense"
+  quant = hf.get("quantization_config")
+  if quant:
+    _check_value("quantization_config.quant_method", quant.get("quant_method"), ("bitnet",))
+    _check_value("quantization_config.use_rms_norm", quant.get("use_rms_norm", False), (False,))
+    not_converted = set(quant.get("modules_to_not_convert") or ()) - {"lm_head"}
+    if not_converted:
+      raise CheckpointError(
+        f"config.json: quantization_config.modules_to_not_convert={sorted(not_converted)}: "
+        "jaxtune quantizes every projection but the output layer"
+      )
+    key = (quant.get("linear_class", "bitlinear"), quant.get("quantization_mode", "offline"))
+    _check_value(
+      "quantization_config (linear_class, quantization_mode)", key, tuple(_BITNET_LINEAR)
+    )
+    linear = _BITNET_LINEAR[key]
+  return _decoder_config(hf, tie_default=False) | dict(
+    mlp="relu2", sub_norm=True, linear=linear, bitnet_groups=1
+  )
+
+
 def _gpt2_config(hf: Mapping[str, Any]) -> dict[str, Any]:
   _require(hf, "activation_function", _TANH_GELUS, "gelu_new")
   _require(hf, "scale_attn_weights", (True,), True)
@@ -409,6 +499,22 @@ def _gemma_hf(cfg: ModelConfig) -> dict[str, Any]:
   return _decoder_hf(cfg, "gelu_pytorch_tanh") | dict(attention_bias=False)
 
 
+# model.linear -> the quantization_config written (packed: BitLinear, as published checkpoints).
+_BITNET_QUANTIZATION = {
+  "dense": None,
+  "bitnet158": dict(linear_class="autobitlinear", quantization_mode="online"),
+  "bitnet158_packed": dict(linear_class="bitlinear", quantization_mode="offline"),
+}
+
+
+def _bitnet_hf(cfg: ModelConfig) -> dict[str, Any]:
+  hf = _decoder_hf(cfg, "relu2") | dict(attention_bias=False)
+  quant = _BITNET_QUANTIZATION.get(cfg.linear)
+  if quant is not None:
+    hf["quantization_config"] = dict(quant_method="bitnet", use_rms_norm=False, **quant)
+  return hf
+
+
 def _gpt2_hf(cfg: ModelConfig) -> dict[str, Any]:
   # GPT-2's <|endoftext|> (transformers' default) only where the vocabulary has it.
   end_of_text = 50256 if cfg.vocab_size > 50256 else None
@@ -447,6 +553,9 @@ FAMILIES: dict[str, Family] = {
   "gpt2": Family(
     ("GPT2LMHeadModel", "GPT2Model"), "transformer.", _gpt2_config, _gpt2_hf, _gpt2_tensors
   ),
+  "bitnet": Family(
+    ("BitNetForCausalLM", "BitNetModel"), "model.", _bitnet_config, _bitnet_hf, _bitnet_tensors
+  ),
 }
 
 
@@ -455,7 +564,7 @@ def _architecture(cfg: ModelConfig) -> dict[str, Any]:
   fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
   for name in _NOT_ARCHITECTURE:
     del fields[name]
-  fields.update(num_kv_heads=cfg.kv_heads, head_dim=cfg.head_size)
+  fields.update(num_kv_heads=cfg.kv_heads, head_dim=cfg.head_size, bitnet_groups=cfg.groups)
   if cfg.position != "rope":
     del fields["rope_theta"]
   return fields
@@ -469,6 +578,8 @@ def family_for(cfg: ModelConfig) -> str:
     model_type = "qwen2"
   elif cfg.scale_embeddings and cfg.mlp == "geglu":
     model_type = "gemma"
+  elif cfg.sub_norm:
+    model_type = "bitnet"
   else:
     model_type = "llama"
   family = FAMILIES[model_type]

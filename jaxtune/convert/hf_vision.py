@@ -241,7 +241,8 @@ def load_vision(folder: str | pathlib.Path) -> tuple[VisionConfig, dict[str, Any
 
 
 def _text_tensors(cfg: LlavaConfig) -> list[Tensor]:
-  return FAMILIES[family_for(cfg.text)].tensors(cfg.text)
+  family = FAMILIES[family_for(cfg.text)]
+  return family.tensors(cfg.text, family.to_hf(cfg.text))
 
 
 def _llava_tensors(cfg: LlavaConfig) -> list[Tensor]:

@@ -1,10 +1,11 @@
-"""`jaxtune data inspect`: rendered examples with their supervised spans marked, and statistics."""
+"""`jaxtune data inspect`: rendered examples with their supervised spans marked (preference data:
+each prompt's responses, best first, with their ranks), and statistics."""
 
 from __future__ import annotations
 
 from jaxtune.config import Config
 from jaxtune.data import pipeline
-from jaxtune.data.packing import Example
+from jaxtune.data.packing import Example, Group
 from jaxtune.data.tokenizer import Tokenizer
 
 OPEN, CLOSE = "\u27e6", "\u27e7"  # ⟦ supervised ⟧
@@ -24,12 +25,31 @@ def marked(tok: Tokenizer, example: Example) -> str:
   return "".join(out)
 
 
+def _shown(tok: Tokenizer, item: Example | Group, number: int) -> list[str]:
+  if isinstance(item, Example):
+    return [f"=== example {number} ({len(item)} tokens) ===", marked(tok, item), ""]
+  k = len(item.responses)
+  lines = [f"=== {'pair' if k == 2 else 'ranking'} {number} ({k} responses, best first) ==="]
+  for rank, response in sorted(zip(item.ranks, item.responses, strict=True), key=lambda p: p[0]):
+    label = ("chosen", "rejected")[rank] if k == 2 else f"rank {rank}"
+    lines += [f"--- {label} ({len(response)} tokens) ---", marked(tok, response)]
+  return [*lines, ""]
+
+
+def _preference_rows(train: list[Example | Group]) -> list[tuple[str, str]]:
+  groups = [g for g in train if isinstance(g, Group)]
+  if not groups:
+    return []
+  sizes = sorted({len(g.responses) for g in groups})
+  return [("preferences", f"{len(groups)} prompts with {sizes} responses each (one segment each)")]
+
+
 def report(cfg: Config, num_examples: int = 3) -> str:
   data = pipeline.load(cfg.data, cfg.train.seed)
   tok, stats = data.tokenizer, data.stats
   lines = []
   for i, example in enumerate(data.train[:num_examples]):
-    lines += [f"=== example {i + 1} ({len(example)} tokens) ===", marked(tok, example), ""]
+    lines += _shown(tok, example, i + 1)
   epoch = pipeline.training_batches(data, cfg).batches_per_epoch()
   rows = [
     ("source", cfg.data.path or "embedded synthetic mixture"),
@@ -42,6 +62,7 @@ def report(cfg: Config, num_examples: int = 3) -> str:
     ("records", stats.records),
     ("skipped", f"{stats.skipped} {stats.skipped_reasons or ''}".strip()),
     ("examples", f"{stats.examples} train, {len(data.eval)} held out"),
+    *_preference_rows(data.train),
     (
       "tokens",
       f"{stats.tokens} (mean {stats.tokens / max(stats.examples, 1):.1f}, max {stats.max_tokens})",

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from jaxtune.data.formats import FLAN_COT_COLUMNS, Conversation, Message
+from jaxtune.data.preference import Preference
 from jaxtune.data.sources import read_records
 from jaxtune.errors import DataError
 
@@ -81,6 +82,40 @@ def mix(
   for task in tasks:
     n = len(task.records) if cap <= 0 else min(cap, len(task.records))
     out += render_task(task, rng.permutation(len(task.records))[:n], rng, few_shot, held_out)
+  return out
+
+
+def preference_pairs(
+  tasks: Sequence[Task], seed: int, cap: int, held_out: bool = False
+) -> list[Preference]:
+  """Zero-shot preference pairs of a mixture: the chosen response is the record's own, the
+  rejected one the same template filled with another record's answer (and rationale): a
+  well-formed wrong answer. Records whose task has no other answer are left out."""
+  rng = np.random.default_rng([seed, int(held_out), 1])
+  out = []
+  for task in tasks:
+    bank = task.eval_templates if held_out else task.templates
+    n = len(task.records) if cap <= 0 else min(cap, len(task.records))
+    for i in rng.permutation(len(task.records))[:n]:
+      record = task.records[i]
+      template = bank[rng.integers(len(bank))]
+      others = (task.records[j] for j in rng.permutation(len(task.records))[:8])
+      wrong = [
+        {**record, "answer": o["answer"], "rationale": o.get("rationale")}
+        for o in others
+        if o["answer"] != record["answer"]
+      ]
+      wrong = [w for w in wrong if template.fits(record) and template.fits(w)]
+      if not wrong:
+        continue
+      prompt, chosen = template.render(record)
+      rejected = template.render(wrong[0])[1]
+      where = f"{task.name}[{i}]"
+      convs = tuple(
+        Conversation((Message("user", prompt), Message("assistant", r)), where)
+        for r in (chosen, rejected)
+      )
+      out.append(Preference(convs, (0, 1), ("chosen", "rejected"), where))
   return out
 
 

@@ -10,6 +10,11 @@ left; `drop` drops every long example. Both are counted in `Stats`.
 
 Packing puts whole examples into rows, first fit within the rows of one batch, each with its own
 segment id (1, 2, ...; 0 is padding), so attention never crosses examples and positions restart.
+
+Preference data packs `Group`s: the K responses to one prompt (each the prompt and its response,
+an `Example` of its own), with their ranks. A group is placed whole in one row, each response a
+segment, and the batch's `groups` and `ranks` say which responses compete and which is better, so
+an objective finds every response's segment (see `train/preference.py`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,32 @@ class Example:
 
   def __len__(self) -> int:
     return len(self.ids)
+
+  @property
+  def pairs(self) -> int:
+    """Next-token pairs: the slots it takes in a row."""
+    return len(self.ids) - 1
+
+  @property
+  def responses(self) -> tuple[Example, ...]:
+    return (self,)
+
+  @property
+  def ranks(self) -> tuple[int, ...]:
+    return (0,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """The K >= 2 responses to one prompt, each a whole example (prompt and response), ranked: a
+  lower rank is a better response, and no two ranks are equal."""
+
+  responses: tuple[Example, ...]
+  ranks: tuple[int, ...]
+
+  @property
+  def pairs(self) -> int:
+    return sum(r.pairs for r in self.responses)
 
 
 def tokenize(chunks: Sequence[Chunk], tokenizer: TokenizerLike, train_on_prompt: bool) -> Example:
@@ -137,13 +168,17 @@ def fit(example: Example, max_length: int, policy: str, stats: Stats) -> Example
 @dataclasses.dataclass(frozen=True)
 class Batch:
   """Rows [B, T]: inputs, next-token targets, loss weights, segment ids (0 = padding) and
-  positions restarting at each segment."""
+  positions restarting at each segment; for preference data, each token's group in its row
+  (1, 2, ...; the responses to one prompt; 0 = padding) and its response's rank in the group
+  (an example alone is a group of one, of rank 0)."""
 
   inputs: np.ndarray
   targets: np.ndarray
   weights: np.ndarray
   segment_ids: np.ndarray
   positions: np.ndarray
+  groups: np.ndarray
+  ranks: np.ndarray
 
 
 def assign_rows(lengths: Sequence[int], rows: int, length: int, pack: bool) -> list[list[int]]:
@@ -160,22 +195,25 @@ def assign_rows(lengths: Sequence[int], rows: int, length: int, pack: bool) -> l
   return placed
 
 
-def make_batch(examples: Sequence[Example], placed: list[list[int]], length: int) -> Batch:
+def make_batch(examples: Sequence[Example | Group], placed: list[list[int]], length: int) -> Batch:
+  """Rows of the examples (or groups: each response its own segment) placed in each row."""
   rows = len(placed)
-  arrays = {
-    k: np.zeros((rows, length), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")
-  }
+  keys = ("inputs", "targets", "segment_ids", "positions", "groups", "ranks")
+  arrays = {k: np.zeros((rows, length), np.int32) for k in keys}
   weights = np.zeros((rows, length), np.float32)
   for r, indices in enumerate(placed):
-    start = 0
-    for segment, i in enumerate(indices, 1):
-      ex = examples[i]
-      n = len(ex) - 1
-      span = slice(start, start + n)
-      arrays["inputs"][r, span] = ex.ids[:-1]
-      arrays["targets"][r, span] = ex.ids[1:]
-      arrays["segment_ids"][r, span] = segment
-      arrays["positions"][r, span] = np.arange(n)
-      weights[r, span] = ex.supervised[1:]
-      start += n
+    start, segment = 0, 0
+    for group, i in enumerate(indices, 1):
+      item = examples[i]
+      for ex, rank in zip(item.responses, item.ranks, strict=True):
+        segment += 1
+        span = slice(start, start + ex.pairs)
+        arrays["inputs"][r, span] = ex.ids[:-1]
+        arrays["targets"][r, span] = ex.ids[1:]
+        arrays["segment_ids"][r, span] = segment
+        arrays["positions"][r, span] = np.arange(ex.pairs)
+        arrays["groups"][r, span] = group
+        arrays["ranks"][r, span] = rank
+        weights[r, span] = ex.supervised[1:]
+        start += ex.pairs
   return Batch(weights=weights, **arrays)

@@ -19,11 +19,12 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from jaxtune.config import Config, DataConfig
-from jaxtune.data import formats, hf_tokenizer, mixtures, packing, synthetic, templates
+from jaxtune.data import formats, hf_tokenizer, mixtures, packing, preference, synthetic, templates
 from jaxtune.data import llama2c_tokenizer as llama2c
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.data.formats import Conversation
-from jaxtune.data.packing import Batch, Example, Stats
+from jaxtune.data.packing import Batch, Example, Group, Stats
+from jaxtune.data.preference import Preference
 from jaxtune.data.sources import BadRecords, Record, Source, open_source
 from jaxtune.errors import DataError
 from jaxtune.sharding import BatchRows
@@ -40,19 +41,21 @@ class Data:
   (`BatchRows.keeps`)."""
 
   tokenizer: Tokenizer
-  train: list[Example]
+  train: list[Example | Group]
   positions: np.ndarray
-  eval: list[Example]
+  eval: list[Example | Group]
   eval_positions: np.ndarray
   stats: Stats  # Of this process's rows' training records.
-  held_out: list[Conversation]  # All of them, on every process.
+  held_out: list[Conversation]  # All of them (a preference's best), on every process.
 
 
 @dataclasses.dataclass
 class Conversations:
-  train: list[Conversation]
+  """Conversations, or preferences (a prompt's ranked responses: `data/preference.py`)."""
+
+  train: list[Conversation | Preference]
   positions: list[int]  # Each training conversation's position in its source.
-  held_out: list[Conversation]
+  held_out: list[Conversation | Preference]
 
   def sharded(self, rows: BatchRows | None) -> Conversations:
     """The training conversations of the batch rows `rows` (None: all)."""
@@ -77,9 +80,18 @@ def _source(path: str, cfg: DataConfig) -> Source:
   return open_source(path, cfg.tsv_columns.split(","))
 
 
+def _convert(record: Record, cfg: DataConfig, names: dict[str, str]) -> Conversation | Preference:
+  fmt = cfg.format
+  if fmt == "auto":
+    fmt = preference.detect(record, names) or formats.detect(record, names)
+  if fmt in preference.FORMATS:
+    return preference.to_preference(record, fmt, names, cfg.system_prompt)
+  return formats.to_conversation(record, fmt, names, cfg.system_prompt)
+
+
 def _conversations(
   source: Source, positions: Sequence[int], cfg: DataConfig, stats: Stats
-) -> tuple[list[Conversation], list[int]]:
+) -> tuple[list[Conversation | Preference], list[int]]:
   """The conversations of the records at `positions` that are well-formed (all must be, unless
   `data.on_bad_record=skip`), with their positions."""
   bad = BadRecords() if cfg.on_bad_record == "skip" else None
@@ -88,20 +100,23 @@ def _conversations(
   for i in positions:
     try:
       for record in source.read([i]):
-        fmt = formats.detect(record, names) if cfg.format == "auto" else cfg.format
-        out.append(formats.to_conversation(record, fmt, names, cfg.system_prompt))
+        out.append(_convert(record, cfg, names))
         kept.append(i)
     except DataError as e:
       if bad is None:
         raise
       bad.add(e)
   stats.records += len(positions)  # Unreadable ones count as records.
+  _count_skipped(bad, stats, source.path)
+  return out, kept
+
+
+def _count_skipped(bad: BadRecords | None, stats: Stats, where: str) -> None:
   if bad is not None and bad.count:
     stats.skipped += bad.count
     for reason, n in bad.reasons.items():
       stats.skipped_reasons[reason] = stats.skipped_reasons.get(reason, 0) + n
-    log.warning("%s: skipped %d bad records: %s", source.path, bad.count, bad.reasons)
-  return out, kept
+    log.warning("%s: skipped %d bad records: %s", where, bad.count, bad.reasons)
 
 
 def _is_flan_folder(path: str) -> bool:
@@ -121,7 +136,12 @@ def conversations(
     else:
       tasks, held_out = mixtures.flan_cot_tasks(cfg.path), []
     stats.records = sum(len(t.records) for t in tasks)
-    train = mixtures.mix(tasks, seed, cfg.mixture_cap, cfg.few_shot)
+    if cfg.format == "pairwise":  # Each prompt's answer against another record's.
+      train = mixtures.preference_pairs(tasks, seed, cfg.mixture_cap)
+      if not cfg.path:
+        held_out = mixtures.preference_pairs(held_out_tasks, seed, cfg.mixture_cap, held_out=True)
+    else:
+      train = mixtures.mix(tasks, seed, cfg.mixture_cap, cfg.few_shot)
     return Conversations(train, list(range(len(train))), held_out).sharded(rows)
   source = _source(cfg.path, cfg)
   held: set[int] = set()
@@ -156,34 +176,65 @@ def load_tokenizer(path: str) -> Tokenizer:
   return tokenizer_lib.Tokenizer.load(path)
 
 
-def make_tokenizer(cfg: DataConfig, train: Sequence[Conversation]) -> Tokenizer:
+def _flat(convs: Sequence[Conversation | Preference]) -> Iterator[Conversation]:
+  for c in convs:
+    yield from c.conversations if isinstance(c, Preference) else (c,)
+
+
+def make_tokenizer(cfg: DataConfig, train: Sequence[Conversation | Preference]) -> Tokenizer:
   specials = templates.TEMPLATES[cfg.template].special_tokens
   if cfg.tokenizer:
     tok = load_tokenizer(cfg.tokenizer)
   else:  # Trained on the rendered training text, so template words become pieces.
-    texts = (templates.to_text(templates.render(c, cfg.template), "", "") for c in train)
+    texts = (templates.to_text(templates.render(c, cfg.template), "", "") for c in _flat(train))
     tok = tokenizer_lib.train(texts, cfg.tokenizer_vocab_size, specials)
   return tok.with_special_tokens(specials)
 
 
-def _example(c: Conversation, cfg: DataConfig, tok: Tokenizer, stats: Stats) -> Example | None:
+def _example(
+  c: Conversation | Preference, cfg: DataConfig, tok: Tokenizer, stats: Stats
+) -> Example | Group | None:
+  if isinstance(c, Preference):
+    return preference.tokenize(
+      c, cfg.template, tok, cfg.train_on_prompt, cfg.max_length, cfg.truncation, stats
+    )
   ex = packing.tokenize(templates.render(c, cfg.template), tok, cfg.train_on_prompt)
   return packing.fit(ex, cfg.max_length, cfg.truncation, stats)
 
 
 def examples(
-  convs: Sequence[Conversation], cfg: DataConfig, tok: Tokenizer, stats: Stats
-) -> list[Example]:
-  """The conversations rendered, tokenized and fitted to `data.max_length` (see `packing.fit`)."""
-  return [ex for c in convs if (ex := _example(c, cfg, tok, stats)) is not None]
+  convs: Sequence[Conversation | Preference], cfg: DataConfig, tok: Tokenizer, stats: Stats
+) -> list[Example | Group]:
+  """The conversations rendered, tokenized and fitted to `data.max_length` (see `packing.fit`);
+  preferences as groups (`preference.tokenize`)."""
+  return [ex for ex, _ in _fitted(convs, range(len(convs)), cfg, tok, stats)]
+
+
+def _fitted(convs, positions: Sequence[int], cfg: DataConfig, tok, stats: Stats) -> list:
+  """(example or group, position) of each conversation that is kept; a bad one (a preference's
+  response truncated to nothing) raises, or is counted and skipped under `on_bad_record=skip`."""
+  bad = BadRecords() if cfg.on_bad_record == "skip" else None
+  out = []
+  for c, p in zip(convs, positions, strict=True):
+    try:
+      if (ex := _example(c, cfg, tok, stats)) is not None:
+        out.append((ex, p))
+    except DataError as e:
+      if bad is None:
+        raise
+      bad.add(e)
+  _count_skipped(bad, stats, cfg.path)
+  return out
 
 
 def _positioned_examples(
-  convs: Sequence[Conversation], positions: Sequence[int], cfg: DataConfig, tok, stats: Stats
-) -> tuple[list[Example], np.ndarray]:
-  pairs = [
-    (ex, p) for c, p in zip(convs, positions, strict=True) if (ex := _example(c, cfg, tok, stats))
-  ]
+  convs: Sequence[Conversation | Preference],
+  positions: Sequence[int],
+  cfg: DataConfig,
+  tok,
+  stats: Stats,
+) -> tuple[list[Example | Group], np.ndarray]:
+  pairs = _fitted(convs, positions, cfg, tok, stats)
   return [ex for ex, _ in pairs], np.asarray([p for _, p in pairs], np.int64)
 
 
@@ -215,7 +266,9 @@ def load(cfg: DataConfig, seed: int, rows: BatchRows | None = None) -> Data:
   evals, eval_positions = _positioned_examples(
     [c for c, _ in held], [i for _, i in held], cfg, tok, Stats()
   )
-  return Data(tok, train, positions, evals, eval_positions, stats, convs.held_out)
+  # Shown answered after training: a preference's prompt with its best response.
+  shown = [c.best if isinstance(c, Preference) else c for c in convs.held_out]
+  return Data(tok, train, positions, evals, eval_positions, stats, shown)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +305,7 @@ class _Row:
   _order: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
 
   def __post_init__(self):
-    self.sizes = [len(ex) - 1 for ex in self.examples]  # Next-token pairs.
+    self.sizes = [ex.pairs for ex in self.examples]
 
   def order(self) -> np.ndarray:
     if self._order[0] != self.epoch:
@@ -374,7 +427,7 @@ class Batches(Iterator[Batch]):
     for row in self._new_rows():
       count = 0
       while row.epoch == 0:
-        tokens += sum(len(ex) - 1 for ex in row.take())
+        tokens += sum(ex.pairs for ex in row.take())
         count += 1
       counts.append(count)
     return EpochPlan(max(counts), tokens, sum(counts) * self.length)

@@ -29,6 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.config import ModelConfig
 from jaxtune.model.adapters import NONE, Adapters
+from jaxtune.model.bitlinear import SubNorm
 from jaxtune.model.layers import constrain
 from jaxtune.model.linear import Linear, Projection
 
@@ -341,5 +342,7 @@ class Attention(nn.Module):
     else:
       out_btnh = dot_product_attention(q_btnh, k_bksh, v_bksh, mask_bts)
     out_btnh = constrain(out_btnh, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
+    if cfg.sub_norm:  # HF BitNet's attn_sub_norm, over the N * H of each token.
+      out_btnh = SubNorm(("q_heads", "head_dim"), (n, h), cfg, name="sub_norm")(out_btnh)
     o = Projection("btnh,nhd->btd", (n, h, d), ("q_heads", "head_dim", "embed"), int(cfg.use_bias))
     return linear("o", o, out_btnh), cache

@@ -20,7 +20,9 @@ import flax.linen as nn
 import jax
 
 from jaxtune.config import ModelConfig
+from jaxtune.model import bitlinear as bitlinear_lib
 from jaxtune.model import lora as lora_lib
+from jaxtune.model import packed
 from jaxtune.model.adapters import LORA_A, LORA_B, Lora
 from jaxtune.model.layers import INIT_STDDEV, dtypes, weight
 from jaxtune.model.matmul import matmul
@@ -51,8 +53,27 @@ def dense(module: nn.Module, projection: Projection, x: jax.Array) -> jax.Array:
   return matmul(projection.equation, x.astype(dtype), kernel.astype(dtype))
 
 
+def bitlinear(linear: str, module: nn.Module, projection: Projection, x: jax.Array) -> jax.Array:
+  """BitNet's product (`bitlinear.py`): the float `kernel` (the latent weights, initialized and
+  stored as `dense`'s) and the input fake-quantized, straight-through, then multiplied in
+  `dtype`."""
+  cfg = module.config
+  dtype, param_dtype = dtypes(cfg)
+  init = nn.with_logical_partitioning(nn.initializers.normal(INIT_STDDEV), projection.names)
+  kernel = module.param("kernel", init, projection.shape, param_dtype)
+  quantize_w, quantize_x = bitlinear_lib.quantize_pair(
+    linear, projection.equation, projection.names, cfg.groups
+  )
+  return matmul(projection.equation, quantize_x(x).astype(dtype), quantize_w(kernel).astype(dtype))
+
+
 # model.linear -> (module, projection, x) -> the kernel's product.
-KERNELS: dict[str, Callable[[nn.Module, Projection, jax.Array], jax.Array]] = {"dense": dense}
+KERNELS: dict[str, Callable[[nn.Module, Projection, jax.Array], jax.Array]] = {
+  "dense": dense,
+  "bitnet": functools.partial(bitlinear, "bitnet"),
+  "bitnet158": functools.partial(bitlinear, "bitnet158"),
+  "bitnet158_packed": packed.packed_ternary,
+}
 
 
 class Linear(nn.Module):

@@ -1,4 +1,5 @@
-"""The feed-forward layer: SwiGLU / GeGLU (`down(act(gate x) * up x)`) or GELU (`down(gelu(up x))`).
+"""The feed-forward layer: SwiGLU / GeGLU / ReLU^2-GLU (`down(act(gate x) * up x)`) or GELU
+(`down(gelu(up x))`), with HF BitNet's `ffn_sub_norm` before `down` under `model.sub_norm`.
 
 Shape letters: B batch, T length, D model dim, F mlp dim.
 """
@@ -7,9 +8,11 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxtune.config import ModelConfig
 from jaxtune.model.adapters import NONE, Adapters
+from jaxtune.model.bitlinear import SubNorm
 from jaxtune.model.layers import constrain
 from jaxtune.model.linear import Linear, Projection
 
@@ -17,6 +20,7 @@ _ACTIVATIONS = {
   "swiglu": jax.nn.silu,
   "geglu": lambda x: jax.nn.gelu(x, approximate=True),
   "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+  "relu2": lambda x: jnp.square(jax.nn.relu(x)),
 }
 
 
@@ -43,4 +47,6 @@ class Mlp(nn.Module):
     if cfg.mlp != "gelu":
       h_btf = h_btf * proj("up", into, x_btd)
     h_btf = constrain(h_btf, ("act_batch", "act_seq", "act_mlp"))
+    if cfg.sub_norm:
+      h_btf = SubNorm(("mlp",), (f,), cfg, name="sub_norm")(h_btf)
     return proj("down", out_of, h_btf)

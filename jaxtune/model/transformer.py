@@ -141,6 +141,7 @@ class Transformer(nn.Module):
   config: ModelConfig
   adapters: Adapters = NONE
   scalar_head: bool = False
+  scalar_bias: bool = False  # The scalar head's offset (a reward model's).
 
   def setup(self) -> None:
     cfg = self.config
@@ -149,7 +150,7 @@ class Transformer(nn.Module):
     if not cfg.tie_embeddings:
       self.lm_head = Embed(cfg.vocab_size, cfg, name="lm_head")
     if self.scalar_head:
-      self.score_head = ScalarHead(cfg, name="score")
+      self.score_head = ScalarHead(cfg, self.scalar_bias, name="score")
 
   def __call__(
     self,

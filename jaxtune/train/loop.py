@@ -21,8 +21,9 @@ from jaxtune.convert import hf, llama2c
 from jaxtune.data import packing, pipeline
 from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.model import transformer
+from jaxtune.model.adapters import NONE
 from jaxtune.peft import methods, partition, prefix
-from jaxtune.train import metrics, objective, optim
+from jaxtune.train import metrics, objective, optim, reference, reward
 from jaxtune.train.step import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ def _check_fits(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh) -> None:
   sharding.check_batch(cfg.train.batch_size // cfg.train.micro_batches, mesh)
 
 
+def _pretrained(params: Any) -> dict:
+  return {k: v for k, v in partition.base(params).items() if k != reward.HEAD}
+
+
 def _initial_params(cfg: Config, model, mesh, rng) -> sharding.Sharded:
   """Random (abstract-first, sharded) parameters, or pretrained ones from `train.init_from`
   (the base model's; PEFT parameters start as initialized)."""
@@ -49,8 +54,9 @@ def _initial_params(cfg: Config, model, mesh, rng) -> sharding.Sharded:
   path = cfg.train.init_from
   if not path:
     return sharded
-  base_shardings = partition.base(sharded.shardings["params"])
-  base_params = partition.base(sharded.variables["params"])
+  # The base model's parameters; PEFT ones and a new scalar head start as initialized.
+  base_shardings = _pretrained(sharded.shardings["params"])
+  base_params = _pretrained(sharded.variables["params"])
   if path.endswith(".bin") or os.path.exists(os.path.join(path, "config.json")):
     # llama2.c or Hugging Face; the architecture is checked by the shapes below.
     _, variables = (llama2c.load_model if path.endswith(".bin") else hf.load_hf)(path)
@@ -105,7 +111,12 @@ def build(
   length); `tokenizer` encodes a PEFT method's initialization text. `shapes_only`: the state
   and frozen parameters are `jax.ShapeDtypeStruct`s with their shardings (nothing initialized
   or loaded), so the steps of a model too large to hold can be compiled and measured."""
-  model = methods.model(cfg.model, cfg.peft)
+  if cfg.model.linear == "bitnet158_packed" and cfg.peft.method == "none":
+    raise ConfigError(
+      "model.linear=bitnet158_packed holds 2-bit codes, which cannot be trained: train the "
+      "bitnet158 model (float latent weights) it was packed from, or a PEFT method on it"
+    )
+  model = methods.model(cfg.model, cfg.peft, **objective.model_options(cfg.train))
   goal = objective.make(model, cfg.train)
   init_rng, step_rng = runs.seed_rngs(cfg.train.seed)
   if shapes_only:
@@ -118,9 +129,13 @@ def build(
   if tokenizer is not None and not shapes_only:
     with sharding.use(mesh, sharded.rules):
       params = _init_peft_from_text(cfg, params, tokenizer, shardings)
-  trains = methods.trains(cfg.peft)
+  trains = objective.trains(cfg.train, methods.trains(cfg.peft))
   trainable, frozen = partition.split(params, trains)
   trainable_sharding, frozen_sharding = partition.split(shardings, trains)
+  if getattr(goal, "needs_reference", False) and model.adapters == NONE:  # Full fine-tuning.
+    frozen, frozen_sharding = reference.attach_copy(
+      trainable, trainable_sharding, frozen, frozen_sharding, abstract=shapes_only
+    )
   optimizer = optim.optimizer(cfg.train, steps)
   replicated = sharding.replicated(mesh)
   state_sharding = TrainState(
@@ -264,6 +279,25 @@ def _restore(cfg: Config, ckpt: checkpoint.Checkpointer, t: Trainer, feed: Feed)
   return restored.state
 
 
+def _with_bitnet_groups(cfg: Config, mesh: jax.sharding.Mesh) -> Config:
+  """`model.bitnet_groups=0` fixed to the `model` mesh axis (one block of scales per device, so
+  none needs a collective), as the run's config records it: its checkpoints then compute the
+  same function on any mesh."""
+  model = cfg.model
+  if model.bitnet_groups or (model.linear == "dense" and not model.sub_norm):
+    return cfg
+  groups = sharding.model_parallelism(mesh)
+  model = dataclasses.replace(model, bitnet_groups=groups)
+  try:
+    model.validate()
+  except ConfigError as e:
+    raise ConfigError(f"{e} (0: one group per device of mesh.model={groups})") from None
+  log.info(
+    "model.bitnet_groups=%d: one block of BitNet scales per device of the model axis", groups
+  )
+  return dataclasses.replace(cfg, model=model)
+
+
 def _write_run_files(cfg: Config, tokenizer) -> None:
   """The run's resolved config and tokenizer (process 0 alone)."""
   if jax.process_index() != 0:
@@ -291,8 +325,10 @@ def run(cfg: Config) -> dict[str, Any]:
   """Trains as configured; returns a summary (losses, steps, throughput)."""
   cfg = _with_saved_tokenizer(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
+  cfg = _with_bitnet_groups(cfg, mesh)
   feed = _feed(cfg, mesh)
   t = build(cfg, mesh, feed.steps, feed.data.tokenizer)
+  objective.check_data(cfg.train, t.objective, feed.data.train)
   _log_model(cfg, t, mesh)
   with sharding.use(mesh, t.rules):
     ckpt = checkpoint.Checkpointer(
@@ -313,7 +349,7 @@ def run(cfg: Config) -> dict[str, Any]:
   )
   if feed.data.held_out:  # Every process: the parameters may span them all.
     with sharding.use(mesh, t.rules):
-      params = partition.combine(state.params, t.frozen)
+      params = reference.without_copy(partition.combine(state.params, t.frozen))
       _answer(*prefix.for_decoding(t.model, params), feed.data, cfg, mesh, t.rules)
   return summary
 
@@ -363,6 +399,8 @@ def _train(
         ckpt.save(step, state, feed.batches.state())
     if pending is not None:
       report(*pending)
+    if hasattr(t.objective, "finish"):  # A reward model's offset (`train/reward.py`).
+      state = state.replace(params=t.objective.finish(state.params, t.frozen, held_out))
     ckpt.save(steps, state, feed.batches.state())
     summary["eval_loss_end"] = held_out_loss(state.params)
     report.writer.write(steps, {"eval_loss": summary["eval_loss_end"]})
@@ -399,6 +437,10 @@ def _check_skipped(summary: dict[str, Any]) -> None:
   if 2 * skipped >= ran:
     raise TrainingError(f"{message}; check train.learning_rate and the data")
   log.warning(message)
+
+
+# What every step reports besides the objective's metrics (`step.make_train_step`).
+_STEP_INTERNALS = ("loss", "grad_norm", "finite", "update_finite", "tokens", "supervised_tokens")
 
 
 @dataclasses.dataclass
@@ -440,6 +482,8 @@ class Reporter:
       "tokens_per_s": self.tokens_per_s(),
       "step_time_s": (time.perf_counter() - self.t0) / max(bar.n - bar.initial, 1),
     }
+    # The objective's own metrics (a DPO step's rewards, margin, accuracy and KL; SFT's nll).
+    record.update({k: v for k, v in values.items() if k not in _STEP_INTERNALS})
     if self.peak:
       record["mfu"] = (
         record["tokens_per_s"] * self.flops_per_token / (self.peak * jax.device_count())

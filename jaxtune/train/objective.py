@@ -11,15 +11,17 @@ A new objective is a file of its own and one line in `OBJECTIVES` (`train.object
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import jax
 
 from jaxtune.config import TrainConfig
+from jaxtune.data.packing import Group
 from jaxtune.errors import ConfigError
 from jaxtune.model import transformer
-from jaxtune.train import llava_sft, sft
+from jaxtune.peft.partition import Predicate
+from jaxtune.train import dpo, llava_sft, reward, sft
 
 Batch = dict[str, jax.Array]
 
@@ -38,8 +40,43 @@ class Objective(Protocol):
 # train.objective -> (model, train config) -> the objective.
 OBJECTIVES: dict[str, Callable[[transformer.Transformer, TrainConfig], Objective]] = {
   "sft": sft.SFT.from_config,
+  "dpo": dpo.DPO.maker("dpo"),  # With train.label_smoothing > 0: conservative DPO.
+  "ipo": dpo.DPO.maker("ipo"),
+  "simpo": dpo.DPO.maker("simpo"),
+  "reward": reward.RewardModel.from_config,
   "llava_sft": llava_sft.LlavaSFT.from_config,
 }
+# Objectives whose model has the scalar head (`model/heads.py`), which always trains.
+SCALAR_HEAD = ("reward",)
+
+
+def model_options(train: TrainConfig) -> dict[str, Any]:
+  """What the model of `train.objective` is built with besides its config and adapters."""
+  return {"scalar_head": True, "scalar_bias": True} if train.objective in SCALAR_HEAD else {}
+
+
+def trains(train: TrainConfig, method_trains: Predicate) -> Predicate:
+  """Which parameters train: the PEFT method's, and the objective's scalar head."""
+  if train.objective not in SCALAR_HEAD:
+    return method_trains
+  return lambda path: path[0] == reward.HEAD or method_trains(path)
+
+
+def check_data(train: TrainConfig, goal: Objective, examples: Sequence[Any]) -> None:
+  """Preference objectives (their batches have `groups`) train on preference data only, and the
+  others never on it (SFT would learn the rejected responses too)."""
+  wants = "groups" in goal.batch_keys
+  has = any(isinstance(ex, Group) for ex in examples)
+  if wants and not has:
+    raise ConfigError(
+      f"train.objective={train.objective} needs preference data (pairs or rankings: "
+      "data.format pairwise or ranked, see jaxtune/data/preference.py); the data has none"
+    )
+  if has and not wants:
+    raise ConfigError(
+      f"the data are preferences, which train.objective={train.objective} cannot train on; "
+      f"choose one of {sorted(k for k in OBJECTIVES if k != 'sft')}"
+    )
 
 
 def make(model: transformer.Transformer, train: TrainConfig) -> Objective:

@@ -1,0 +1,86 @@
+"""The reward model: InstructGPT's K-wise loss on packed rankings against the pairs one at a
+time, and its training step sharded against one device."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from test_dpo import LENGTH, MODEL, _batch, _groups, _init, _run
+
+from jaxtune.config import TrainConfig
+from jaxtune.model import transformer
+from jaxtune.train import objective, reward
+
+
+def _scores(model, params, groups) -> list[list[float]]:
+  """Each response's reward, alone in a row: its score at its last input token."""
+  examples = [r for g in groups for r in g.responses]
+  ids = np.zeros((len(examples), LENGTH), np.int32)
+  for n, ex in enumerate(examples):
+    ids[n, : len(ex) - 1] = ex.ids[:-1]
+  score = np.asarray(
+    jax.jit(model.apply, static_argnames="head")({"params": params}, ids, head="score"), np.float64
+  )
+  flat = [score[n, len(ex) - 2] for n, ex in enumerate(examples)]
+  out, start = [], 0
+  for g in groups:
+    out.append(flat[start : start + len(g.responses)])
+    start += len(g.responses)
+  return out
+
+
+MARGINS = (0.0, 0.5)
+
+
+def test_kwise_loss_is_the_mean_of_its_pairs_one_at_a_time():
+  """With and without a margin, on rankings of 4, 3 and 2 responses packed together."""
+  model = transformer.Transformer(MODEL, scalar_head=True, scalar_bias=True)
+  params = _init(model, 5)
+  groups = _groups(6, sizes=(4, 3, 2, 4))
+  batch = _batch(groups, rows=3, pack=True)
+  goals = [reward.RewardModel(model, m) for m in MARGINS]
+  loss_fn = jax.jit(lambda p, b: [g.loss(p, b, None) for g in goals])
+  results = loss_fn(params, batch)
+  n = float(goals[0].normalizer(batch))
+  assert n == len(groups)
+  scores = _scores(model, params, groups)
+  for margin, (loss, metrics) in zip(MARGINS, results, strict=True):
+    per_group, accuracy = [], []
+    for g, r in zip(groups, scores, strict=True):
+      k = len(g.responses)
+      pairs = [(i, j) for i in range(k) for j in range(k) if g.ranks[i] < g.ranks[j]]
+      assert len(pairs) == math.comb(k, 2)
+      losses = [
+        np.log1p(np.exp(-(r[i] - r[j] - margin * (g.ranks[j] - g.ranks[i])))) for i, j in pairs
+      ]
+      per_group.append(np.mean(losses))
+      accuracy.append(np.mean([r[i] > r[j] for i, j in pairs]))
+    np.testing.assert_allclose(float(loss) / n, np.mean(per_group), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["accuracy"]) / n, np.mean(accuracy), rtol=1e-6)
+  # After training, the offset moves so the demonstrations (best responses) score 0 on average;
+  # the pairwise loss does not change.
+  normalized = goals[0].finish(params, {}, [batch])
+  best = [r[g.ranks.index(0)] for g, r in zip(groups, scores, strict=True)]
+  assert float(normalized["score"]["bias"]) == pytest.approx(-np.mean(best), rel=1e-5)
+  total, count = goals[0].demonstrations(normalized, batch)
+  assert abs(float(total) / int(count)) < 1e-5 and int(count) == len(groups)
+  for (a, _), (b, _) in zip(results, loss_fn(normalized, batch), strict=True):
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
+
+
+def test_the_scalar_head_trains_under_lora():
+  trains = objective.trains(TrainConfig(objective="reward"), lambda path: path[-1] == "lora_a")
+  assert trains(("score", "kernel")) and trains(("layers", "q", "lora_a"))
+  assert not trains(("layers", "q", "kernel"))
+
+
+def test_sharded_step_equals_one_device():
+  """LoRA and the scalar head on a 2x4 mesh: two steps give one device's losses and metrics
+  (8x1 is the DPO test's)."""
+  batch = _batch(_groups(7, sizes=(4, 3, 2) * 4), rows=8, pack=True)
+  single = _run((1, 1), "lora", batch, "reward")
+  for a, b in zip(single, _run((2, 4), "lora", batch, "reward"), strict=True):
+    for key in ("loss", "grad_norm", "rewards_chosen", "margin"):
+      np.testing.assert_allclose(a[key], b[key], rtol=2e-5, atol=1e-6, err_msg=key)
+  assert single[-1]["loss"] < single[0]["loss"]
