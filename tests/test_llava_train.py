@@ -16,15 +16,15 @@ from flax import traverse_util
 from PIL import Image
 
 from jaxtune import sharding
-from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.config import MeshConfig, ModelConfig, TrainConfig
 from jaxtune.config_vision import LlavaConfig, VisionConfig
 from jaxtune.data import inspect_images, multimodal
 from jaxtune.data.images import Preprocess
-from jaxtune.errors import DataError
-from jaxtune.model import llava
+from jaxtune.errors import ConfigError, DataError
+from jaxtune.model import llava, transformer
 from jaxtune.model.adapters import Adapters
 from jaxtune.peft import partition
-from jaxtune.train import llava_sft, step
+from jaxtune.train import llava_sft, objective, step
 
 IMAGE_ID = 5
 CFG = LlavaConfig(
@@ -295,3 +295,10 @@ def test_stages_choose_their_parameters():
     trainable, frozen = partition.split(abstract, llava_sft.STAGES[stage])
     assert set(traverse_util.flatten_dict(trainable)) == {p for p in flat if expected(p)}, stage
     assert "vision" in frozen
+
+
+def test_llava_objective_needs_a_llava_model():
+  train = TrainConfig(objective="llava_sft")
+  with pytest.raises(ConfigError, match="needs a LLaVA model"):
+    objective.make(transformer.Transformer(CFG.text), train)
+  assert isinstance(objective.make(llava.model(CFG), train), llava_sft.LlavaSFT)

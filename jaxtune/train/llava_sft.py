@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+from jaxtune.config import TrainConfig
+from jaxtune.errors import ConfigError
+from jaxtune.model import llava, transformer
 from jaxtune.model.adapters import LORA_A, LORA_B
 from jaxtune.peft.partition import Predicate
 from jaxtune.train import sft
@@ -19,6 +22,15 @@ from jaxtune.train import sft
 class LlavaSFT(sft.SFT):
   batch_keys: ClassVar[tuple[str, ...]] = (*sft.SFT.batch_keys, "images")
   extra_inputs: ClassVar[tuple[str, ...]] = ("images",)
+
+  @classmethod
+  def from_config(cls, model: transformer.Transformer, train: TrainConfig) -> LlavaSFT:
+    if not isinstance(model, llava.Llava):
+      raise ConfigError(
+        "train.objective=llava_sft needs a LLaVA model, which `jaxtune train` does not build "
+        "yet: run the stages from Python (see benchmarks/llava_fashion.py)"
+      )
+    return cls(model, train.z_loss, train.neftune_alpha)
 
 
 # Stage -> which parameters train (a predicate on their paths, for `partition.split`).
