@@ -5,6 +5,7 @@ every request's log-likelihood within 1e-4, the same multiple-choice predictions
 greedy generations and rolling log-likelihoods."""
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -12,6 +13,8 @@ import pytest
 
 from jaxtune import cli, sharding
 from jaxtune.config import MeshConfig
+from jaxtune.eval import incontext
+from jaxtune.eval import tasks as task_defs
 
 lm_eval = pytest.importorskip("lm_eval", reason="the harness extra: pip install 'jaxtune[harness]'")
 
@@ -29,7 +32,7 @@ validation_split: validation
 fewshot_split: dev
 fewshot_config: {{sampler: first_n}}
 output_type: multiple_choice
-doc_to_text: "{{{{question.strip()}}}}\\nA. {{{{choices[0]}}}}\\nB. {{{{choices[1]}}}}\\n\
+doc_to_text: "{{{{question}}}}\\nA. {{{{choices[0]}}}}\\nB. {{{{choices[1]}}}}\\n\
 C. {{{{choices[2]}}}}\\nD. {{{{choices[3]}}}}\\nAnswer:"
 doc_to_choice: ["A", "B", "C", "D"]
 doc_to_target: answer
@@ -66,7 +69,8 @@ metric_list: [{{metric: word_perplexity}}]
 
 @pytest.fixture(scope="module")
 def tasks(data_dir, tmp_path_factory):
-  """Local harness tasks (their YAML and JSONL files) from a few MMLU questions."""
+  """Local harness tasks (their YAML and JSONL files) from a few MMLU questions, the multiple
+  choice one prompted as jaxtune's `mmlu:SUBJECT` task prompts."""
   folder = tmp_path_factory.mktemp("harness_tasks")
   for subject in SUBJECTS:
     for split, n in (("val", QUESTIONS), ("dev", 5)):
@@ -132,3 +136,15 @@ def test_jaxtune_lm_equals_the_harness_hf_backend(data_dir, tasks, tmp_path):
     for metric, value in their_results[name].items():
       if isinstance(value, float) and "stderr" not in metric:
         assert my_results[name][metric] == pytest.approx(value, rel=1e-5, abs=1e-4), (name, metric)
+
+  # jaxtune's own in-context run of the same MMLU task scores the same requests.
+  task = dataclasses.replace(task_defs.find(f"mmlu:{SUBJECTS[0]}"), limit=QUESTIONS)
+  cell = incontext.run(ours.model, task, 1, str(data_dir), 2)
+  for record, sample in zip(cell.records, theirs[f"jt_mmlu_{SUBJECTS[0]}"], strict=True):
+    assert [(record["context"], " " + c) for c in record["choices"]] == [
+      tuple(a) for a in sample["arguments"]
+    ]
+    ll = np.asarray([r[0][0] for r in sample["resps"]])
+    np.testing.assert_allclose(record["loglikelihood"], ll, atol=TOLERANCE, rtol=0)
+    assert record["predicted"]["acc"] == np.argmax(ll)
+  assert cell.metrics["acc"] == pytest.approx(their_results[f"jt_mmlu_{SUBJECTS[0]}"]["acc,none"])

@@ -117,3 +117,33 @@ class JaxtuneLM(LM):
       for i, text in zip(indices, texts, strict=True):
         out[i] = text
     return out
+
+
+def evaluate(
+  model: Any,
+  tasks: Sequence[str],
+  shots: int | None = None,
+  limit: int = 0,
+  include_path: str | None = None,
+  batch_size: int = 8,
+) -> dict[str, Any]:
+  """The harness's `simple_evaluate` of `tasks` on a loaded model (`jaxtune eval --harness
+  lm-eval`): its results, with every request logged (`samples`)."""
+  from lm_eval import simple_evaluate
+  from lm_eval.tasks import TaskManager
+
+  return simple_evaluate(
+    model=JaxtuneLM(model, batch_size=batch_size),
+    tasks=list(tasks),
+    num_fewshot=shots,
+    limit=limit or None,
+    task_manager=TaskManager(include_path=include_path) if include_path else None,
+    log_samples=True,
+  )
+
+
+def table(results: dict[str, Any]) -> str:
+  """The harness's own table of results."""
+  from lm_eval.utils import make_table
+
+  return make_table(results)

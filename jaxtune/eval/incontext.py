@@ -49,6 +49,29 @@ def parse_shots(text: str) -> list[str]:
   return out
 
 
+def find_tasks(names: Sequence[str], limit: int = 0) -> list[tasks.Task]:
+  """The tasks `names` (see `tasks.find`), each limited to `limit` questions if given."""
+  found = [tasks.find(n) for n in names]
+  return [dataclasses.replace(t, limit=limit) if limit else t for t in found]
+
+
+def run_all(
+  model: Any, found: Sequence[tasks.Task], shots: Sequence[str], data_dir: str, batch_size: int = 8
+) -> list[Cell]:
+  """Every task at every shot count of `shots` ("k": the task's own), each count once."""
+  cells = []
+  for task in found:
+    counts = dict.fromkeys(task.shots if s == "k" else int(s) for s in shots)
+    cells += [run(model, task, k, data_dir, batch_size) for k in counts]
+  return cells
+
+
+def record(cells: Sequence[Cell], shots: Sequence[str]) -> dict[str, Any]:
+  """The JSON record of a run: the shots asked for, and every cell with every question's
+  requests and scores."""
+  return {"shots": list(shots), "results": [dataclasses.asdict(c) for c in cells]}
+
+
 def split_docs(task: tasks.Task, data_dir: str) -> tuple[list[tasks.Doc], list[tasks.Doc]]:
   """(questions, exemplar pool) of `task`."""
   questions = tasks.docs(task, os.path.join(data_dir, task.data))
