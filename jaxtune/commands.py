@@ -375,6 +375,8 @@ def _evaluate_tasks(args: argparse.Namespace) -> None:
   if args.harness:
     from jaxtune.eval import harness
 
+    if args.shots is not None and not args.shots.isdigit():
+      raise ConfigError(f"--harness: --shots {args.shots} must be one count")
     shots = None if args.shots is None else int(args.shots)
     model = _load(args)
     run = harness.evaluate(model, names, shots, args.limit, args.include_path, args.batch_size)

@@ -88,22 +88,40 @@ def test_an_answer_not_among_the_choices_names_its_line(tmp_path):
 
 def test_eval_tasks_prints_gpt3_table_and_writes_json_and_plot(data_dir, tmp_path, capsys):
   """`jaxtune eval --tasks ... --shots 0,1`: the table's cells are the JSON's accuracies, which
-  are the accuracies of the recorded per-request log-likelihoods."""
+  are the accuracies of the recorded per-request log-likelihoods; exact match and bits per byte
+  are those of the recorded generations and log-likelihoods."""
   model = data_dir / "models" / "stories260K" / "stories260K.bin"
   output = tmp_path / "out.json"
-  argv = ["eval", str(model), "--tasks", "strategyqa,mmlu:astronomy", "--shots", "0,1"]
+  generated = tmp_path / "yes_no.yaml"
+  fields = dataclasses.asdict(tasks.find("strategyqa"))
+  del fields["name"], fields["choices"]
+  fields.update(data=str(data_dir / fields["data"]), metrics=["exact_match"], max_new_tokens=4)
+  generated.write_text(json.dumps(fields))
+  names = f"strategyqa,mmlu:astronomy,gsm8k_answer,{generated}"
+  argv = ["eval", str(model), "--tasks", names, "--shots", "0,1"]
   argv += ["--limit", "4", "--data", str(data_dir), "--output", str(output)]
   assert cli.main(argv) == 0
   table = capsys.readouterr().out.splitlines()
   assert table[0].split() == ["task", "metric", "k", "0-shot", "1-shot"]
   saved = json.loads(output.read_text())
-  assert [(c["task"], c["shots"]) for c in saved["results"]] == [
-    ("strategyqa", 0),
-    ("strategyqa", 1),
-    ("mmlu:astronomy", 0),
-    ("mmlu:astronomy", 1),
+  cells = saved["results"]
+  assert [(c["task"], c["shots"]) for c in cells] == [
+    (name, shots)
+    for name in ("strategyqa", "mmlu:astronomy", "gsm8k_answer", "yes_no")
+    for shots in (0, 1)
   ]
-  for cell in saved["results"]:
+  for cell in cells[4:]:
+    records = cell["records"]
+    if cell["task"] == "yes_no":
+      right = [r["output"].strip() == r["target"] for r in records]
+      assert cell["metrics"]["exact_match"] == pytest.approx(np.mean(right))
+      assert any(r["output"] for r in records)
+    else:
+      nats = -sum(r["loglikelihood"] for r in records)
+      bits = nats / np.log(2) / sum(len(r["target"].encode()) for r in records)
+      assert cell["metrics"]["bits_per_byte"] == pytest.approx(bits)
+      assert 0 < bits < 20
+  for cell in cells[:4]:
     records = cell["records"]
     assert len(records) == cell["metrics"]["questions"] == 4
     right = [np.argmax(r["loglikelihood"]) == r["gold"] for r in records]
@@ -111,4 +129,4 @@ def test_eval_tasks_prints_gpt3_table_and_writes_json_and_plot(data_dir, tmp_pat
     row = next(line for line in table if line.startswith(cell["task"] + " "))
     assert f"{100 * cell['metrics']['acc']:.1f}" in row.split()[3:]
   svg = output.with_suffix(".svg").read_text()
-  assert svg.count("<polyline") == 2
+  assert svg.count("<polyline") == 4

@@ -137,7 +137,8 @@ def _choice_cell(model, task, contexts, questions, batch_size):
     )
     k += n
   metrics = {m: choice.accuracy(qs, m) for m in task.metrics}
-  return metrics, records, pairs
+  cut = sum(len(c) + len(x) - 1 > model.config.max_seq_len for c, x in pairs)
+  return metrics, records, cut
 
 
 def _exact_match_cell(model, task, contexts, questions, batch_size):
@@ -153,8 +154,9 @@ def _exact_match_cell(model, task, contexts, questions, batch_size):
     }
     for c, d, o in zip(contexts, questions, outputs, strict=True)
   ]
-  pairs = [(requests.encode_text(model.tokenizer, c), [0] * task.max_new_tokens) for c in contexts]
-  return {"exact_match": float(np.mean([r["exact_match"] for r in records]))}, records, pairs
+  room = model.config.max_seq_len - task.max_new_tokens
+  cut = sum(len(requests.encode_text(model.tokenizer, c)) > room for c in contexts)
+  return {"exact_match": float(np.mean([r["exact_match"] for r in records]))}, records, cut
 
 
 def _bits_per_byte_cell(model, task, contexts, questions, batch_size):
@@ -165,7 +167,7 @@ def _bits_per_byte_cell(model, task, contexts, questions, batch_size):
     {"where": d.where, "target": d.target, "loglikelihood": lp, "bytes": n}
     for d, lp, n in zip(questions, logprob.tolist(), sizes, strict=True)
   ]
-  return {"bits_per_byte": -float(logprob.sum()) / math.log(2) / sum(sizes)}, records, []
+  return {"bits_per_byte": -float(logprob.sum()) / math.log(2) / sum(sizes)}, records, 0
 
 
 _KINDS = (
@@ -186,9 +188,9 @@ def run(model: Any, task: tasks.Task, shots: int, data_dir: str, batch_size: int
   for names, cell in _KINDS:
     if not any(m in names for m in task.metrics):
       continue
-    found, found_records, pairs = cell(model, task, contexts, questions, batch_size)
+    found, found_records, cut = cell(model, task, contexts, questions, batch_size)
     metrics.update(found)
-    truncated += sum(len(c) + len(x) - 1 > max_seq_len for c, x in pairs)
+    truncated += cut
     for r, extra in zip(records, found_records, strict=True):
       r.update(extra)
   if truncated:

@@ -2,11 +2,14 @@
 model's mesh: the engine under every log-likelihood request (`eval.requests`).
 
 Each request (context ids, continuation ids) is one example of next-token pairs whose loss
-weights mark the continuation (`packing.Example`). Requests are sorted longest first and, with
-`pack` (the default), placed first fit into rows of the model's length, several to a row, each
-with its own segment id and positions from 0 (`packing.make_batch`): no request attends to
-another, so each scores what it scores alone in a row. Without `pack`, one request per row,
-rows rounded up to a multiple of 64 to reuse compilations. The jitted scorer returns, for every
+weights mark the continuation (`packing.Example`). Requests are sorted longest first; a forward
+pass takes the next requests into `batch_size` rows as long as the longest of them, rounded up to
+a multiple of 64 (to reuse compilations), or `row_length` if longer. With `pack` (the default) they
+are placed first fit, several to a row, each with its own segment id and positions from 0
+(`packing.make_batch`): no request attends to another, so each scores what it scores alone in a
+row. Without `pack`, one request per row. Longer rows hold more requests but cost attention
+FLOPs that grow with the row's length squared: worth it where the model's width dominates
+(see benchmarks/eval_packing.py). The jitted scorer returns, for every
 position, the target's log-probability and whether it is the argmax; the host sums each
 request's continuation span and asks that every one of its tokens be the argmax (`is_greedy`,
 as lm-evaluation-harness defines it).
@@ -81,11 +84,13 @@ def score(
   batch_size: int = 8,
   pack: bool = True,
   progress: bool = True,
+  row_length: int = 0,
 ) -> Scores:
   """The `Scores` of (context ids, continuation ids) requests, in order.
 
   `model` is a loaded handle (`.module`, `.params`, `.mesh`, `.rules`); `batch_size` is rows per
-  forward pass (rounded up to a multiple of the mesh's data axis).
+  forward pass (rounded up to a multiple of the mesh's data axis); `row_length` the least row
+  length when packing (capped at the model's positions).
   """
   max_seq_len = model.module.config.max_seq_len
   examples = [_example(c, x, max_seq_len) for c, x in requests]
@@ -103,8 +108,8 @@ def score(
     start = 0
     while start < len(order):
       longest = len(examples[order[start]]) - 1
-      length = min(-(-longest // _LENGTH_BUCKET) * _LENGTH_BUCKET, max_seq_len)
-      length = max_seq_len if pack else length
+      length = max(-(-longest // _LENGTH_BUCKET) * _LENGTH_BUCKET, row_length if pack else 0)
+      length = min(length, max_seq_len)
       pending = order[start:]
       placed = packing.assign_rows([len(examples[i]) - 1 for i in pending], rows, length, pack)
       chunk = pending[: sum(map(len, placed))]
