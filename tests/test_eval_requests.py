@@ -13,6 +13,7 @@ import pytest
 import jaxtune
 from jaxtune import api, sharding
 from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.data import packing
 from jaxtune.eval import choice, requests, scoring
 from jaxtune.model import transformer
 
@@ -26,19 +27,20 @@ def stories_on_mesh(data_dir):
 def _mmlu_pairs(data_dir, n):
   with open(data_dir / "mmlu" / "data" / "dev" / "astronomy_dev.csv", newline="") as f:
     rows = list(csv.reader(f))[:n]
-  return [
-    (f"{r[0]}\nA. {r[1]}\nB. {r[2]}\nC. {r[3]}\nD. {r[4]}\nAnswer:", f" {letter}")
-    for r in rows
-    for letter in "ABCD"
-  ] + [("Once upon a time,", " there was a little girl named Lily."), ("", "Once upon a time")]
+  return [(f"Question: {r[0]}\nAnswer:", f" {choice}") for r in rows for choice in r[1:5]] + [
+    ("Once upon a time,", " there was a little girl named Lily."),
+    ("", "Once upon a time"),
+  ]
 
 
 def test_packed_requests_score_as_one_per_row(stories_on_mesh, data_dir):
-  """20 MMLU-style requests packed several to a row give the scores (and is_greedy) they get one
-  per row; a greedy continuation is found greedy."""
+  """18 requests (MMLU questions and answers) packed several to a row of 512 give the scores
+  (and is_greedy) they get one per row; a greedy continuation is found greedy."""
   pairs = _mmlu_pairs(data_dir, 4)
   ids = [requests.encode_pair(stories_on_mesh.tokenizer, c, x) for c, x in pairs]
-  packed = scoring.score(stories_on_mesh, ids, batch_size=2, pack=True)
+  lengths = sorted((len(c) + len(x) - 1 for c, x in ids), reverse=True)
+  assert max(map(len, packing.assign_rows(lengths, 2, 512, True))) >= 3  # Packed indeed.
+  packed = scoring.score(stories_on_mesh, ids, batch_size=2, pack=True, row_length=512)
   alone = scoring.score(stories_on_mesh, ids, batch_size=8, pack=False)
   np.testing.assert_allclose(packed.logprob, alone.logprob, atol=1e-4, rtol=0)
   np.testing.assert_array_equal(packed.greedy, alone.greedy)
