@@ -1,8 +1,10 @@
-"""Packed vs one-per-row log-likelihood requests on MMLU (`jaxtune.eval.scoring.score`).
+"""Packed vs one-per-row log-likelihood requests (`jaxtune.eval.scoring.score`).
 
 The requests are those of `jaxtune eval --tasks mmlu:SUBJECT` (the val questions, each of its
-four choices " A".." D" after the question, k-shot from dev), scored by the real stories260K model
-(512 positions) on one CPU device, with the same rows per forward pass (`--rows`):
+four choices " A".." D" after the question, k-shot from dev) and, for short requests, of
+`--tasks strategyqa` zero-shot (" yes" / " no" after the question), scored by the real
+stories260K model (512 positions) on one CPU device, with the same rows per forward pass
+(`--rows`):
 
 - one per row: each request alone in a row, a pass's rows as long as its longest request
   (rounded up to a multiple of 64, compiled once per length bucket);
@@ -22,6 +24,7 @@ position; it grows with the row length T), seconds (a first run compiles every s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import statistics
@@ -40,14 +43,15 @@ DATA = pathlib.Path(
 )
 
 
-def mmlu_requests(model, shots: int, subjects: list[str]) -> list[tuple[list[int], list[int]]]:
+def task_requests(model, task: tasks.Task, shots: int) -> list[tuple[list[int], list[int]]]:
+  """The log-likelihood requests of a multiple-choice task, as `jaxtune eval --tasks` makes them."""
+  questions, pool = incontext.split_docs(task, str(DATA))
   out = []
-  for subject in subjects:
-    task = tasks.mmlu(subject)
-    questions, pool = incontext.split_docs(task, str(DATA))
-    for i, doc in enumerate(questions):
-      ctx = incontext.context(task, incontext.exemplars(task, pool, shots, i), doc)
-      out += [requests.encode_pair(model.tokenizer, ctx, " " + c) for c in doc.choices]
+  for i, doc in enumerate(questions):
+    ctx = incontext.context(task, incontext.exemplars(task, pool, shots, i), doc)
+    out += [
+      requests.encode_pair(model.tokenizer, ctx, task.target_delimiter + c) for c in doc.choices
+    ]
   return out
 
 
@@ -87,6 +91,9 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="3 subjects, 1 timed run")
   parser.add_argument("--shots", default="0,1")
   parser.add_argument("--subjects", type=int, default=12, help="the first N subjects (0: all)")
+  parser.add_argument(
+    "--short", type=int, default=400, help="StrategyQA questions (short requests; 0: none)"
+  )
   parser.add_argument("--rows", type=int, default=16)
   parser.add_argument("--runs", type=int, default=3)
   args = parser.parse_args()
@@ -95,8 +102,17 @@ def main() -> None:
   subjects = subjects[: 3 if args.quick else args.subjects or len(subjects)]
   runs = 1 if args.quick else args.runs
   rows_out = []
-  for shots in map(int, args.shots.split(",")):
-    reqs = mmlu_requests(model, shots, subjects)
+  workloads = [
+    (f"MMLU ({len(subjects)} subjects)", shots, [tasks.mmlu(s) for s in subjects])
+    for shots in map(int, args.shots.split(","))
+  ]
+  if args.short:
+    limit = 40 if args.quick else args.short
+    workloads.append(
+      ("StrategyQA", 0, [dataclasses.replace(tasks.find("strategyqa"), limit=limit)])
+    )
+  for name, shots, found in workloads:
+    reqs = [r for task in found for r in task_requests(model, task, shots)]
     seconds = {layout: [] for layout in LAYOUTS}
     scores = {}
     for layout in LAYOUTS:  # Compiles every shape.
@@ -109,14 +125,15 @@ def main() -> None:
         seconds[layout].append(time.perf_counter() - t0)
     params = sum(x.size for x in jax.tree.leaves(model.params))
     cfg = model.config
-    for layout, name in LAYOUTS.items():
+    for layout, layout_name in LAYOUTS.items():
       use = usage(reqs, args.rows, layout, cfg.max_seq_len)
       attention = 4 * cfg.num_layers * cfg.dim * use["square"]
       median = statistics.median(seconds[layout])
       rows_out.append(
         {
+          "task": name,
           "shots": shots,
-          "layout": name,
+          "layout": layout_name,
           "requests": len(reqs),
           "mean tokens": float(np.mean([len(c) + len(x) - 1 for c, x in reqs])),
           "forward passes": use["passes"],
@@ -130,7 +147,7 @@ def main() -> None:
       print(rows_out[-1])
   columns = list(rows_out[0])
   markdown = (
-    f"# Packed vs one-per-row MMLU requests (stories260K, {len(subjects)} subjects, val split, "
+    f"# Packed vs one-per-row requests (stories260K, MMLU val, StrategyQA; "
     f"{args.rows} rows per pass, one CPU device)\n\n" + common.markdown_table(rows_out, columns)
   )
   print(markdown)

@@ -87,6 +87,8 @@ class JaxtuneLM(LM):
       )
     if path.tokenizer is None:
       raise ConfigError("JaxtuneLM: the checkpoint has no tokenizer: pass tokenizer=")
+    if not str(batch_size).isdigit() or int(batch_size) < 1:
+      raise ConfigError(f"JaxtuneLM: batch_size={batch_size!r} must be a positive count")
     self.model = path
     self.batch_size = int(batch_size)
     self.max_gen_toks = int(max_gen_toks)
