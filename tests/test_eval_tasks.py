@@ -100,6 +100,7 @@ def test_eval_tasks_prints_gpt3_table_and_writes_json_and_plot(data_dir, tmp_pat
   names = f"strategyqa,mmlu:astronomy,gsm8k_answer,{generated}"
   argv = ["eval", str(model), "--tasks", names, "--shots", "0,1"]
   argv += ["--limit", "4", "--data", str(data_dir), "--output", str(output)]
+  argv += ["distributed.mode=disabled"]  # In this process, where JAX already runs.
   assert cli.main(argv) == 0
   table = capsys.readouterr().out.splitlines()
   assert table[0].split() == ["task", "metric", "k", "0-shot", "1-shot"]
