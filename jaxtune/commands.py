@@ -6,8 +6,12 @@ rendered through its chat template; `convert` writes it in another format.
   of records with an `instruction`, AlpacaEval's form) writes one JSON line per record with its
   `output` and `generator` added, to `--output` or the standard output.
 - `chat`: a multi-turn conversation in the terminal, the reply streamed as it is generated.
-- `eval`: a task of `jaxtune.eval.runner.TASKS`; the result as a table on screen and as JSON
-  (`--output`, default `RUN/eval/TASK.json` for a jaxtune run, else `runs/eval/NAME/TASK.json`).
+- `eval`: a task of `jaxtune.eval.runner.TASKS` (`--task`); the result as a table on screen and as
+  JSON (`--output`, default `RUN/eval/TASK.json` for a jaxtune run, else
+  `runs/eval/NAME/TASK.json`). `--tasks a,b --shots 0,1,k`: in-context tasks as data
+  (`eval.tasks`), GPT-3's table (`eval.incontext`), JSON and an SVG plot beside it
+  (`incontext.json`, `incontext.svg`); with `--harness lm-eval`, lm-evaluation-harness's tasks
+  through `eval.harness.JaxtuneLM` (`lm-eval.json`).
 - `convert`: `jaxtune convert SRC DST --to jaxtune|hf|peft` (see `convert/export.py`).
 """
 
@@ -89,17 +93,30 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
   from jaxtune.eval import runner
 
   _model_arguments(p)
-  p.add_argument("--task", required=True, choices=list(runner.TASKS))
+  which = p.add_mutually_exclusive_group(required=True)
+  which.add_argument("--task", choices=list(runner.TASKS))
+  which.add_argument(
+    "--tasks",
+    help="in-context tasks, comma-separated: built-in names (ecqa, qasc, strategyqa, creak, "
+    "mmlu:SUBJECT, ...) or task .yaml files; with --harness, the harness's task names",
+  )
+  p.add_argument("--harness", choices=["lm-eval"], help="run --tasks in lm-evaluation-harness")
+  p.add_argument("--include-path", help="--harness: a folder of the harness's task YAML files")
   p.add_argument(
     "--data",
-    required=True,
+    default="",
     help="MMLU: its data folder (dev/ and the split); GSM8K: a JSONL file; BBH: a task .json or "
-    "a folder of them; perplexity, generation-stats: an instruction data file",
+    "a folder of them; perplexity, generation-stats: an instruction data file; --tasks: the "
+    "folder the tasks' files are under (default: $JAXTUNE_DATA_DIR)",
   )
   p.add_argument(
     "--exemplars", default="", help="GSM8K: the exemplars' file; BBH: the cot-prompts folder"
   )
-  p.add_argument("--shots", type=int, help="exemplars per prompt (MMLU 5, GSM8K 8, BBH 3)")
+  p.add_argument(
+    "--shots",
+    help="exemplars per prompt (MMLU 5, GSM8K 8, BBH 3); --tasks: a list such as 0,1,k (k: each "
+    "task's own few-shot count)",
+  )
   p.add_argument("--limit", type=int, default=0, help="questions per subject or task (0: all)")
   p.add_argument("--split", default="test", help="MMLU's split to score (exemplars: dev)")
   p.add_argument("--subjects", default="", help="MMLU subjects or BBH tasks, comma-separated")
@@ -339,16 +356,26 @@ def _default_output(checkpoint: str, task: str) -> str:
 
 
 def evaluate(args: argparse.Namespace) -> None:
+  if args.tasks:
+    return _evaluate_tasks(args)
+  if args.harness:
+    raise ConfigError("--harness runs --tasks, not --task")
+  if not args.data:
+    raise ConfigError(f"--task {args.task} needs --data")
   import jax
 
   from jaxtune.eval import base, runner
 
+  try:
+    shots = None if args.shots is None else int(args.shots)
+  except ValueError:
+    raise ConfigError(f"--task {args.task}: --shots {args.shots} must be one count") from None
   options = base.Options(
     data=args.data,
     format=args.format,
     fields=args.fields,
     exemplars=args.exemplars,
-    shots=args.shots,
+    shots=shots,
     limit=args.limit,
     batch_size=args.batch_size,
     max_new_tokens=args.max_new_tokens,
@@ -367,6 +394,50 @@ def evaluate(args: argparse.Namespace) -> None:
     return
   runner.save(result, output, checkpoint=str(args.checkpoint), options=dataclasses.asdict(options))
   print(runner.table(result))
+  print(f"results written to {output}", file=sys.stderr)
+
+
+def _evaluate_tasks(args: argparse.Namespace) -> None:
+  """`--tasks`: in-context tasks as data, or the harness's tasks with `--harness lm-eval`."""
+  import jax
+
+  names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+  _check_positive(args, "batch_size")
+  if args.limit < 0:
+    raise ConfigError(f"--limit {args.limit}: must not be negative (0: all)")
+  stem = "lm-eval" if args.harness else "incontext"
+  output = args.output or _default_output(args.checkpoint, stem)
+  _check_output(output, args.force)
+  if args.harness:
+    from jaxtune.eval import harness
+
+    if args.shots is not None and not args.shots.isdigit():
+      raise ConfigError(f"--harness: --shots {args.shots} must be one count")
+    shots = None if args.shots is None else int(args.shots)
+    model = _load(args)
+    run = harness.evaluate(model, names, shots, args.limit, args.include_path, args.batch_size)
+    report, record = harness.table(run), run
+  else:
+    from jaxtune.eval import incontext
+
+    shots = incontext.parse_shots(args.shots or "0,1,k")
+    data_dir = args.data or os.environ.get("JAXTUNE_DATA_DIR", "")
+    if not data_dir:
+      raise ConfigError("--tasks needs --data (the folder the tasks' files are under)")
+    found = incontext.find_tasks(names, args.limit)
+    model = _load(args)
+    cells = incontext.run_all(model, found, shots, data_dir, args.batch_size)
+    report = incontext.table(cells, shots, {t.name: t.shots for t in found})
+    record = incontext.record(cells, shots)
+    if jax.process_index() == 0:
+      incontext.svg_plot(cells, os.path.splitext(output)[0] + ".svg")
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  with open(output, "w", encoding="utf-8") as f:
+    json.dump({"checkpoint": str(args.checkpoint), **record}, f, indent=2, default=str)
+    f.write("\n")
+  print(report)
   print(f"results written to {output}", file=sys.stderr)
 
 
