@@ -33,7 +33,7 @@ from jaxtune import checkpoint, config, generate, runs, sharding
 from jaxtune.config import ModelConfig
 from jaxtune.config_vision import LlavaConfig
 from jaxtune.convert import hf, hf_vision, llama2c
-from jaxtune.data import llama2c_tokenizer, multimodal, pipeline
+from jaxtune.data import llama2c_tokenizer, llava_data, multimodal, pipeline
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.data.formats import Conversation, Message
 from jaxtune.data.hf_tokenizer import TOKENIZER_JSON
@@ -42,6 +42,7 @@ from jaxtune.errors import CheckpointError, GenerationError
 from jaxtune.model import llava, transformer
 from jaxtune.model.adapters import NONE, Adapters
 from jaxtune.peft import lora, methods, partition, prefix
+from jaxtune.train import llava_run
 
 log = logging.getLogger(__name__)
 
@@ -239,11 +240,19 @@ def load(
 
 
 def _placement(
-  cfg: ModelConfig, mesh: Mesh | None, strategy: str, adapters: Adapters = NONE
+  cfg: ModelConfig,
+  mesh: Mesh | None,
+  strategy: str,
+  adapters: Adapters = NONE,
+  llava_cfg: LlavaConfig | None = None,
 ) -> tuple[Any, Any, Any]:
-  """(abstract params, their shardings, the rules) of `cfg`'s model on `mesh` or one device."""
-  model = transformer.Transformer(cfg, adapters)
-  abstract = jax.eval_shape(transformer.init_fn(model), jax.random.key(0))
+  """(abstract params, their shardings, the rules) of `cfg`'s model (with `llava_cfg`'s
+  encoder and projector) on `mesh` or one device."""
+  if llava_cfg is None:
+    model = transformer.Transformer(cfg, adapters)
+  else:
+    model = llava.model(dataclasses.replace(llava_cfg, text=cfg), adapters=adapters)
+  abstract = jax.eval_shape(llava_run.init_fn(model), jax.random.key(0))
   params = nn.meta.unbox(abstract)["params"]
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -259,8 +268,10 @@ def _load_run(path, mesh, param_dtype, strategy) -> Model:
     cfg.model if param_dtype is None else dataclasses.replace(cfg.model, param_dtype=param_dtype)
   )
   strategy = strategy or cfg.mesh.strategy
-  adapters, trains = methods.adapters(cfg.peft), methods.trains(cfg.peft)
-  abstract, shardings, rules = _placement(model_cfg, mesh, strategy, adapters)
+  adapters = methods.adapters(cfg.peft)
+  trains = llava_run.trains(cfg, methods.trains(cfg.peft))
+  llava_cfg = cfg.vision.llava(model_cfg) if cfg.vision.enabled else None
+  abstract, shardings, rules = _placement(model_cfg, mesh, strategy, adapters, llava_cfg)
   (trained, base), (trained_sharding, base_sharding) = (
     partition.split(abstract, trains),
     partition.split(shardings, trains),
@@ -268,15 +279,25 @@ def _load_run(path, mesh, param_dtype, strategy) -> Model:
   params = checkpoint.restore_params(
     str(run / runs.CHECKPOINTS), checkpoint.abstract(trained, trained_sharding), step
   )
-  if adapters != NONE:  # The checkpoint holds the adapters; the base is where the run began.
-    base_params = _base_of_run(cfg, model_cfg, mesh, strategy)
+  if adapters != NONE or llava_cfg is not None:  # The checkpoint holds the trained part; the
+    # rest (the base, a LLaVA encoder) is where the run began.
+    base_params = partition.split(_base_of_run(cfg, model_cfg, mesh, strategy), trains)[1]
     if jax.tree.map(jnp.shape, base_params) != jax.tree.map(jnp.shape, base):
       raise CheckpointError(f"{run}: the base model (train.init_from) does not fit the adapters")
     params = partition.combine(params, jax.tree.map(jax.device_put, base_params, base_sharding))
   with sharding.use(mesh, rules):
     module, params = prefix.for_decoding(transformer.Transformer(model_cfg, adapters), params)
   return Model(
-    model_cfg, params, None, cfg.data.template, mesh, rules, module.adapters, cfg.train.init_from
+    model_cfg,
+    params,
+    None,
+    cfg.data.template,
+    mesh,
+    rules,
+    module.adapters,
+    cfg.train.init_from,
+    llava=llava_cfg,
+    preprocess=llava_data.preprocess(cfg) if llava_cfg is not None else None,
   )
 
 
@@ -287,7 +308,7 @@ def _base_of_run(cfg: config.Config, model_cfg: ModelConfig, mesh, strategy) -> 
     base = load(cfg.train.init_from, mesh=mesh, strategy=strategy)
     return transformer.grow_vocab(base.merged().params, model_cfg.vocab_size)
   init_rng, _ = runs.seed_rngs(cfg.train.seed)
-  init = transformer.init_fn(methods.model(model_cfg, cfg.peft))
+  init = llava_run.init_fn(llava_run.model(dataclasses.replace(cfg, model=model_cfg)))
   return partition.base(nn.meta.unbox(jax.jit(init)(init_rng))["params"])
 
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from jaxtune import config_values
+from jaxtune.config_image import ImageConfig
 from jaxtune.config_values import check as _check
 from jaxtune.model import presets  # Plain data: imports nothing.
 
@@ -393,6 +394,7 @@ class Config:
   train: TrainConfig = TrainConfig()
   peft: PeftConfig = PeftConfig()
   distributed: DistributedConfig = DistributedConfig()
+  vision: ImageConfig = ImageConfig()  # A LLaVA model's encoder and projector (`config_image`).
 
   def to_dict(self) -> dict[str, dict[str, Any]]:
     """Plain values (tuples as lists), as YAML writes them."""

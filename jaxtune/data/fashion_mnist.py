@@ -137,3 +137,31 @@ def write_llava(
   path = folder / f"{name}.json"
   path.write_text(json.dumps(records(indices, labels, kinds, image_names), indent=1))
   return path
+
+
+def write_recipe_data(
+  source: str | pathlib.Path, out: str | pathlib.Path, train_images: int, test_images: int
+) -> None:
+  """The LLaVA recipes' data in `out` (configs/llava_stage{1,2}.yaml): stage1.json (captions),
+  stage2.json (visual questions) of `train_images` training images, and test.json (questions
+  and captions) of `test_images` t10k images, which training never sees."""
+  rng = np.random.default_rng(0)
+  train_x, train_y = load(source, "train")
+  test_x, test_y = load(source, "test")
+  train_idx = rng.permutation(len(train_x))[:train_images].tolist()
+  test_idx = rng.permutation(len(test_x))[:test_images].tolist()
+  write_llava(out, "stage1", "train", train_x, train_y, train_idx, ["caption"])
+  write_llava(out, "stage2", "train", train_x, train_y, train_idx, list(QUESTIONS))
+  write_llava(out, "test", "test", test_x, test_y, test_idx, [*QUESTIONS, "caption"])
+
+
+if __name__ == "__main__":
+  import argparse
+
+  parser = argparse.ArgumentParser(description="Writes the LLaVA recipes' Fashion-MNIST data.")
+  parser.add_argument("source", help="the folder of Fashion-MNIST's idx .gz files")
+  parser.add_argument("out", help="where to write stage1.json, stage2.json, test.json, images/")
+  parser.add_argument("--train-images", type=int, default=3000)
+  parser.add_argument("--test-images", type=int, default=200)
+  args = parser.parse_args()
+  write_recipe_data(args.source, args.out, args.train_images, args.test_images)

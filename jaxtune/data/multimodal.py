@@ -65,6 +65,10 @@ class ImageExample:
   def __len__(self) -> int:
     return len(self.example)
 
+  @property
+  def pairs(self) -> int:
+    return self.example.pairs
+
 
 def parse(record: sources.Record, image_folder: pathlib.Path) -> ImageConversation:
   """One LLaVA record; a DataError naming its file:line if it is malformed, an image is missing

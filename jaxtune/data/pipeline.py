@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -47,6 +47,8 @@ class Data:
   eval_positions: np.ndarray
   stats: Stats  # Of this process's rows' training records.
   held_out: list[Conversation]  # All of them (a preference's best), on every process.
+  # The batch iterator's class and options (`Batches`; a LLaVA run's `llava_data.ImageBatches`).
+  batches: Callable[..., Batches] | None = None
 
 
 @dataclasses.dataclass
@@ -414,6 +416,9 @@ class Batches(Iterator[Batch]):
       placed.append(list(range(len(examples), len(examples) + len(taken))))
       examples += taken
     self.batches += 1
+    return self._make_batch(examples, placed)
+
+  def _make_batch(self, examples: list[Example], placed: list[list[int]]) -> Batch:
     return packing.make_batch(examples, placed, self.length)
 
   @property
@@ -452,7 +457,7 @@ class Batches(Iterator[Batch]):
 def training_batches(data: Data, cfg: Config, rows: BatchRows | None = None) -> Batches:
   """The training iterator as `cfg` (data and train sections) configures it; this process builds
   the rows `rows` (None: all)."""
-  return Batches(
+  return (data.batches or Batches)(
     data.train,
     cfg.train.batch_size,
     cfg.data.max_length,

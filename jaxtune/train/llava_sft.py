@@ -27,8 +27,8 @@ class LlavaSFT(sft.SFT):
   def from_config(cls, model: transformer.Transformer, train: TrainConfig) -> LlavaSFT:
     if not isinstance(model, llava.Llava):
       raise ConfigError(
-        "train.objective=llava_sft needs a LLaVA model, which `jaxtune train` does not build "
-        "yet: run the stages from Python (see benchmarks/llava_fashion.py)"
+        "train.objective=llava_sft needs a LLaVA model: set vision.encoder (see "
+        "configs/llava_stage1.yaml)"
       )
     return cls(model, train.z_loss, train.neftune_alpha)
 

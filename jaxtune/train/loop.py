@@ -23,7 +23,7 @@ from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.model import transformer
 from jaxtune.model.adapters import NONE
 from jaxtune.peft import methods, partition, prefix
-from jaxtune.train import metrics, objective, optim, reference, reward
+from jaxtune.train import llava_run, metrics, objective, optim, reference, reward
 from jaxtune.train.step import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,12 @@ def _pretrained(params: Any) -> dict:
 def _initial_params(cfg: Config, model, mesh, rng) -> sharding.Sharded:
   """Random (abstract-first, sharded) parameters, or pretrained ones from `train.init_from`
   (the base model's; PEFT parameters start as initialized)."""
-  sharded = sharding.init_sharded(transformer.init_fn(model), rng, mesh, cfg.mesh.strategy)
+  sharded = sharding.init_sharded(llava_run.init_fn(model), rng, mesh, cfg.mesh.strategy)
   path = cfg.train.init_from
   if not path:
     return sharded
+  if cfg.vision.enabled:
+    return llava_run.initial_params(cfg, sharded, mesh)
   # The base model's parameters; PEFT ones and a new scalar head start as initialized.
   base_shardings = _pretrained(sharded.shardings["params"])
   base_params = _pretrained(sharded.variables["params"])
@@ -116,11 +118,11 @@ def build(
       "model.linear=bitnet158_packed holds 2-bit codes, which cannot be trained: train the "
       "bitnet158 model (float latent weights) it was packed from, or a PEFT method on it"
     )
-  model = methods.model(cfg.model, cfg.peft, **objective.model_options(cfg.train))
+  model = llava_run.model(cfg, **objective.model_options(cfg.train))
   goal = objective.make(model, cfg.train)
   init_rng, step_rng = runs.seed_rngs(cfg.train.seed)
   if shapes_only:
-    init = transformer.init_fn(model)
+    init = llava_run.init_fn(model)
     sharded = sharding.init_sharded(init, init_rng, mesh, cfg.mesh.strategy, shapes_only=True)
   else:
     sharded = _initial_params(cfg, model, mesh, init_rng)
@@ -129,7 +131,7 @@ def build(
   if tokenizer is not None and not shapes_only:
     with sharding.use(mesh, sharded.rules):
       params = _init_peft_from_text(cfg, params, tokenizer, shardings)
-  trains = objective.trains(cfg.train, methods.trains(cfg.peft))
+  trains = objective.trains(cfg.train, llava_run.trains(cfg, methods.trains(cfg.peft)))
   trainable, frozen = partition.split(params, trains)
   trainable_sharding, frozen_sharding = partition.split(shardings, trains)
   if getattr(goal, "needs_reference", False) and model.adapters == NONE:  # Full fine-tuning.
@@ -188,7 +190,7 @@ def _held_out_batches(data: pipeline.Data, cfg: Config, rows) -> pipeline.Batche
       [ex for ex, f in zip(data.train, first, strict=True) if f],
       data.positions[first],
     )
-  return pipeline.Batches(
+  return (data.batches or pipeline.Batches)(
     examples,
     cfg.train.batch_size,
     cfg.data.max_length,
@@ -223,7 +225,7 @@ def _with_saved_tokenizer(cfg: Config) -> Config:
 def _feed(cfg: Config, mesh: jax.sharding.Mesh) -> Feed:
   """Reads and tokenizes this process's rows of the data and plans the batches."""
   rows = sharding.batch_rows(mesh, cfg.train.batch_size)  # This process's part of each batch.
-  data = pipeline.load(cfg.data, cfg.train.seed, rows)
+  data = llava_run.load_data(cfg, cfg.train.seed, rows)
   _check_fits(cfg, data.tokenizer.vocab_size, mesh)
   stats = data.stats
   log.info(
@@ -310,12 +312,14 @@ def _write_run_files(cfg: Config, tokenizer) -> None:
 
 def _batch_putter(cfg: Config, t: Trainer):
   """This process's rows of a batch -> the global batch on the mesh (the objective's keys)."""
-  shape = (cfg.train.batch_size, cfg.data.max_length)
 
   def put(batch: pipeline.Batch) -> dict[str, jax.Array]:
+    arrays = {k: getattr(batch, k) for k in t.objective.batch_keys}  # Rows first: [B, ...].
     return {
-      k: jax.make_array_from_process_local_data(t.batch_sharding, getattr(batch, k), shape)
-      for k in t.objective.batch_keys
+      k: jax.make_array_from_process_local_data(
+        t.batch_sharding, a, (cfg.train.batch_size, *a.shape[1:])
+      )
+      for k, a in arrays.items()
     }
 
   return put
@@ -327,6 +331,7 @@ def run(cfg: Config) -> dict[str, Any]:
   mesh = sharding.make_mesh(cfg.mesh)
   cfg = _with_bitnet_groups(cfg, mesh)
   feed = _feed(cfg, mesh)
+  cfg = llava_run.with_image_token(cfg, feed.data.tokenizer)
   t = build(cfg, mesh, feed.steps, feed.data.tokenizer)
   objective.check_data(cfg.train, t.objective, feed.data.train)
   _log_model(cfg, t, mesh)
