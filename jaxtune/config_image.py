@@ -87,8 +87,7 @@ class ImageConfig:
     _check(all(s > 0 for s in self.std), f"vision.std={list(self.std)} must be positive")
     _check(
       self.image_token_id >= -1,
-      f"vision.image_token_id={self.image_token_id}: a token id, or -1 for the tokenizer's "
-      "<image>",
+      f"vision.image_token_id={self.image_token_id}: a token id, or -1 for the tokenizer's <image>",
     )
     from jaxtune.config import ModelConfig
 

@@ -70,9 +70,7 @@ def _tokenizer(cfg: Config, convs: list[multimodal.ImageConversation]):
   if d.tokenizer:
     tok = pipeline.load_tokenizer(d.tokenizer)
   else:  # Trained on the rendered text, `<image>` a token of its own.
-    texts = (
-      templates.to_text(templates.render(c.conversation, d.template), "", "") for c in convs
-    )
+    texts = (templates.to_text(templates.render(c.conversation, d.template), "", "") for c in convs)
     tok = tokenizer_lib.train(texts, d.tokenizer_vocab_size, [*specials, multimodal.IMAGE])
   return tok.with_special_tokens(specials)
 

@@ -39,8 +39,8 @@ def init_fn(module: transformer.Transformer):
 # `vision.stage` -> which parameters train, given those `peft.method` trains of the decoder.
 STAGES = {
   "projector": lambda method_trains: lambda path: path[0] == "projector",
-  "language": lambda method_trains: lambda path: (
-    path[0] == "projector" or (path[0] != "vision" and method_trains(path))
+  "language": lambda method_trains: (
+    lambda path: path[0] == "projector" or (path[0] != "vision" and method_trains(path))
   ),
 }
 
