@@ -49,8 +49,8 @@ from jaxtune.data.formats import Conversation, Message
 from jaxtune.data.images import Preprocess
 from jaxtune.model import llava, transformer
 from jaxtune.model.vision import VisionEncoder
-from jaxtune.peft import partition
-from jaxtune.train import llava_sft, objective, optim
+from jaxtune.peft import methods, partition
+from jaxtune.train import llava_run, objective, optim
 from jaxtune.train.step import TrainState, make_train_step
 
 DATA = pathlib.Path(
@@ -65,7 +65,6 @@ PRE = Preprocess(size=28, mean=(MEAN,), std=(STD,), channels=1)
 QUESTION_KINDS = tuple(fashion_mnist.QUESTIONS)
 TEST_KINDS = (*QUESTION_KINDS, "caption")  # Captions show what stage 1 alone learned.
 IMAGES_PER_ROW = 4
-STAGES = {"stage1": "projector", "stage2": "projector_llm"}  # Stage 2 with LoRA: "projector_lora".
 
 
 class Classifier(nn.Module):
@@ -359,7 +358,7 @@ def main() -> None:
     params, losses[name] = train(
       module,
       params,
-      llava_sft.STAGES[STAGES[name]],
+      llava_run.trains(recipe_cfg, methods.trains(recipe_cfg.peft)),  # The recipe's stage.
       image_batches(exs, recipe_cfg, cache, args.seed),
       recipe_cfg.train,
       args.seed,

@@ -24,7 +24,7 @@ from jaxtune.errors import ConfigError, DataError
 from jaxtune.model import llava, transformer
 from jaxtune.model.adapters import Adapters
 from jaxtune.peft import partition
-from jaxtune.train import llava_sft, objective, step
+from jaxtune.train import llava_run, llava_sft, objective, step
 
 IMAGE_ID = 5
 CFG = LlavaConfig(
@@ -33,6 +33,7 @@ CFG = LlavaConfig(
   image_token_id=IMAGE_ID,
 )
 PRE = Preprocess(size=16)
+PROJECTOR = llava_run.STAGES["projector"](lambda path: True)  # LLaVA's stage 1.
 
 
 class CharTokenizer:
@@ -229,7 +230,7 @@ def test_projector_stage_trains_the_projector_alone(data, params):
   """Gradients and optimizer state for the projector alone; the step on a 2x4 mesh (fsdp: the
   frozen encoder and decoder split too) updates it as on one device."""
   model = llava.model(CFG)
-  trainable, frozen = partition.split(params, llava_sft.STAGES["projector"])
+  trainable, frozen = partition.split(params, PROJECTOR)
   assert set(trainable) == {"projector"} and "projector" not in frozen
   optimizer = optax.adamw(1e-2)
   opt_shapes = {x.shape for x in jax.tree.leaves(optimizer.init(trainable)) if x.ndim}
@@ -254,7 +255,7 @@ def test_projector_stage_trains_the_projector_alone(data, params):
   on_mesh = jax.device_put(params, shardings)
   with sharding.use(mesh, rules):
     sharded, sharded_metrics = run(
-      *partition.split(on_mesh, llava_sft.STAGES["projector"]), _placed(batch, mesh, rules)
+      *partition.split(on_mesh, PROJECTOR), _placed(batch, mesh, rules)
     )
   np.testing.assert_allclose(sharded_metrics["loss"], metrics["loss"], rtol=1e-5)
   np.testing.assert_allclose(sharded_metrics["grad_norm"], metrics["grad_norm"], rtol=1e-4)
@@ -287,12 +288,14 @@ def test_stages_choose_their_parameters():
   abstract = nn.meta.unbox(jax.eval_shape(llava.init_fn(module), jax.random.key(0)))["params"]
   flat = traverse_util.flatten_dict(abstract)
   assert any(p[0] == "vision" for p in flat) and any(p[-1] == "lora_a" for p in flat)
-  for stage, expected in {
-    "projector": lambda p: p[0] == "projector",
-    "projector_llm": lambda p: p[0] != "vision",
-    "projector_lora": lambda p: p[0] == "projector" or p[-1] in ("lora_a", "lora_b"),
-  }.items():
-    trainable, frozen = partition.split(abstract, llava_sft.STAGES[stage])
+  lora_trains = lambda p: p[-1] in ("lora_a", "lora_b")  # noqa: E731 (peft.method=lora's)
+  for stage, method_trains, expected in (
+    ("projector", lora_trains, lambda p: p[0] == "projector"),
+    ("language", lambda p: True, lambda p: p[0] != "vision"),
+    ("language", lora_trains, lambda p: p[0] == "projector" or p[-1] in ("lora_a", "lora_b")),
+  ):
+    trains = llava_run.STAGES[stage](method_trains)
+    trainable, frozen = partition.split(abstract, trains)
     assert set(traverse_util.flatten_dict(trainable)) == {p for p in flat if expected(p)}, stage
     assert "vision" in frozen
 

@@ -1,8 +1,8 @@
 """Visual instruction tuning's objective: SFT's loss, with each row's images (`images`
 [B, M, Y, X, C]) in place of its image tokens (`model/llava.py`), which carry no loss.
 
-Which parameters train is LLaVA's stage (`STAGES`): stage 1 the projector alone, stage 2 the
-projector and the decoder (or its LoRA adapters); the vision encoder stays frozen.
+Which parameters train is LLaVA's stage (`llava_run.STAGES`): stage 1 the projector alone,
+stage 2 the projector and the decoder (or its LoRA adapters); the vision encoder stays frozen.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from typing import ClassVar
 from jaxtune.config import TrainConfig
 from jaxtune.errors import ConfigError
 from jaxtune.model import llava, transformer
-from jaxtune.model.adapters import LORA_A, LORA_B
-from jaxtune.peft.partition import Predicate
 from jaxtune.train import sft
 
 
@@ -31,11 +29,3 @@ class LlavaSFT(sft.SFT):
         "configs/llava_stage1.yaml)"
       )
     return cls(model, train.z_loss, train.neftune_alpha)
-
-
-# Stage -> which parameters train (a predicate on their paths, for `partition.split`).
-STAGES: dict[str, Predicate] = {
-  "projector": lambda path: path[0] == "projector",
-  "projector_llm": lambda path: path[0] != "vision",
-  "projector_lora": lambda path: path[0] == "projector" or path[-1] in (LORA_A, LORA_B),
-}
