@@ -87,7 +87,7 @@ def initial_params(cfg: Config, sharded: Any, mesh) -> Any:
   placed = jax.tree.map(
     lambda x, s: jax.device_put(jnp.asarray(x), s),
     loaded,
-    {k: shardings[k] for k in loaded},
+    {k: v for k, v in partition.base(shardings).items() if k in loaded},
   )
   params = partition.combine(placed, initialized)
   return dataclasses.replace(sharded, variables={"params": params})
