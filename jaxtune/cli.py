@@ -36,10 +36,15 @@ def _train(args: argparse.Namespace) -> None:
 def _data(args: argparse.Namespace) -> None:
   from jaxtune.data import inspect, inspect_images
 
-  if args.image_tokens:
-    print(inspect_images.report(_config(args), args.image_tokens, args.num_examples))
+  cfg = _config(args)
+  # A LLaVA run's config (vision.encoder) knows its image's tokens; --image-tokens overrides.
+  image_tokens = args.image_tokens or (
+    cfg.vision.llava(cfg.model).image_tokens if cfg.vision.enabled else 0
+  )
+  if image_tokens:
+    print(inspect_images.report(cfg, image_tokens, args.num_examples))
     return
-  print(inspect.report(_config(args), args.num_examples))
+  print(inspect.report(cfg, args.num_examples))
 
 
 _VERBS: dict[str, tuple[str, Callable[[argparse.Namespace], None]]] = {
@@ -74,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="S",
-        help="LLaVA data (data.path): each <image> takes S tokens (the encoder's patches)",
+        help="LLaVA data (data.path): each <image> takes S tokens (the encoder's patches; "
+        "default: the config's vision section)",
       )
     elif verb in commands.ARGUMENTS:
       commands.ARGUMENTS[verb](p)

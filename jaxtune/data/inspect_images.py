@@ -7,11 +7,9 @@ from __future__ import annotations
 import pathlib
 
 from jaxtune.config import Config
-from jaxtune.data import inspect, multimodal, pipeline
+from jaxtune.data import inspect, llava_data, multimodal, pipeline
 from jaxtune.data.packing import Example
 from jaxtune.errors import ConfigError
-
-IMAGES_PER_ROW = 4  # As benchmarks/llava_fashion.py packs.
 
 
 def marked(tok, ex: multimodal.ImageExample) -> str:
@@ -44,11 +42,10 @@ def report(cfg: Config, image_tokens: int, num_examples: int = 3) -> str:
   for i, ex in enumerate(examples[:num_examples]):
     lines += [f"=== example {i + 1} ({len(ex)} tokens) ===", marked(tok, ex), ""]
   rows, batches, pending = cfg.train.batch_size, 0, list(examples)
+  per_row = llava_data.image_slots(cfg.data.max_length, image_tokens)  # As training's rows.
   used_slots = 0
   while pending:
-    placed = multimodal.assign_rows(
-      pending, rows, cfg.data.max_length, IMAGES_PER_ROW, cfg.data.pack
-    )
+    placed = multimodal.assign_rows(pending, rows, cfg.data.max_length, per_row, cfg.data.pack)
     taken = {i for row in placed for i in row}
     used_slots += sum(len(pending[i]) - 1 for i in taken)
     pending = [ex for i, ex in enumerate(pending) if i not in taken]
@@ -71,7 +68,7 @@ def report(cfg: Config, image_tokens: int, num_examples: int = 3) -> str:
     ),
     (
       "packing",
-      f"{batches} batches of {rows} x {cfg.data.max_length} (up to {IMAGES_PER_ROW} images a "
+      f"{batches} batches of {rows} x {cfg.data.max_length} (up to {per_row} images a "
       f"row), {100 * used_slots / max(slots, 1):.1f}% of slots used",
     ),
   ]

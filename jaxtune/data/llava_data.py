@@ -39,6 +39,11 @@ class ImageBatches(pipeline.Batches):
     return ImageBatch(**arrays)
 
 
+def image_slots(max_length: int, image_tokens: int) -> int:
+  """Images a row holds at most (M): image tokens are inputs, of which a row has max_length."""
+  return max(max_length // image_tokens, 1)
+
+
 def preprocess(cfg: Config) -> Preprocess:
   v = cfg.vision
   return Preprocess(
@@ -96,7 +101,7 @@ def load(cfg: Config, seed: int, rows: BatchRows | None = None) -> pipeline.Data
       positions.append(p)
   if not train:
     raise DataError(d.path, f"no conversation fits data.max_length={d.max_length}")
-  slots = max(d.max_length // tokens_per_image, 1)
+  slots = image_slots(d.max_length, tokens_per_image)
   batches = functools.partial(ImageBatches, preprocess=preprocess(cfg), slots=slots)
   none = np.zeros(0, np.int64)
   return pipeline.Data(tok, train, np.asarray(positions), [], none, stats, [], batches)
