@@ -112,3 +112,17 @@ def test_a_vision_run_needs_the_llava_objective(llava_json, tmp_path):
   cfg = config.load(None, [*TINY, "train.objective=sft", f"data.path={llava_json}"])
   with pytest.raises(ConfigError, match="train.objective=llava_sft"):
     loop.llava_run.model(cfg)
+
+
+@pytest.mark.parametrize(
+  ("override", "message"),
+  [
+    ("vision.mean=[0.5]", r"vision.mean \(1 values\) and vision.std \(3\)"),
+    ("vision.patch_size=5", "vision.patch_size=5 does not divide vision.image_size=16"),
+    ("vision.stage=both", "vision.stage"),
+    ("vision.image_token_id=-2", "vision.image_token_id=-2"),
+  ],
+)
+def test_bad_vision_sections_are_named(override, message):
+  with pytest.raises(ConfigError, match=message):
+    config.load(None, [*TINY, override])
