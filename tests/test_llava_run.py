@@ -114,6 +114,12 @@ def test_a_vision_run_needs_the_llava_objective(llava_json, tmp_path):
     loop.llava_run.model(cfg)
 
 
+def test_a_vision_run_refuses_held_out_data_it_would_ignore(llava_json):
+  cfg = config.load(None, [*TINY, "data.eval_size=2", f"data.path={llava_json}"])
+  with pytest.raises(ConfigError, match="unset data.eval_path and data.eval_size"):
+    llava_data.load(cfg, 0, None)
+
+
 @pytest.mark.parametrize(
   ("override", "message"),
   [

@@ -86,6 +86,11 @@ def load(cfg: Config, seed: int, rows: BatchRows | None = None) -> pipeline.Data
   d, v = cfg.data, cfg.vision
   if not d.path:
     raise ConfigError("vision.encoder is set: data.path must name a LLaVA .json or .jsonl file")
+  if d.eval_path or d.eval_size:
+    raise ConfigError(
+      "a LLaVA run (vision.encoder) holds no data out yet: unset data.eval_path and "
+      "data.eval_size (its held-out loss is on the first training batch)"
+    )
   convs = multimodal.read(d.path, v.image_folder or None)
   tok = _tokenizer(cfg, convs)
   token = image_token_id(cfg, tok)
