@@ -27,8 +27,8 @@ block. Each device of a `model` axis of G then computes its scales from its own 
 collective. G = 1 is the ungrouped math. This is about the `model` axis (tensor parallelism):
 `fsdp` also stores a kernel's input dimension split over `data`, and a scale, a mean over that
 whole dimension, then sums the shards' parts with an all-reduce over `data` (a float per group,
-the price of quantizing where the weights are stored rather than gathering float32 latents;
-counted in README's BitNet section).
+the price of quantizing where the weights are stored rather than gathering float32 latents; see
+README's BitNet section and `tests/test_bitnet_sharding.py`).
 
 Training uses the straight-through estimator: the forward pass is the quantizer, the backward
 pass the identity, so the gradient reaches the latent float weights (and the activations) as if
