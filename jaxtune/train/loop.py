@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import yaml
+from flax import traverse_util
 from tqdm import tqdm
 
 from jaxtune import checkpoint, distributed, generate, runs, sharding
@@ -47,6 +48,27 @@ def _pretrained(params: Any) -> dict:
   return {k: v for k, v in partition.base(params).items() if k != reward.HEAD}
 
 
+# Modules a model config adds to a pretrained architecture whose parameters, where the
+# checkpoint lacks them, start as initialized: model.sub_norm's RMSNorms (scales of ones, so only
+# the normalization itself is new; a dense checkpoint fine-tuned to BitNet, HF's layout).
+_ADDABLE = frozenset({"sub_norm"})
+
+
+def _without_new(tree: Any, loaded: Any, path: str, quiet: bool = False) -> dict:
+  """`tree` (the model's parameters, or their shardings) less those that `loaded` lacks and an
+  `_ADDABLE` module holds: they keep their initial values (logged unless `quiet`)."""
+  have = traverse_util.flatten_dict(loaded)
+  flat = traverse_util.flatten_dict(tree)
+  new = [k for k in flat if k not in have and _ADDABLE.intersection(k)]
+  if new and not quiet:
+    log.info(
+      "train.init_from=%s has no %s: they start as initialized (RMSNorm scales of ones)",
+      path,
+      ", ".join("/".join(k) for k in new),
+    )
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in new})
+
+
 def _initial_params(cfg: Config, model, mesh, rng) -> sharding.Sharded:
   """Random (abstract-first, sharded) parameters, or pretrained ones from `train.init_from`
   (the base model's; PEFT parameters start as initialized)."""
@@ -64,11 +86,13 @@ def _initial_params(cfg: Config, model, mesh, rng) -> sharding.Sharded:
   else:
     abstract = checkpoint.abstract(base_params, base_shardings)
     loaded = checkpoint.restore_params(os.path.join(path, runs.CHECKPOINTS), abstract)
+  want_params = _without_new(base_params, loaded, path)
   got = jax.tree.map(lambda x: x.shape, loaded)
-  want = jax.tree.map(lambda x: x.shape, base_params)
+  want = jax.tree.map(lambda x: x.shape, want_params)
   if got != want:
     raise ConfigError(f"train.init_from={path}: parameter shapes {got} do not fit the model {want}")
-  params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), loaded, base_shardings)
+  shardings = _without_new(base_shardings, loaded, path, quiet=True)
+  params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), loaded, shardings)
   params = partition.combine(params, sharded.variables["params"])
   return dataclasses.replace(sharded, variables={"params": params})
 
