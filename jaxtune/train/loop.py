@@ -377,10 +377,18 @@ class _HeldOutAnswers:
     params = reference.without_copy(partition.combine(trainable, t.frozen))
     model, params = prefix.for_decoding(t.model, params)
     tok, template = self.data.tokenizer, self.cfg.data.template
+    t0 = time.perf_counter()
     got = held_out_eval.evaluate(model, params, self.prompts, tok, template, self.mesh, t.rules)
     if got is None:
       return {}
     scores, answers = got
+    log.info(
+      "step %d: held-out exact match %.1f%% on %d prompts (%.1f s)",
+      step,
+      100 * scores["exact_match_all"],
+      len(answers),
+      time.perf_counter() - t0,
+    )
     self.results.append((step, scores, answers))
     return held_out_eval.metrics(scores)
 
