@@ -1,10 +1,11 @@
 """What a run learned, in numbers: greedy answers to held-out prompts and their exact match per
 task family, before and after training, through the decoding path `jaxtune generate` uses.
 
-The prompts are the first few held-out conversations of each family (an embedded or Flan task's
-name, from a conversation's `where` such as `arithmetic[17]`; one family "all" otherwise). They
-are decoded in one batch (one compiled shape, reused after training), greedily, up to the longest
-reference's length; an answer matches when it equals the reference up to surrounding whitespace.
+The prompts are the first `train.held_out_prompts` held-out conversations of each family (an
+embedded or Flan task's name, from a conversation's `where` such as `arithmetic[17]`; one family
+"all" otherwise). They are decoded in one batch (one compiled shape, reused after training),
+greedily, up to the longest reference's length; an answer matches when it equals the reference
+up to surrounding whitespace.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from jaxtune.data.formats import Conversation
 
 log = logging.getLogger(__name__)
 
-PER_FAMILY = 16  # Held-out prompts scored per family.
 _MAX_ANSWER_TOKENS = 64  # Longer references are not scored (a long answer is not exact-match).
 _FAMILY = re.compile(r"^(\w+)\[\d+\]$")
 
@@ -49,14 +49,16 @@ class Prompts:
   max_new_tokens: int
 
 
-def select(held_out: Sequence[Conversation], tokenizer, template: str, max_seq_len: int) -> Prompts:
-  """Up to `PER_FAMILY` conversations of each family, in their order, whose prompt and reference
+def select(
+  held_out: Sequence[Conversation], tokenizer, template: str, max_seq_len: int, per_family: int
+) -> Prompts:
+  """Up to `per_family` conversations of each family, in their order, whose prompt and reference
   answer fit the model's positions."""
   chosen: list[tuple[Conversation, list[int], int]] = []
   counts: dict[str, int] = {}
   for conv in held_out:
     name = family(conv.where)
-    if counts.get(name, 0) >= PER_FAMILY:
+    if counts.get(name, 0) >= per_family:
       continue
     prompt = packing.prompt_ids(
       dataclasses.replace(conv, messages=conv.messages[:-1]), template, tokenizer

@@ -365,7 +365,11 @@ class _HeldOutAnswers:
   def __init__(self, cfg: Config, t: Trainer, data: pipeline.Data, mesh: jax.sharding.Mesh):
     self.cfg, self.t, self.data, self.mesh = cfg, t, data, mesh
     self.prompts = held_out_eval.select(
-      data.held_out, data.tokenizer, cfg.data.template, cfg.model.max_seq_len
+      data.held_out,
+      data.tokenizer,
+      cfg.data.template,
+      cfg.model.max_seq_len,
+      cfg.train.held_out_prompts,
     )
     if data.held_out and not self.prompts.ids:
       log.info("no held-out prompt and answer fits model.max_seq_len: no exact match reported")
