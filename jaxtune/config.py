@@ -234,6 +234,9 @@ class TrainConfig:
   nonfinite: Literal["stop", "skip"] = "stop"  # What a non-finite loss, gradient or update does.
   log_every: int = 20
   eval_every: int = 100
+  # Held-out prompts per task family answered greedily before and after training, scored by
+  # exact match (`train/held_out.py`); 0: none.
+  held_out_prompts: int = 16
   checkpoint_every: int = 200
   keep_checkpoints: int = 2
   resume: bool = False  # Continue from the latest checkpoint in output_dir.
@@ -255,6 +258,7 @@ class TrainConfig:
       _check(getattr(self, key) > 0, f"train.{key}={getattr(self, key)} must be positive")
     for key in (
       "epochs",
+      "held_out_prompts",
       "warmup_steps",
       "weight_decay",
       "clip_norm",

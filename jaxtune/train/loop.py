@@ -16,14 +16,15 @@ import yaml
 from flax import traverse_util
 from tqdm import tqdm
 
-from jaxtune import checkpoint, distributed, generate, runs, sharding
+from jaxtune import checkpoint, distributed, runs, sharding
 from jaxtune.config import Config
 from jaxtune.convert import hf, llama2c
-from jaxtune.data import packing, pipeline
+from jaxtune.data import pipeline
 from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.model import transformer
 from jaxtune.model.adapters import NONE
 from jaxtune.peft import methods, partition, prefix
+from jaxtune.train import held_out as held_out_eval
 from jaxtune.train import metrics, objective, optim, reference, reward
 from jaxtune.train.step import TrainState, make_eval_step, make_train_step
 
@@ -361,7 +362,8 @@ def run(cfg: Config) -> dict[str, Any]:
     try:
       state = _restore(cfg, ckpt, t, feed)
       _write_run_files(cfg, feed.data.tokenizer)
-      state, summary = _train(cfg, t, state, feed, ckpt)
+      answers = _HeldOutAnswers(cfg, t, feed.data, mesh)
+      state, summary = _train(cfg, t, state, feed, ckpt, answers)
     finally:
       ckpt.close()
   _check_skipped(summary)
@@ -371,17 +373,64 @@ def run(cfg: Config) -> dict[str, Any]:
     summary["eval_loss_end"],
     ckpt.directory,
   )
-  if feed.data.held_out:  # Every process: the parameters may span them all.
-    with sharding.use(mesh, t.rules):
-      params = reference.without_copy(partition.combine(state.params, t.frozen))
-      _answer(*prefix.for_decoding(t.model, params), feed.data, cfg, mesh, t.rules)
+  if len(answers.results) == 2:
+    before, after = answers.results
+    text = held_out_eval.report(cfg.train.output_dir, answers.prompts, before, after)
+    summary["held_out_exact_match"] = after[1]["exact_match_all"]
+    if jax.process_index() == 0:
+      print(text)
   return summary
 
 
+class _HeldOutAnswers:
+  """Greedy answers to held-out prompts at the start and the end of training, scored by
+  exact match (`held_out.py`); every process decodes (the parameters may span them all)."""
+
+  def __init__(self, cfg: Config, t: Trainer, data: pipeline.Data, mesh: jax.sharding.Mesh):
+    self.cfg, self.t, self.data, self.mesh = cfg, t, data, mesh
+    self.prompts = held_out_eval.select(
+      data.held_out,
+      data.tokenizer,
+      cfg.data.template,
+      cfg.model.max_seq_len,
+      cfg.train.held_out_prompts,
+    )
+    if data.held_out and not self.prompts.ids:
+      log.info("no held-out prompt and answer fits model.max_seq_len: no exact match reported")
+    self.results: list[tuple[int, dict, list[str]]] = []
+
+  def __call__(self, step: int, trainable: Any) -> dict[str, float]:
+    """The metrics.jsonl fields of the answers at `step` (none without prompts)."""
+    t = self.t
+    params = reference.without_copy(partition.combine(trainable, t.frozen))
+    model, params = prefix.for_decoding(t.model, params)
+    tok, template = self.data.tokenizer, self.cfg.data.template
+    t0 = time.perf_counter()
+    got = held_out_eval.evaluate(model, params, self.prompts, tok, template, self.mesh, t.rules)
+    if got is None:
+      return {}
+    scores, answers = got
+    log.info(
+      "step %d: held-out exact match %.1f%% on %d prompts (%.1f s)",
+      step,
+      100 * scores["exact_match_all"],
+      len(answers),
+      time.perf_counter() - t0,
+    )
+    self.results.append((step, scores, answers))
+    return held_out_eval.metrics(scores)
+
+
 def _train(
-  cfg: Config, t: Trainer, state: TrainState, feed: Feed, ckpt: checkpoint.Checkpointer
+  cfg: Config,
+  t: Trainer,
+  state: TrainState,
+  feed: Feed,
+  ckpt: checkpoint.Checkpointer,
+  answers: Any,  # (step, trainable) -> metrics of held-out answers, at the start and the end.
 ) -> tuple[TrainState, dict[str, Any]]:
-  """Steps from the state's step to the last, with held-out losses, metrics and checkpoints."""
+  """Steps from the state's step to the last, with held-out losses and answers, metrics and
+  checkpoints."""
   put = _batch_putter(cfg, t)
   held_out = [put(next(feed.held_out)) for _ in range(feed.held_out_batches)]
 
@@ -403,7 +452,8 @@ def _train(
     peak=metrics.peak_flops(cfg.train.peak_flops),
   )
   summary = {"eval_loss_start": held_out_loss(state.params), "steps": steps, "start_step": first}
-  report.writer.write(first, {"eval_loss": summary["eval_loss_start"]})
+  start = {"eval_loss": summary["eval_loss_start"], **answers(first, state.params)}
+  report.writer.write(first, start)
   # XLA's CPU client can deadlock when programs with collectives overlap on emulated devices,
   # so there each step finishes before the next is dispatched. Accelerators overlap them.
   serialize = jax.default_backend() == "cpu" and jax.device_count() > 1
@@ -427,7 +477,8 @@ def _train(
       state = state.replace(params=t.objective.finish(state.params, t.frozen, held_out))
     ckpt.save(steps, state, feed.batches.state())
     summary["eval_loss_end"] = held_out_loss(state.params)
-    report.writer.write(steps, {"eval_loss": summary["eval_loss_end"]})
+    end = {"eval_loss": summary["eval_loss_end"], **answers(steps, state.params)}
+    report.writer.write(steps, end)
   finally:
     report.close()
   summary["tokens_per_s"] = report.tokens_per_s() if steps > first else 0.0
@@ -524,32 +575,3 @@ class Reporter:
   def close(self) -> None:
     self.bar.close()
     self.writer.close()
-
-
-def _answer(model, params, data: pipeline.Data, cfg: Config, mesh, rules, count: int = 4) -> None:
-  """Greedy answers to a few held-out prompts, to see what the model learned."""
-  tok = data.tokenizer
-  stop = generate.template_stop_ids(tok, cfg.data.template)
-  shown = data.held_out[:: max(len(data.held_out) // count, 1)]
-  prompts = [
-    packing.prompt_ids(dataclasses.replace(c, messages=c.messages[:-1]), cfg.data.template, tok)
-    for c in shown
-  ]
-  fits = [i for i, p in enumerate(prompts) if len(p) + 16 <= cfg.model.max_seq_len][:count]
-  answers = generate.generate(
-    model,
-    params,
-    [prompts[i] for i in fits],
-    generate.Sampling(max_new_tokens=48),
-    stop_ids=stop,
-    mesh=mesh,
-    rules=rules,
-  )
-  if jax.process_index() != 0:
-    return
-  for i, answer in zip(fits, answers, strict=True):
-    conv = shown[i]
-    print(
-      f"\n> {conv.messages[-2].content}\n{tok.decode(answer.ids)}"
-      f"\n(reference: {conv.messages[-1].content})"
-    )
