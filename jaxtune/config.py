@@ -191,6 +191,9 @@ class TrainConfig:
   label_smoothing: float = 0.0  # Conservative DPO: the chance a label is flipped (< 0.5).
   simpo_gamma: float = 0.5  # SimPO's target reward margin.
   reward_margin: float = 0.0  # The reward model's margin per rank apart (0: InstructGPT's).
+  # DPO's reference (`train/reference.py`): auto (the base under an adapter method, else a
+  # frozen copy), base, copy, or precomputed (log-probabilities computed once, in the run folder).
+  reference: Literal["auto", "base", "copy", "precomputed"] = "auto"
   neftune_alpha: float = 5.0  # 0: off; the paper uses 5, 10, 15.
   nonfinite: Literal["stop", "skip"] = "stop"  # What a non-finite loss, gradient or update does.
   log_every: int = 20

@@ -5,6 +5,7 @@
     RUN/checkpoints/<N>/   orbax checkpoints (see `checkpoint.py`)
     RUN/metrics.jsonl      metric records, one JSON object a line
     RUN/tensorboard/       the same as TensorBoard events
+    RUN/reference_log_probs.npz   a DPO run's precomputed reference (`train/precomputed.py`)
 
 Training writes it, `jaxtune.load` and `jaxtune convert` read and write it.
 """
@@ -17,6 +18,7 @@ import jax
 
 CONFIG, TOKENIZER, CHECKPOINTS = "config.yaml", "tokenizer", "checkpoints"
 METRICS, TENSORBOARD = "metrics.jsonl", "tensorboard"
+REFERENCE_LOG_PROBS = "reference_log_probs.npz"
 
 
 def is_run(path: pathlib.Path) -> bool:

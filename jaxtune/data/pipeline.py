@@ -408,13 +408,19 @@ class Batches(Iterator[Batch]):
     return row.take()
 
   def __next__(self) -> Batch:
+    return self.next_placed()[0]
+
+  def next_placed(self) -> tuple[Batch, list[list[Example | Group]]]:
+    """The next batch and the examples of each of its rows, in the order they are packed."""
     examples, placed = [], []
     for row in self._rows:
       taken = self._take(row)
       placed.append(list(range(len(examples), len(examples) + len(taken))))
       examples += taken
     self.batches += 1
-    return packing.make_batch(examples, placed, self.length)
+    return packing.make_batch(examples, placed, self.length), [
+      [examples[i] for i in p] for p in placed
+    ]
 
   @property
   def epoch(self) -> int:

@@ -13,7 +13,8 @@ pairs. For a pair (w better than l) with u = (log pi(w) - log ref(w)) - (log pi(
 A ranking of K responses is C(K, 2) pairs, averaged per prompt; the loss is a mean over prompts.
 The reference model is `train/reference.py`'s. Metrics: the better and worse responses' implicit
 rewards beta (log pi - log ref) (SimPO's: beta a(y)), their margin, the preference accuracy and the
-KL from the policy to the reference per response (summed over its supervised tokens).
+KL from the policy to the reference per response (summed over its supervised tokens; not with a
+precomputed reference, which keeps no reference distributions).
 Dropout applies to the policy only; NEFTune is not used.
 
 Shape letters: B batch, T length, V vocab, S segments of a row.
@@ -61,28 +62,28 @@ class DPO:
   beta: float = 0.1
   label_smoothing: float = 0.0
   simpo_gamma: float = 0.5
+  precomputed: bool = False  # The reference's log-probabilities come with the batch.
 
-  batch_keys: ClassVar[tuple[str, ...]] = (
-    "inputs",
-    "targets",
-    "weights",
-    "positions",
-    "segment_ids",
-    "groups",
-    "ranks",
-  )
   eval_metric: ClassVar[str] = "loss"
+
+  @property
+  def batch_keys(self) -> tuple[str, ...]:
+    keys = ("inputs", "targets", "weights", "positions", "segment_ids", "groups", "ranks")
+    return (*keys, "reference") if self.precomputed else keys
 
   @classmethod
   def maker(cls, kind: str) -> Callable[[transformer.Transformer, TrainConfig], DPO]:
     def make(model: transformer.Transformer, train: TrainConfig) -> DPO:
-      return cls(model, kind, train.preference_beta, train.label_smoothing, train.simpo_gamma)
+      precomputed = train.reference == "precomputed" and kind not in REFERENCE_FREE
+      beta, smoothing, gamma = train.preference_beta, train.label_smoothing, train.simpo_gamma
+      return cls(model, kind, beta, smoothing, gamma, precomputed)
 
     return make
 
   @property
   def needs_reference(self) -> bool:
-    return self.kind not in REFERENCE_FREE
+    """Whether the step runs a reference model (not when its log-probabilities are given)."""
+    return self.kind not in REFERENCE_FREE and not self.precomputed
 
   def normalizer(self, batch: preference.Batch) -> jax.Array:
     return preference.groups(batch)
@@ -104,7 +105,11 @@ class DPO:
     log_p_bs = self._log_probs(logits_btv, batch)
     w_bss = preference.pair_weights(batch)
     metrics = {}
-    if self.needs_reference:
+    if self.precomputed:  # No reference logits: no KL metric.
+      ratio_bs = log_p_bs - preference.segment_sums(batch["reference"], batch["segment_ids"])
+      reward_bs = self.beta * ratio_bs
+      u_bss = preference.pairwise(ratio_bs)
+    elif self.needs_reference:
       ref_btv = jax.lax.stop_gradient(ref_model.apply({"params": ref_params}, *inputs))
       ratio_bs = log_p_bs - self._log_probs(ref_btv, batch)
       reward_bs = self.beta * ratio_bs

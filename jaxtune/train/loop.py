@@ -21,9 +21,8 @@ from jaxtune.convert import hf, llama2c
 from jaxtune.data import packing, pipeline
 from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.model import transformer
-from jaxtune.model.adapters import NONE
 from jaxtune.peft import methods, partition, prefix
-from jaxtune.train import metrics, objective, optim, reference, reward
+from jaxtune.train import metrics, objective, optim, precomputed, reference, reward
 from jaxtune.train.step import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -127,7 +126,7 @@ def build(
   trains = objective.trains(cfg.train, methods.trains(cfg.peft))
   trainable, frozen = partition.split(params, trains)
   trainable_sharding, frozen_sharding = partition.split(shardings, trains)
-  if getattr(goal, "needs_reference", False) and model.adapters == NONE:  # Full fine-tuning.
+  if getattr(goal, "needs_reference", False) and reference.copies(cfg.train.reference, model):
     frozen, frozen_sharding = reference.attach_copy(
       trainable, trainable_sharding, frozen, frozen_sharding, abstract=shapes_only
     )
@@ -246,6 +245,19 @@ def _feed(cfg: Config, mesh: jax.sharding.Mesh) -> Feed:
   return Feed(data, batches, held_out, int(agreed[:, 3].max()), steps)
 
 
+def _with_reference(cfg: Config, t: Trainer, feed: Feed, mesh, resuming: bool) -> Feed:
+  """The feed with the precomputed reference log-probabilities (`train/precomputed.py`) in its
+  examples, and its batches (same plans) built from them."""
+  rows = sharding.batch_rows(mesh, cfg.train.batch_size)
+  params = partition.combine(t.state.params, t.frozen)  # The initial ones: before any step.
+  put = _batch_putter(cfg, t)
+  data = precomputed.attach(cfg, feed.data, t.model, params, put, rows, resuming)
+  batches = pipeline.training_batches(data, cfg, rows)
+  return dataclasses.replace(
+    feed, data=data, batches=batches, held_out=_held_out_batches(data, cfg, rows)
+  )
+
+
 def _log_model(cfg: Config, t: Trainer, mesh: jax.sharding.Mesh) -> None:
   log.info(
     "model: %s parameters on mesh %s; trainable (peft.method=%s): %s (%.4f%%)",
@@ -310,6 +322,8 @@ def run(cfg: Config) -> dict[str, Any]:
       os.path.join(cfg.train.output_dir, runs.CHECKPOINTS), cfg.train.keep_checkpoints
     )
     try:
+      if "reference" in t.objective.batch_keys:  # train.reference=precomputed
+        feed = _with_reference(cfg, t, feed, mesh, resuming=ckpt.latest_step() is not None)
       state = _restore(cfg, ckpt, t, feed)
       _write_run_files(cfg, feed.data.tokenizer)
       state, summary = _train(cfg, t, state, feed, ckpt)
