@@ -149,6 +149,9 @@ class DataConfig:
   max_length: int = 128  # Next-token pairs per row.
   truncation: Literal["truncate", "drop"] = "truncate"
   pack: bool = True
+  # Most segments (examples, or preference responses) in a packed row; 0: as many as the data's
+  # shortest allows. Bounds the preference objectives' [rows, S, S] pair matrix.
+  max_segments: int = 0
   train_on_prompt: bool = False
   on_bad_record: Literal["error", "skip"] = "error"
   shuffle: bool = True
@@ -161,7 +164,7 @@ class DataConfig:
   def validate(self) -> None:
     for key in ("max_length", "tokenizer_vocab_size", "synthetic_examples"):
       _check(getattr(self, key) > 0, f"data.{key}={getattr(self, key)} must be positive")
-    for key in ("eval_size", "mixture_cap", "few_shot"):
+    for key in ("eval_size", "mixture_cap", "few_shot", "max_segments"):
       _check(getattr(self, key) >= 0, f"data.{key}={getattr(self, key)} must not be negative")
 
 

@@ -5,6 +5,7 @@ with each response's log-probability from its own forward pass, alone in a row: 
 step's segment sums, pairs and K-wise averaging are checked too.
 """
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -133,26 +134,37 @@ def test_losses_equal_the_papers_formulas(policy_and_reference):
 
 
 def test_packed_equals_unpacked_loss_and_gradients(policy_and_reference):
+  """Also with the pair matrices bounded to the packed rows' most segments (`segments`), as the
+  loop bounds them (`pipeline.max_segments`): [B, 10, 10] rather than [B, T + 1, T + 1]."""
   model, params, ref_params = policy_and_reference
-  goal = _objective("dpo", model)
   groups = _groups(1)
-
-  @jax.jit
-  def mean_loss(trainable, batch):
-    loss, metrics = goal.loss({**trainable, reference.REFERENCE: ref_params}, batch, None)
-    n = goal.normalizer(batch)
-    return loss / n, jax.tree.map(lambda m: m / n, metrics)
-
-  grad = jax.value_and_grad(mean_loss, has_aux=True)
   packed_batch = _batch(groups, rows=len(groups), pack=True)  # First fit: the last rows empty.
   assert (packed_batch["groups"].max(axis=1) > 1).any() and not packed_batch["groups"][-1].any()
-  (packed, pm), pg = grad(params, packed_batch)
-  (unpacked, um), ug = grad(params, _batch(groups, rows=len(groups), pack=False))
-  np.testing.assert_allclose(packed, unpacked, rtol=1e-5)
-  for k in pm:
-    np.testing.assert_allclose(pm[k], um[k], rtol=1e-5, atol=1e-6, err_msg=k)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), pg, ug)
-  assert 0 < float(pm["kl"])
+  most = int(packed_batch["segment_ids"].max())
+  assert most == 9
+
+  def grad(goal):
+    def mean_loss(trainable, batch):
+      loss, metrics = goal.loss({**trainable, reference.REFERENCE: ref_params}, batch, None)
+      n = goal.normalizer(batch)
+      return loss / n, jax.tree.map(lambda m: m / n, metrics)
+
+    return jax.jit(jax.value_and_grad(mean_loss, has_aux=True)), mean_loss
+
+  full, _ = grad(_objective("dpo", model))
+  bounded, bounded_loss = grad(dataclasses.replace(_objective("dpo", model), segments=most))
+  (unpacked, um), ug = full(params, _batch(groups, rows=len(groups), pack=False))
+  for step in (full, bounded):
+    (packed, pm), pg = step(params, packed_batch)
+    np.testing.assert_allclose(packed, unpacked, rtol=1e-5)
+    for k in pm:
+      np.testing.assert_allclose(pm[k], um[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), pg, ug)
+    assert 0 < float(pm["kl"])
+  jaxpr = jax.make_jaxpr(bounded_loss)(params, packed_batch)
+  shapes = {tuple(v.aval.shape) for e in jaxpr.jaxpr.eqns for v in e.outvars}
+  assert (len(groups), most + 1, most + 1) in shapes
+  assert not any(len(s) == 3 and s[1:] == (LENGTH + 1, LENGTH + 1) for s in shapes)
 
 
 def test_lora_at_init_is_its_reference():

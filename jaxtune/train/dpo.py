@@ -63,6 +63,7 @@ class DPO:
   label_smoothing: float = 0.0
   simpo_gamma: float = 0.5
   precomputed: bool = False  # The reference's log-probabilities come with the batch.
+  segments: int | None = None  # A row's most segments (`train/preference.py`); None: T.
 
   eval_metric: ClassVar[str] = "loss"
 
@@ -86,12 +87,12 @@ class DPO:
     return self.kind not in REFERENCE_FREE and not self.precomputed
 
   def normalizer(self, batch: preference.Batch) -> jax.Array:
-    return preference.groups(batch)
+    return preference.groups(batch, self.segments)
 
   def _log_probs(self, logits_btv: jax.Array, batch: preference.Batch) -> jax.Array:
     """[B, S]: each segment's summed log-probability of its supervised tokens."""
     log_p_bt = preference.token_log_probs(logits_btv, batch["targets"]) * batch["weights"]
-    return preference.segment_sums(log_p_bt, batch["segment_ids"])
+    return preference.segment_sums(log_p_bt, batch["segment_ids"], self.segments)
 
   def loss(
     self, params: Any, batch: preference.Batch, rng: jax.Array | None
@@ -103,10 +104,11 @@ class DPO:
       {"params": params}, *inputs, deterministic=rng is None, rngs=transformer.training_rngs(rng)
     )
     log_p_bs = self._log_probs(logits_btv, batch)
-    w_bss = preference.pair_weights(batch)
+    w_bss = preference.pair_weights(batch, self.segments)
     metrics = {}
     if self.precomputed:  # No reference logits: no KL metric.
-      ratio_bs = log_p_bs - preference.segment_sums(batch["reference"], batch["segment_ids"])
+      ref_bs = preference.segment_sums(batch["reference"], batch["segment_ids"], self.segments)
+      ratio_bs = log_p_bs - ref_bs
       reward_bs = self.beta * ratio_bs
       u_bss = preference.pairwise(ratio_bs)
     elif self.needs_reference:
@@ -115,12 +117,14 @@ class DPO:
       reward_bs = self.beta * ratio_bs
       u_bss = preference.pairwise(ratio_bs)
       kl_bs = preference.segment_sums(
-        preference.token_kl(logits_btv, ref_btv) * batch["weights"], batch["segment_ids"]
+        preference.token_kl(logits_btv, ref_btv) * batch["weights"],
+        batch["segment_ids"],
+        self.segments,
       )
-      k_bs = preference.group_sizes(batch)
+      k_bs = preference.group_sizes(batch, self.segments)
       metrics["kl"] = jnp.sum(jnp.where(k_bs > 1, kl_bs / jnp.maximum(k_bs, 1), 0.0))
     else:
-      lengths_bs = preference.segment_sums(batch["weights"], batch["segment_ids"])
+      lengths_bs = preference.segment_sums(batch["weights"], batch["segment_ids"], self.segments)
       mean_bs = log_p_bs / jnp.maximum(lengths_bs, 1.0)
       reward_bs = self.beta * mean_bs
       u_bss = preference.pairwise(mean_bs)

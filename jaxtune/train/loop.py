@@ -104,14 +104,20 @@ class Trainer:
 
 
 def build(
-  cfg: Config, mesh: jax.sharding.Mesh, steps: int, tokenizer=None, shapes_only: bool = False
+  cfg: Config,
+  mesh: jax.sharding.Mesh,
+  steps: int,
+  tokenizer=None,
+  shapes_only: bool = False,
+  segments: int | None = None,
 ) -> Trainer:
   """The model, state and steps of `cfg` on `mesh` for a run of `steps` (the schedule's
   length); `tokenizer` encodes a PEFT method's initialization text. `shapes_only`: the state
   and frozen parameters are `jax.ShapeDtypeStruct`s with their shardings (nothing initialized
-  or loaded), so the steps of a model too large to hold can be compiled and measured."""
+  or loaded), so the steps of a model too large to hold can be compiled and measured.
+  `segments`: the most segments of a row (`pipeline.max_segments`); None: one per token."""
   model = methods.model(cfg.model, cfg.peft, **objective.model_options(cfg.train))
-  goal = objective.make(model, cfg.train)
+  goal = objective.make(model, cfg.train, segments)
   init_rng, step_rng = runs.seed_rngs(cfg.train.seed)
   if shapes_only:
     init = transformer.init_fn(model)
@@ -192,6 +198,7 @@ def _held_out_batches(data: pipeline.Data, cfg: Config, rows) -> pipeline.Batche
     positions=positions,
     rows=rows,
     repeat=False,
+    max_segments=cfg.data.max_segments,
   )
 
 
@@ -204,6 +211,7 @@ class Feed:
   held_out: pipeline.Batches
   held_out_batches: int  # Held-out batches per pass, agreed by every process.
   steps: int
+  segments: int  # The most segments a row can have, agreed (`pipeline.max_segments`).
 
 
 def _with_saved_tokenizer(cfg: Config) -> Config:
@@ -233,7 +241,10 @@ def _feed(cfg: Config, mesh: jax.sharding.Mesh) -> Feed:
   held_out = _held_out_batches(data, cfg, rows)
   epoch, eval_epoch = batches.batches_per_epoch(), held_out.batches_per_epoch()
   # The processes agree on the counts: each one has planned its own rows only.
-  agreed = distributed.gather([epoch.batches, epoch.tokens, epoch.slots, eval_epoch.batches])
+  segments = pipeline.max_segments(data, cfg.data)
+  agreed = distributed.gather(
+    [epoch.batches, epoch.tokens, epoch.slots, eval_epoch.batches, segments]
+  )
   per_epoch = int(agreed[:, 0].max())
   steps = cfg.train.epochs * per_epoch if cfg.train.epochs else cfg.train.steps
   log.info(
@@ -242,7 +253,7 @@ def _feed(cfg: Config, mesh: jax.sharding.Mesh) -> Feed:
     per_epoch,
     100 * agreed[:, 1].sum() / max(agreed[:, 2].sum(), 1),
   )
-  return Feed(data, batches, held_out, int(agreed[:, 3].max()), steps)
+  return Feed(data, batches, held_out, int(agreed[:, 3].max()), steps, int(agreed[:, 4].max()))
 
 
 def _with_reference(cfg: Config, t: Trainer, feed: Feed, mesh, resuming: bool) -> Feed:
@@ -314,7 +325,7 @@ def run(cfg: Config) -> dict[str, Any]:
   cfg = _with_saved_tokenizer(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   feed = _feed(cfg, mesh)
-  t = build(cfg, mesh, feed.steps, feed.data.tokenizer)
+  t = build(cfg, mesh, feed.steps, feed.data.tokenizer, segments=feed.segments)
   objective.check_data(cfg.train, t.objective, feed.data.train)
   _log_model(cfg, t, mesh)
   with sharding.use(mesh, t.rules):

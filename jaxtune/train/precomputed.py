@@ -220,6 +220,7 @@ def attach(
       positions=positions,
       rows=rows,
       repeat=False,
+      max_segments=cfg.data.max_segments,
     )
     count = int(distributed.gather([batches.batches_per_epoch().batches]).max())
     values.update(compute(batches, count, put, log_probs_step(ref_model, ref_params), rows.mine))
