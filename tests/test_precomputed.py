@@ -17,17 +17,21 @@ from jaxtune.train import loop
 WORDS = "red blue green seven apple river stone cloud light music paper glass".split()
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-  """Pairwise records, no held-out ones (so a run answers no prompts at its end)."""
-  path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+def write_pairs(path, count: int = 24):
+  """`count` pairwise records of random words, in a JSONL file at `path`."""
   rng = np.random.default_rng(0)
   with open(path, "w") as f:
-    for i in range(24):
+    for i in range(count):
       prompt = f"Name {i}: " + " ".join(rng.choice(WORDS, 3))
       chosen, rejected = (" ".join(rng.choice(WORDS, int(rng.integers(2, 6)))) for _ in "ab")
       f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected + " no"}) + "\n")
   return path
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+  """Pairwise records, no held-out ones (so a run answers no prompts at its end)."""
+  return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.jsonl")
 
 
 def _config(data, output_dir, *overrides: str) -> config.Config:

@@ -347,7 +347,8 @@ def run(cfg: Config) -> dict[str, Any]:
     summary["eval_loss_end"],
     ckpt.directory,
   )
-  if feed.data.held_out:  # Every process: the parameters may span them all.
+  # A few held-out answers, from a generating model (not a reward model's scalar head).
+  if feed.data.held_out and cfg.train.objective not in objective.SCALAR_HEAD:
     with sharding.use(mesh, t.rules):
       params = reference.without_copy(partition.combine(state.params, t.frozen))
       _answer(*prefix.for_decoding(t.model, params), feed.data, cfg, mesh, t.rules)
