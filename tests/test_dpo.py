@@ -258,3 +258,21 @@ def test_precomputed_reference_steps_equal_the_live_copy(one_device):
     for key in ("loss", "grad_norm", "rewards_chosen", "rewards_rejected", "accuracy", "margin"):
       np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
   assert "kl" not in out[0]
+
+
+def test_reference_choices(policy_and_reference):
+  """train.reference: auto is the base under an adapter method and a copy under full fine-tuning;
+  base under full fine-tuning is refused; a copy under LoRA is the base with the copied LoRA."""
+  full = policy_and_reference[0]
+  lora = transformer.Transformer(MODEL, Adapters(lora_rank=4, lora_targets=("q",)))
+  assert reference.copies("auto", full) and not reference.copies("auto", lora)
+  assert reference.copies("copy", lora) and not reference.copies("base", lora)
+  assert not reference.copies("precomputed", full)
+  with pytest.raises(ConfigError, match="train.reference=base needs an adapter method"):
+    reference.copies("base", full)
+  params = jax.eval_shape(transformer.init_fn(lora), jax.random.key(0))["params"]
+  trainable, frozen = partition.split(params, partition.is_adapter)
+  copy = jax.tree.map(lambda x: "copied", trainable)
+  policy, ref_model, ref_params = reference.split(lora, {**params, reference.REFERENCE: copy})
+  assert policy == params and ref_model is lora
+  assert partition.split(ref_params, partition.is_adapter) == (copy, frozen)
