@@ -22,10 +22,9 @@ from jaxtune.convert import hf, llama2c
 from jaxtune.data import pipeline
 from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.model import transformer
-from jaxtune.model.adapters import NONE
 from jaxtune.peft import methods, partition, prefix
 from jaxtune.train import held_out as held_out_eval
-from jaxtune.train import metrics, objective, optim, reference, reward
+from jaxtune.train import metrics, objective, optim, precomputed, reference, reward
 from jaxtune.train.step import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -130,19 +129,25 @@ class Trainer:
 
 
 def build(
-  cfg: Config, mesh: jax.sharding.Mesh, steps: int, tokenizer=None, shapes_only: bool = False
+  cfg: Config,
+  mesh: jax.sharding.Mesh,
+  steps: int,
+  tokenizer=None,
+  shapes_only: bool = False,
+  segments: int | None = None,
 ) -> Trainer:
   """The model, state and steps of `cfg` on `mesh` for a run of `steps` (the schedule's
   length); `tokenizer` encodes a PEFT method's initialization text. `shapes_only`: the state
   and frozen parameters are `jax.ShapeDtypeStruct`s with their shardings (nothing initialized
-  or loaded), so the steps of a model too large to hold can be compiled and measured."""
+  or loaded), so the steps of a model too large to hold can be compiled and measured.
+  `segments`: the most segments of a row (`pipeline.max_segments`); None: one per token."""
   if cfg.model.linear == "bitnet158_packed" and cfg.peft.method == "none":
     raise ConfigError(
       "model.linear=bitnet158_packed holds 2-bit codes, which cannot be trained: train the "
       "bitnet158 model (float latent weights) it was packed from, or a PEFT method on it"
     )
   model = methods.model(cfg.model, cfg.peft, **objective.model_options(cfg.train))
-  goal = objective.make(model, cfg.train)
+  goal = objective.make(model, cfg.train, segments)
   init_rng, step_rng = runs.seed_rngs(cfg.train.seed)
   if shapes_only:
     init = transformer.init_fn(model)
@@ -157,7 +162,7 @@ def build(
   trains = objective.trains(cfg.train, methods.trains(cfg.peft))
   trainable, frozen = partition.split(params, trains)
   trainable_sharding, frozen_sharding = partition.split(shardings, trains)
-  if getattr(goal, "needs_reference", False) and model.adapters == NONE:  # Full fine-tuning.
+  if getattr(goal, "needs_reference", False) and reference.copies(cfg.train.reference, model):
     frozen, frozen_sharding = reference.attach_copy(
       trainable, trainable_sharding, frozen, frozen_sharding, abstract=shapes_only
     )
@@ -223,6 +228,7 @@ def _held_out_batches(data: pipeline.Data, cfg: Config, rows) -> pipeline.Batche
     positions=positions,
     rows=rows,
     repeat=False,
+    max_segments=cfg.data.max_segments,
   )
 
 
@@ -235,6 +241,7 @@ class Feed:
   held_out: pipeline.Batches
   held_out_batches: int  # Held-out batches per pass, agreed by every process.
   steps: int
+  segments: int  # The most segments a row can have, agreed (`pipeline.max_segments`).
 
 
 def _with_saved_tokenizer(cfg: Config) -> Config:
@@ -264,7 +271,10 @@ def _feed(cfg: Config, mesh: jax.sharding.Mesh) -> Feed:
   held_out = _held_out_batches(data, cfg, rows)
   epoch, eval_epoch = batches.batches_per_epoch(), held_out.batches_per_epoch()
   # The processes agree on the counts: each one has planned its own rows only.
-  agreed = distributed.gather([epoch.batches, epoch.tokens, epoch.slots, eval_epoch.batches])
+  segments = pipeline.max_segments(data, cfg.data)
+  agreed = distributed.gather(
+    [epoch.batches, epoch.tokens, epoch.slots, eval_epoch.batches, segments]
+  )
   per_epoch = int(agreed[:, 0].max())
   steps = cfg.train.epochs * per_epoch if cfg.train.epochs else cfg.train.steps
   log.info(
@@ -273,7 +283,20 @@ def _feed(cfg: Config, mesh: jax.sharding.Mesh) -> Feed:
     per_epoch,
     100 * agreed[:, 1].sum() / max(agreed[:, 2].sum(), 1),
   )
-  return Feed(data, batches, held_out, int(agreed[:, 3].max()), steps)
+  return Feed(data, batches, held_out, int(agreed[:, 3].max()), steps, int(agreed[:, 4].max()))
+
+
+def _with_reference(cfg: Config, t: Trainer, feed: Feed, mesh, resuming: bool) -> Feed:
+  """The feed with the precomputed reference log-probabilities (`train/precomputed.py`) in its
+  examples, and its batches (same plans) built from them."""
+  rows = sharding.batch_rows(mesh, cfg.train.batch_size)
+  params = partition.combine(t.state.params, t.frozen)  # The initial ones: before any step.
+  put = _batch_putter(cfg, t)
+  data = precomputed.attach(cfg, feed.data, t.model, params, put, rows, resuming)
+  batches = pipeline.training_batches(data, cfg, rows)
+  return dataclasses.replace(
+    feed, data=data, batches=batches, held_out=_held_out_batches(data, cfg, rows)
+  )
 
 
 def _log_model(cfg: Config, t: Trainer, mesh: jax.sharding.Mesh) -> None:
@@ -352,7 +375,7 @@ def run(cfg: Config) -> dict[str, Any]:
   mesh = sharding.make_mesh(cfg.mesh)
   cfg = _with_bitnet_groups(cfg, mesh)
   feed = _feed(cfg, mesh)
-  t = build(cfg, mesh, feed.steps, feed.data.tokenizer)
+  t = build(cfg, mesh, feed.steps, feed.data.tokenizer, segments=feed.segments)
   objective.check_data(cfg.train, t.objective, feed.data.train)
   _log_model(cfg, t, mesh)
   with sharding.use(mesh, t.rules):
@@ -360,6 +383,8 @@ def run(cfg: Config) -> dict[str, Any]:
       os.path.join(cfg.train.output_dir, runs.CHECKPOINTS), cfg.train.keep_checkpoints
     )
     try:
+      if "reference" in t.objective.batch_keys:  # train.reference=precomputed
+        feed = _with_reference(cfg, t, feed, mesh, resuming=ckpt.latest_step() is not None)
       state = _restore(cfg, ckpt, t, feed)
       _write_run_files(cfg, feed.data.tokenizer)
       answers = _HeldOutAnswers(cfg, t, feed.data, mesh)
@@ -388,14 +413,16 @@ class _HeldOutAnswers:
 
   def __init__(self, cfg: Config, t: Trainer, data: pipeline.Data, mesh: jax.sharding.Mesh):
     self.cfg, self.t, self.data, self.mesh = cfg, t, data, mesh
+    # A reward model's scalar head generates nothing.
+    generates = cfg.train.objective not in objective.SCALAR_HEAD
     self.prompts = held_out_eval.select(
-      data.held_out,
+      data.held_out if generates else [],
       data.tokenizer,
       cfg.data.template,
       cfg.model.max_seq_len,
       cfg.train.held_out_prompts,
     )
-    if data.held_out and not self.prompts.ids:
+    if generates and data.held_out and not self.prompts.ids:
       log.info("no held-out prompt and answer fits model.max_seq_len: no exact match reported")
     self.results: list[tuple[int, dict, list[str]]] = []
 
