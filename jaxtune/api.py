@@ -339,7 +339,7 @@ def _load_run(path, mesh, param_dtype, strategy) -> Model:
     rules,
     module.adapters,
     cfg.train.init_from,
-    options,
+    options=options,
   )
 
 
