@@ -4,11 +4,13 @@ step's cost of quantization-aware training, and checkpoint bytes packed at 2 bit
 1. From scratch on the embedded task mixture (`configs/bitnet.yaml`: HF BitNet's layout), the same
    model with `model.linear` dense (at the dense default learning rate, 3e-3), bitnet158 and
    bitnet (at the recipe's 6e-3); the same data, batches and steps for all three.
-2. QAT from the pretrained stories260K on LIMA: `configs/stories_finetune.yaml` (dense fine-tune)
+2. From scratch on a real corpus: the same three on LIMA's conversations (stories260K's 512-piece
+   SentencePiece tokenizer, rows of 256), the same batches for all three.
+3. QAT from the pretrained stories260K on LIMA: `configs/stories_finetune.yaml` (dense fine-tune)
    against `configs/bitnet_qat.yaml` (the same run with ternary projections).
-3. The train step alone (`loop.build`'s jitted step on a fixed batch of the scratch model), dense
+4. The train step alone (`loop.build`'s jitted step on a fixed batch of the scratch model), dense
    against bitnet158 and bitnet, interleaved runs, median: QAT's overhead.
-4. Checkpoint bytes of the scratch bitnet158 run written by `jaxtune convert` as float32,
+5. Checkpoint bytes of the scratch bitnet158 run written by `jaxtune convert` as float32,
    bfloat16 and `--pack-ternary`.
 
 Held-out losses are the runs' own (`metrics.jsonl`), train losses every 10 steps.
@@ -41,6 +43,13 @@ SCRATCH = {
   "bitnet158": [],
   "bitnet": ["model.linear=bitnet"],
 }
+CORPUS = [
+  "data.path=../shared/data/lima/lima_train_llamafactory.json",
+  "data.template=lima",
+  "data.tokenizer=../shared/data/models/stories260K/tok512.bin",
+  "model.vocab_size=513",  # 512 + <EOT>.
+  "data.max_length=256",
+]
 QAT = {"dense": "configs/stories_finetune.yaml", "bitnet158": "configs/bitnet_qat.yaml"}
 
 
@@ -103,8 +112,12 @@ def plot(results: dict[str, Any], path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  titles = {"scratch": "From scratch, embedded mixture", "qat": "QAT from stories260K, LIMA"}
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+  titles = {
+    "scratch": "From scratch, embedded mixture",
+    "corpus": "From scratch, LIMA",
+    "qat": "QAT from stories260K, LIMA",
+  }
   for ax, (part, title) in zip(axes, titles.items(), strict=True):
     for name, run in results[part].items():
       steps, losses = zip(*run["train"], strict=True)
@@ -135,6 +148,10 @@ def main() -> None:
     name: _run(["configs/bitnet.yaml"], common_overrides + overrides, work / f"scratch-{name}")
     for name, overrides in SCRATCH.items()
   }
+  results["corpus"] = {
+    name: _run(["configs/bitnet.yaml"], common_overrides + CORPUS + o, work / f"corpus-{name}")
+    for name, o in SCRATCH.items()
+  }
   qat_overrides = [f"train.steps={args.qat_steps}", "train.log_every=5", "train.eval_every=20"]
   qat_overrides.append("train.checkpoint_every=1000")
   results["qat"] = {name: _run([f], qat_overrides, work / f"qat-{name}") for name, f in QAT.items()}
@@ -142,7 +159,7 @@ def main() -> None:
   shutil.rmtree(work, ignore_errors=True)
 
   rows = []
-  for part in ("scratch", "qat"):
+  for part in ("scratch", "corpus", "qat"):
     for name, run in results[part].items():
       rows.append(
         {
@@ -163,7 +180,8 @@ def main() -> None:
     [
       "# BitNet against dense",
       f"From scratch: `configs/bitnet.yaml` ({args.steps} steps, the same batches for each "
-      f"`model.linear`). QAT: stories260K on LIMA, {args.qat_steps} steps. One CPU device; "
+      f"`model.linear`), on the embedded mixture and on LIMA. QAT: stories260K on LIMA, "
+      f"{args.qat_steps} steps. One CPU device; "
       "the machine was shared, so tokens/s are indicative; the step timing below takes turns.",
       common.markdown_table(
         rows,

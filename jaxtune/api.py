@@ -16,6 +16,7 @@ safetensors are read shard by shard (see `hf.load_hf`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -33,7 +34,7 @@ from jaxtune import checkpoint, config, generate, runs, sharding
 from jaxtune.config import ModelConfig
 from jaxtune.config_vision import LlavaConfig
 from jaxtune.convert import hf, hf_vision, llama2c
-from jaxtune.data import llama2c_tokenizer, llava_data, multimodal, pipeline
+from jaxtune.data import llama2c_tokenizer, llava_data, multimodal, packing, pipeline, templates
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.data.formats import Conversation, Message
 from jaxtune.data.hf_tokenizer import TOKENIZER_JSON
@@ -42,7 +43,7 @@ from jaxtune.errors import CheckpointError, GenerationError
 from jaxtune.model import llava, transformer
 from jaxtune.model.adapters import NONE, Adapters
 from jaxtune.peft import lora, methods, partition, prefix
-from jaxtune.train import llava_run
+from jaxtune.train import llava_run, objective
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,13 @@ class Model:
   base: str = ""  # Where a PEFT run's base model came from (its train.init_from).
   llava: LlavaConfig | None = None  # A model that reads images: its encoder and projector.
   preprocess: Preprocess | None = None  # How its images are prepared.
+  options: tuple[tuple[str, Any], ...] = ()  # The objective's model options (a scalar head).
 
   @functools.cached_property
   def module(self) -> transformer.Transformer:
     if self.llava is not None:
       return llava.model(self.llava, adapters=self.adapters)
-    return transformer.Transformer(self.config, self.adapters)
+    return transformer.Transformer(self.config, self.adapters, **dict(self.options))
 
   def _check_images(self, prompts: Sequence[Sequence[int]], images: Sequence[Any]) -> None:
     """Each prompt has the image tokens of its images."""
@@ -148,6 +150,55 @@ class Model:
     extra = {} if images is None else {"images": jnp.asarray(images, jnp.float32)}
     with sharding.use(self.mesh, self.rules or ()):
       return self._logits(self.params, tokens_bt, **extra)
+
+  @functools.cached_property
+  def _scores(self) -> Callable[[Any, jax.Array], jax.Array]:
+    return jax.jit(lambda p, tokens_bt: self.module.apply({"params": p}, tokens_bt, head="score"))
+
+  def score_ids(self, sequences: Sequence[Sequence[int]], batch_size: int = 8) -> np.ndarray:
+    """A reward model's score [N] of each token sequence, read where training reads it: at the
+    last input token (the state that has seen all but the final token, the end of turn)."""
+    if not self.module.scalar_head:
+      raise CheckpointError(
+        "this model has no scalar head to score with: load a reward model's run "
+        "(train.objective=reward)"
+      )
+    longest = max((len(s) for s in sequences), default=2)
+    if longest - 1 > self.config.max_seq_len or min(map(len, sequences), default=2) < 2:
+      raise ValueError(
+        f"each sequence needs 2 to {self.config.max_seq_len + 1} tokens to be scored "
+        f"(model.max_seq_len inputs and a final token)"
+      )
+    width = -(-(longest - 1) // 16) * 16  # Few shapes to compile.
+    out = []
+    for start in range(0, len(sequences), batch_size):
+      chunk = sequences[start : start + batch_size]
+      tokens_bt = np.zeros((batch_size, width), np.int32)  # Right-padded: causal, so harmless.
+      for i, s in enumerate(chunk):
+        tokens_bt[i, : len(s) - 1] = s[:-1]
+      with sharding.use(self.mesh, self.rules) if self.mesh else contextlib.nullcontext():
+        score_bt = np.asarray(self._scores(self.params, jnp.asarray(tokens_bt)))
+      out += [score_bt[i, len(s) - 2] for i, s in enumerate(chunk)]
+    return np.asarray(out, np.float32)
+
+  def score(
+    self, conversations: Sequence[Conversation | tuple[str, str]], batch_size: int = 8
+  ) -> np.ndarray:
+    """A reward model's score [N] of each (prompt, response), or conversation ending in the
+    response to score, rendered by the run's template and tokenized as training did."""
+    if self.tokenizer is None:
+      raise CheckpointError("this model has no tokenizer: pass tokenizer= to jaxtune.load")
+    convs = [
+      c
+      if isinstance(c, Conversation)
+      else Conversation((Message("user", c[0]), Message("assistant", c[1])))
+      for c in conversations
+    ]
+    ids = [
+      packing.tokenize(templates.render(c, self.template), self.tokenizer, False).ids.tolist()
+      for c in convs
+    ]
+    return self.score_ids(ids, batch_size)
 
   def generate(
     self,
@@ -244,12 +295,13 @@ def _placement(
   mesh: Mesh | None,
   strategy: str,
   adapters: Adapters = NONE,
+  options=(),
   llava_cfg: LlavaConfig | None = None,
 ) -> tuple[Any, Any, Any]:
   """(abstract params, their shardings, the rules) of `cfg`'s model (with `llava_cfg`'s
   encoder and projector) on `mesh` or one device."""
   if llava_cfg is None:
-    model = transformer.Transformer(cfg, adapters)
+    model = transformer.Transformer(cfg, adapters, **dict(options))
   else:
     model = llava.model(dataclasses.replace(llava_cfg, text=cfg), adapters=adapters)
   abstract = jax.eval_shape(llava_run.init_fn(model), jax.random.key(0))
@@ -269,9 +321,10 @@ def _load_run(path, mesh, param_dtype, strategy) -> Model:
   )
   strategy = strategy or cfg.mesh.strategy
   adapters = methods.adapters(cfg.peft)
-  trains = llava_run.trains(cfg, methods.trains(cfg.peft))
+  trains = objective.trains(cfg.train, llava_run.trains(cfg, methods.trains(cfg.peft)))
+  options = tuple(objective.model_options(cfg.train).items())
   llava_cfg = cfg.vision.llava(model_cfg) if cfg.vision.enabled else None
-  abstract, shardings, rules = _placement(model_cfg, mesh, strategy, adapters, llava_cfg)
+  abstract, shardings, rules = _placement(model_cfg, mesh, strategy, adapters, options, llava_cfg)
   (trained, base), (trained_sharding, base_sharding) = (
     partition.split(abstract, trains),
     partition.split(shardings, trains),
@@ -286,7 +339,8 @@ def _load_run(path, mesh, param_dtype, strategy) -> Model:
       raise CheckpointError(f"{run}: the base model (train.init_from) does not fit the adapters")
     params = partition.combine(params, jax.tree.map(jax.device_put, base_params, base_sharding))
   with sharding.use(mesh, rules):
-    module, params = prefix.for_decoding(transformer.Transformer(model_cfg, adapters), params)
+    model = transformer.Transformer(model_cfg, adapters, **dict(options))
+    module, params = prefix.for_decoding(model, params)
   return Model(
     model_cfg,
     params,
@@ -296,6 +350,7 @@ def _load_run(path, mesh, param_dtype, strategy) -> Model:
     rules,
     module.adapters,
     cfg.train.init_from,
+    options=options,
     llava=llava_cfg,
     preprocess=llava_data.preprocess(cfg) if llava_cfg is not None else None,
   )

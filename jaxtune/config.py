@@ -189,6 +189,9 @@ class DataConfig:
   max_length: int = 128  # Next-token pairs per row.
   truncation: Literal["truncate", "drop"] = "truncate"
   pack: bool = True
+  # Most segments (examples, or preference responses) in a packed row; 0: as many as the data's
+  # shortest allows. Bounds the preference objectives' [rows, S, S] pair matrix.
+  max_segments: int = 0
   train_on_prompt: bool = False
   on_bad_record: Literal["error", "skip"] = "error"
   shuffle: bool = True
@@ -201,7 +204,7 @@ class DataConfig:
   def validate(self) -> None:
     for key in ("max_length", "tokenizer_vocab_size", "synthetic_examples"):
       _check(getattr(self, key) > 0, f"data.{key}={getattr(self, key)} must be positive")
-    for key in ("eval_size", "mixture_cap", "few_shot"):
+    for key in ("eval_size", "mixture_cap", "few_shot", "max_segments"):
       _check(getattr(self, key) >= 0, f"data.{key}={getattr(self, key)} must not be negative")
 
 
@@ -231,10 +234,16 @@ class TrainConfig:
   label_smoothing: float = 0.0  # Conservative DPO: the chance a label is flipped (< 0.5).
   simpo_gamma: float = 0.5  # SimPO's target reward margin.
   reward_margin: float = 0.0  # The reward model's margin per rank apart (0: InstructGPT's).
+  # DPO's reference (`train/reference.py`): auto (the base under an adapter method, else a
+  # frozen copy), base, copy, or precomputed (log-probabilities computed once, in the run folder).
+  reference: Literal["auto", "base", "copy", "precomputed"] = "auto"
   neftune_alpha: float = 5.0  # 0: off; the paper uses 5, 10, 15.
   nonfinite: Literal["stop", "skip"] = "stop"  # What a non-finite loss, gradient or update does.
   log_every: int = 20
   eval_every: int = 100
+  # Held-out prompts per task family answered greedily before and after training, scored by
+  # exact match (`train/held_out.py`); 0: none.
+  held_out_prompts: int = 16
   checkpoint_every: int = 200
   keep_checkpoints: int = 2
   resume: bool = False  # Continue from the latest checkpoint in output_dir.
@@ -256,6 +265,7 @@ class TrainConfig:
       _check(getattr(self, key) > 0, f"train.{key}={getattr(self, key)} must be positive")
     for key in (
       "epochs",
+      "held_out_prompts",
       "warmup_steps",
       "weight_decay",
       "clip_norm",

@@ -5,6 +5,8 @@
     RUN/checkpoints/<N>/   orbax checkpoints (see `checkpoint.py`)
     RUN/metrics.jsonl      metric records, one JSON object a line
     RUN/tensorboard/       the same as TensorBoard events
+    RUN/held_out.json      held-out exact match per task family, before and after training
+    RUN/reference_log_probs.npz   a DPO run's precomputed reference (`train/precomputed.py`)
 
 Training writes it, `jaxtune.load` and `jaxtune convert` read and write it.
 """
@@ -17,6 +19,8 @@ import jax
 
 CONFIG, TOKENIZER, CHECKPOINTS = "config.yaml", "tokenizer", "checkpoints"
 METRICS, TENSORBOARD = "metrics.jsonl", "tensorboard"
+HELD_OUT = "held_out.json"  # Held-out exact match before and after training (`train/held_out.py`).
+REFERENCE_LOG_PROBS = "reference_log_probs.npz"
 
 
 def is_run(path: pathlib.Path) -> bool:

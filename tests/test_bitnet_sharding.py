@@ -1,6 +1,10 @@
 """BitNet on a `model` axis of 8: group quantization adds no collective to the compiled train
-step (counted in its HLO, against `dense` and ungrouped scales), and the sharded model computes
-what one device computes with the same groups."""
+step (counted in its HLO, against `dense` and ungrouped scales), also under fsdp on 2 x 4 (whose
+layers add collectives on `data` only), and the sharded model computes what one device computes
+with the same groups."""
+
+import math
+import re
 
 import flax.linen as nn
 import jax
@@ -18,19 +22,23 @@ _MODEL = dict(vocab_size=64, dim=64, num_layers=1, num_heads=8, mlp_dim=128, max
 _ROWS, _LENGTH = 8, 32
 
 
-def _all_reduces(linear: str, groups: int) -> int:
+def _compiled_step(linear: str, groups: int, data: int = 1, strategy: str = "tp") -> str:
+  """The HLO of the compiled train step on a data x (8 / data) mesh, traced under the rules as
+  `loop.run` traces it (the activations' logical constraints in force)."""
   overrides = [f"model.{k}={v}" for k, v in _MODEL.items()] + [
     f"model.linear={linear}",
     f"model.sub_norm={linear != 'dense'}",
     f"model.bitnet_groups={groups}",
     "model.mlp=relu2",
-    "mesh.data=1",
-    "mesh.model=8",
+    f"mesh.data={data}",
+    f"mesh.model={8 // data}",
+    f"mesh.strategy={strategy}",
     f"train.batch_size={_ROWS}",
     f"data.max_length={_LENGTH}",
   ]
   cfg = config.load(None, overrides)
-  t = loop.build(cfg, sharding.make_mesh(cfg.mesh), steps=1, shapes_only=True)
+  mesh = sharding.make_mesh(cfg.mesh)
+  t = loop.build(cfg, mesh, steps=1, shapes_only=True)
   batch = {
     k: jax.ShapeDtypeStruct((_ROWS, _LENGTH), dtype, sharding=t.batch_sharding)
     for k, dtype in [
@@ -41,16 +49,71 @@ def _all_reduces(linear: str, groups: int) -> int:
       ("positions", jnp.int32),
     ]
   }
-  hlo = t.train_step.lower(t.state, t.frozen, batch).compile().as_text()
-  return sum(hlo.count(op) for op in (" all-reduce(", " all-reduce-start("))
+  with sharding.use(mesh, t.rules):
+    return t.train_step.lower(t.state, t.frozen, batch).compile().as_text()
+
+
+def _all_reduces(hlo: str) -> list[str]:
+  return [line for line in hlo.splitlines() if re.search(r" all-reduce(-start)?\(", line)]
+
+
+def _iota(dims: str, perm: str | None) -> np.ndarray:
+  shape = [int(d) for d in dims.split(",")]
+  ids = np.arange(math.prod(shape)).reshape(shape)
+  return ids.transpose([int(a) for a in perm.split(",")]) if perm else ids
+
+
+def _replica_groups(line: str) -> list[set[int]]:
+  """The device groups of an all-reduce, in each form XLA prints: explicit `{{0,4},...}`, iota
+  `[2,4]<=[8]`, or `mesh[sizes], device_ids=(iota) {reduced axes}`."""
+  head = re.search(
+    r"replica_groups=(\{[\d,{}]*\}|\[[\d,]+\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?|mesh)", line
+  )
+  if head.group(1).startswith("{"):
+    return [set(map(int, g.split(","))) for g in re.findall(r"\{([\d,]+)\}", head.group(1))]
+  if head.group(1) != "mesh":
+    shape = [int(d) for d in re.match(r"\[([\d,]+)\]", head.group(1)).group(1).split(",")]
+    return [set(g) for g in _iota(head.group(2), head.group(3)).reshape(shape).tolist()]
+  m = re.search(
+    r"replica_groups=mesh\[([^\]]*)\]"
+    r"(?:, device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))? \{([^}]*)\}",
+    line,
+  )
+  sizes = [int(n) for n in re.findall(r"=(\d+)", m.group(1))]
+  devices = _iota(m.group(2), m.group(3)) if m.group(2) else np.arange(math.prod(sizes))
+  ids = devices.reshape(sizes)
+  reduced = [int(a) for a in re.findall(r"axis_(\d+)", m.group(4))]
+  kept = [a for a in range(len(sizes)) if a not in reduced]
+  rows = ids.transpose(kept + reduced).reshape(-1, math.prod(sizes[a] for a in reduced))
+  return [set(g) for g in rows.tolist()]
 
 
 def test_grouped_scales_add_no_collective_on_a_model_axis_of_8():
-  dense = _all_reduces("dense", 8)  # (No BitNet scale: its groups change nothing.)
-  ungrouped = _all_reduces("bitnet158", 1)
-  grouped = _all_reduces("bitnet158", 8)
+  dense = len(_all_reduces(_compiled_step("dense", 8)))  # (Its groups change nothing.)
+  ungrouped = len(_all_reduces(_compiled_step("bitnet158", 1)))
+  grouped = len(_all_reduces(_compiled_step("bitnet158", 8)))
   assert ungrouped > dense, (dense, ungrouped)  # Whole-weight means, sub-norms: all-reduces.
   assert grouped == dense, (dense, grouped)
+
+
+def test_under_fsdp_the_grouped_layers_add_collectives_on_data_only():
+  """fsdp stores each kernel's input dimension split over `data`: a scale sums its shards' parts
+  over `data` (4 devices apart here), and no layer adds a collective that spans `model`."""
+  mesh = sharding.make_mesh(MeshConfig(data=2, model=4))
+  model_of = {d.id: m for (_, m), d in np.ndenumerate(mesh.devices)}
+
+  def in_layers(linear: str) -> tuple[int, int]:
+    spans = [
+      any(len({model_of[d] for d in g}) > 1 for g in _replica_groups(line))
+      for line in _all_reduces(_compiled_step(linear, 4, data=2, strategy="fsdp"))
+      if "closed_call/layers/" in line
+    ]
+    return sum(spans), len(spans) - sum(spans)
+
+  dense_model, dense_data = in_layers("dense")
+  bitnet_model, bitnet_data = in_layers("bitnet158")
+  assert bitnet_model == dense_model, (dense_model, bitnet_model)
+  assert bitnet_data > dense_data, (dense_data, bitnet_data)  # The scales' sums over data.
 
 
 def test_sharded_bitnet_logits_equal_one_device_with_the_same_groups():

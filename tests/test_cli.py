@@ -59,7 +59,33 @@ def test_train_runs_and_lowers_held_out_loss(tmp_path):
   assert list((run / "tensorboard").glob("events.out.tfevents.*"))
   assert (run / "tokenizer" / "tokenizer.model").is_file()
   assert "held-out loss" in result.stderr
-  assert result.stdout.count("(reference: ") == 4  # Held-out prompts answered at the end.
+  _check_held_out_report(run, records, result.stdout)
+
+
+def _check_held_out_report(run, records, stdout):
+  """The exact match per task family before and after training: printed, in metrics.jsonl and
+  in held_out.json, and equal to a recount of the answers it lists."""
+  report = json.loads((run / "held_out.json").read_text())
+  families = ["arithmetic", "reverse", "capitals", "counting", "sorting"]
+  assert [report["before"]["step"], report["after"]["step"]] == [0, 60]
+  for when in ("before", "after"):
+    assert report[when]["prompts"] == dict.fromkeys(families, 16)
+    recount = {f: [] for f in families}
+    for a in report["answers"]:
+      recount[a["where"].split("[")[0]].append(a[when].strip() == a["reference"].strip())
+    assert report[when]["exact_match"] == {f: np.mean(v) for f, v in recount.items()}
+    record = next(r for r in records if r["step"] == report[when]["step"] and "eval_loss" in r)
+    assert record["held_out_exact_match"] == report[when]["exact_match_all"]
+    for f in families:
+      assert record[f"held_out_exact_match/{f}"] == report[when]["exact_match"][f]
+  assert "held-out exact match (greedy, 80 prompts)" in stdout
+  for f in families:  # The table's row, and one answer shown per family.
+    assert any(line.split()[:2] == [f, "16"] for line in stdout.splitlines()), f
+  assert stdout.count("reference: ") == 5
+  shown = {a["prompt"]: a["after"] for a in report["answers"]}
+  for block in stdout.split("\n> ")[1:]:
+    prompt, answer = block.split("\n")[:2]
+    assert shown[prompt] == answer
 
 
 def test_data_inspect_on_lima_with_the_llama_tokenizer(data_dir):

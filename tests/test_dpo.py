@@ -5,6 +5,7 @@ with each response's log-probability from its own forward pass, alone in a row: 
 step's segment sums, pairs and K-wise averaging are checked too.
 """
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -20,7 +21,8 @@ from jaxtune.data import packing
 from jaxtune.errors import ConfigError
 from jaxtune.model import transformer
 from jaxtune.model.adapters import Adapters
-from jaxtune.train import dpo, loop, reference
+from jaxtune.peft import partition
+from jaxtune.train import dpo, loop, precomputed, reference
 
 VOCAB = 64
 MODEL = ModelConfig(
@@ -132,26 +134,37 @@ def test_losses_equal_the_papers_formulas(policy_and_reference):
 
 
 def test_packed_equals_unpacked_loss_and_gradients(policy_and_reference):
+  """Also with the pair matrices bounded to the packed rows' most segments (`segments`), as the
+  loop bounds them (`pipeline.max_segments`): [B, 10, 10] rather than [B, T + 1, T + 1]."""
   model, params, ref_params = policy_and_reference
-  goal = _objective("dpo", model)
   groups = _groups(1)
-
-  @jax.jit
-  def mean_loss(trainable, batch):
-    loss, metrics = goal.loss({**trainable, reference.REFERENCE: ref_params}, batch, None)
-    n = goal.normalizer(batch)
-    return loss / n, jax.tree.map(lambda m: m / n, metrics)
-
-  grad = jax.value_and_grad(mean_loss, has_aux=True)
   packed_batch = _batch(groups, rows=len(groups), pack=True)  # First fit: the last rows empty.
   assert (packed_batch["groups"].max(axis=1) > 1).any() and not packed_batch["groups"][-1].any()
-  (packed, pm), pg = grad(params, packed_batch)
-  (unpacked, um), ug = grad(params, _batch(groups, rows=len(groups), pack=False))
-  np.testing.assert_allclose(packed, unpacked, rtol=1e-5)
-  for k in pm:
-    np.testing.assert_allclose(pm[k], um[k], rtol=1e-5, atol=1e-6, err_msg=k)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), pg, ug)
-  assert 0 < float(pm["kl"])
+  most = int(packed_batch["segment_ids"].max())
+  assert most == 9
+
+  def grad(goal):
+    def mean_loss(trainable, batch):
+      loss, metrics = goal.loss({**trainable, reference.REFERENCE: ref_params}, batch, None)
+      n = goal.normalizer(batch)
+      return loss / n, jax.tree.map(lambda m: m / n, metrics)
+
+    return jax.jit(jax.value_and_grad(mean_loss, has_aux=True)), mean_loss
+
+  full, _ = grad(_objective("dpo", model))
+  bounded, bounded_loss = grad(dataclasses.replace(_objective("dpo", model), segments=most))
+  (unpacked, um), ug = full(params, _batch(groups, rows=len(groups), pack=False))
+  for step in (full, bounded):
+    (packed, pm), pg = step(params, packed_batch)
+    np.testing.assert_allclose(packed, unpacked, rtol=1e-5)
+    for k in pm:
+      np.testing.assert_allclose(pm[k], um[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), pg, ug)
+    assert 0 < float(pm["kl"])
+  jaxpr = jax.make_jaxpr(bounded_loss)(params, packed_batch)
+  shapes = {tuple(v.aval.shape) for e in jaxpr.jaxpr.eqns for v in e.outvars}
+  assert (len(groups), most + 1, most + 1) in shapes
+  assert not any(len(s) == 3 and s[1:] == (LENGTH + 1, LENGTH + 1) for s in shapes)
 
 
 def test_lora_at_init_is_its_reference():
@@ -174,7 +187,7 @@ def test_full_fine_tuning_without_a_reference_copy_is_an_error(policy_and_refere
     _objective("dpo", model).loss(params, _batch(_groups(3), 3, True), None)
 
 
-def _run(mesh_shape, peft, batch, goal="dpo", micro_batches=1):
+def _run(mesh_shape, peft, batch, goal="dpo", micro_batches=1, ref="auto"):
   cfg = config.load(
     None,
     [
@@ -183,6 +196,7 @@ def _run(mesh_shape, peft, batch, goal="dpo", micro_batches=1):
     ]
     + [
       f"train.objective={goal}",
+      f"train.reference={ref}",
       "train.batch_size=8",
       f"train.micro_batches={micro_batches}",
       "train.learning_rate=1e-2",
@@ -203,6 +217,9 @@ def _run(mesh_shape, peft, batch, goal="dpo", micro_batches=1):
       for k, v in batch.items()
       if k in t.objective.batch_keys
     }
+    if ref == "precomputed":  # The initial policy's, as the loop computes them.
+      initial = partition.combine(t.state.params, t.frozen)
+      put["reference"] = precomputed.log_probs_step(*reference.initial(t.model, initial))(put)
     for _ in range(2):
       state, metrics = t.train_step(state, t.frozen, put)
       out.append(jax.device_get(metrics))
@@ -230,3 +247,32 @@ def test_sharded_steps_equal_one_device(shape, micro_batches, one_device):
     for key in ("loss", "grad_norm", "rewards_chosen", "accuracy", "kl", "margin"):
       np.testing.assert_allclose(a[key], b[key], rtol=2e-5, atol=1e-6, err_msg=f"{shape} {key}")
   assert one_device[-1]["loss"] < one_device[0]["loss"]
+
+
+def test_precomputed_reference_steps_equal_the_live_copy(one_device):
+  """train.reference=precomputed: two steps with each token's reference log-probability in the
+  batch give the frozen copy's losses, gradients and metrics (but for the KL, which needs the
+  reference's distributions), with no reference model in the step."""
+  out = _run((1, 1), "none", SHARDED_BATCH, ref="precomputed")
+  for a, b in zip(one_device, out, strict=True):
+    for key in ("loss", "grad_norm", "rewards_chosen", "rewards_rejected", "accuracy", "margin"):
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  assert "kl" not in out[0]
+
+
+def test_reference_choices(policy_and_reference):
+  """train.reference: auto is the base under an adapter method and a copy under full fine-tuning;
+  base under full fine-tuning is refused; a copy under LoRA is the base with the copied LoRA."""
+  full = policy_and_reference[0]
+  lora = transformer.Transformer(MODEL, Adapters(lora_rank=4, lora_targets=("q",)))
+  assert reference.copies("auto", full) and not reference.copies("auto", lora)
+  assert reference.copies("copy", lora) and not reference.copies("base", lora)
+  assert not reference.copies("precomputed", full)
+  with pytest.raises(ConfigError, match="train.reference=base needs an adapter method"):
+    reference.copies("base", full)
+  params = jax.eval_shape(transformer.init_fn(lora), jax.random.key(0))["params"]
+  trainable, frozen = partition.split(params, partition.is_adapter)
+  copy = jax.tree.map(lambda x: "copied", trainable)
+  policy, ref_model, ref_params = reference.split(lora, {**params, reference.REFERENCE: copy})
+  assert policy == params and ref_model is lora
+  assert partition.split(ref_params, partition.is_adapter) == (copy, frozen)

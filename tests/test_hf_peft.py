@@ -88,7 +88,7 @@ def test_a_lora_run_exports_merged_and_as_adapters(tmp_path):
       "model.dim=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
       "model.mlp_dim=64", "data.synthetic_examples=64", "data.max_length=96",
       "train.steps=3", "train.batch_size=8", "train.learning_rate=1e-2", "train.warmup_steps=0",
-      f"train.output_dir={tmp_path / 'run'}", "data.eval_size=4",
+      f"train.output_dir={tmp_path / 'run'}", "data.eval_size=4", "train.held_out_prompts=2",
     ],
   )  # fmt: skip
   loop.run(cfg)

@@ -1,6 +1,7 @@
 """Preference data: pairwise and ranked records in every accepted form, their bad records, loss
 masks equal to SFT's, groups packed one segment per response, JSONL and TFDS alike."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -214,3 +215,24 @@ def test_objectives_refuse_the_other_kind_of_data(prefs, name, preferences, mess
   with pytest.raises(ConfigError, match=message):
     objective.check_data(train, goal, examples)
   objective.check_data(train, goal, right)
+
+
+def test_rows_hold_at_most_the_static_number_of_segments(prefs):
+  """The bound the objectives' pair matrices are sized by (`pipeline.max_segments`): derived from
+  the shortest response, or `data.max_segments`, which the packer keeps to; one pass each."""
+  _, cfg, data = prefs
+  derived = pipeline.max_segments(data, cfg.data)
+  shortest = min(r.pairs for g in (*data.train, *data.eval) for r in g.responses)
+  assert derived == 64 // shortest
+  for cap, bound in ((0, derived), (3, 3)):
+    batches = pipeline.Batches(data.train, 4, 64, pack=True, seed=0, repeat=False, max_segments=cap)
+    most, placed = 0, 0
+    for _ in range(batches.batches_per_epoch().batches):
+      b = next(batches)
+      most = max(most, int(b.segment_ids.max()))
+      placed += sum(len(set(b.groups[r].tolist()) - {0}) for r in range(4))
+    assert most <= bound and placed == len(data.train)
+  limited = dataclasses.replace(cfg.data, max_segments=3)
+  assert pipeline.max_segments(data, limited) == 3
+  with pytest.raises(ConfigError, match="data.max_segments=1 is below the 3 responses"):
+    pipeline.Batches(data.train, 4, 64, pack=True, seed=0, max_segments=1)

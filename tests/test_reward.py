@@ -1,16 +1,24 @@
 """The reward model: InstructGPT's K-wise loss on packed rankings against the pairs one at a
-time, and its training step sharded against one device."""
+time, its training step sharded against one device, and a trained one loaded to score."""
 
+import dataclasses
 import math
 
 import jax
 import numpy as np
 import pytest
+from subprocesses import TINY_RUN
 from test_dpo import LENGTH, MODEL, _batch, _groups, _init, _run
+from test_precomputed import write_pairs
 
+import jaxtune
+from jaxtune import config
 from jaxtune.config import TrainConfig
+from jaxtune.data import pipeline
+from jaxtune.data.packing import Stats
+from jaxtune.errors import CheckpointError
 from jaxtune.model import transformer
-from jaxtune.train import objective, reward
+from jaxtune.train import loop, objective, reward
 
 
 def _scores(model, params, groups) -> list[list[float]]:
@@ -84,3 +92,36 @@ def test_sharded_step_equals_one_device():
     for key in ("loss", "grad_norm", "rewards_chosen", "margin"):
       np.testing.assert_allclose(a[key], b[key], rtol=2e-5, atol=1e-6, err_msg=key)
   assert single[-1]["loss"] < single[0]["loss"]
+
+
+def test_a_reward_run_loads_and_scores_as_it_was_evaluated(tmp_path, capsys):
+  """A LoRA reward run: it prints no generated answers; `jaxtune.load` of it scores the held-out
+  pairs with the accuracy the run measured at its end, and the held-out best responses average
+  0 (the offset set after training)."""
+  cfg = config.load(
+    None,
+    [
+      *TINY_RUN,
+      f"data.path={write_pairs(tmp_path / 'pairs.jsonl', 64)}",
+      "data.eval_size=16",
+      "data.template=raw",
+      "data.max_length=128",
+      "peft.method=lora",
+      "train.objective=reward",
+      "train.steps=2",
+      "train.batch_size=8",
+      "train.warmup_steps=0",
+      "train.eval_every=100",
+      f"train.output_dir={tmp_path / 'run'}",
+    ],
+  )
+  summary = loop.run(cfg)
+  assert "(reference:" not in capsys.readouterr().out
+  held_out = pipeline.conversations(cfg.data, cfg.train.seed, Stats()).held_out
+  model = jaxtune.load(tmp_path / "run")
+  chosen, rejected = (model.score([p.conversations[i] for p in held_out]) for i in (0, 1))
+  assert len(chosen) == 16 and np.ptp(chosen) > 0
+  assert float(np.mean(chosen > rejected)) == pytest.approx(summary["eval_loss_end"], abs=1e-6)
+  assert float(np.mean(chosen)) == pytest.approx(0.0, abs=1e-4)
+  with pytest.raises(CheckpointError, match="no scalar head"):
+    dataclasses.replace(model, options=()).score_ids([[1, 2, 3]])

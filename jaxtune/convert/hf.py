@@ -1,10 +1,11 @@
 """Hugging Face checkpoints: `load_hf` and `save_hf` for folders of config.json + safetensors.
 
 Families: Llama (1/2/3), Mistral, Qwen2, Gemma, GPT-2 and BitNet (float, online-quantized or
-packed 2-bit weights); their config and tensor layouts are in
-`hf_layout.py`. Weights are read with safetensors' numpy API, one file or shards listed in
-`model.safetensors.index.json`. Pickled checkpoints (.bin, .pt) are refused, never unpickled:
-unpickling runs arbitrary code. Every error is a `CheckpointError` naming the file and the tensor.
+packed 2-bit weights); their config and tensor layouts are in `hf_llama.py`, `hf_gpt2.py` and
+`hf_bitnet.py`, tabled in `hf_layout.py`. Weights are read with safetensors' numpy API, one file
+or shards listed in `model.safetensors.index.json`. Pickled checkpoints (.bin, .pt) are refused,
+never unpickled: unpickling runs arbitrary code. Every error is a `CheckpointError` naming the
+file and the tensor.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import safetensors.numpy
 from tqdm import tqdm
 
 from jaxtune.config import ModelConfig
-from jaxtune.convert.hf_layout import FAMILIES, Family, Tensor, View, family_for
+from jaxtune.convert.hf_layout import FAMILIES, family_for
+from jaxtune.convert.hf_schema import Family, Tensor, View
 from jaxtune.errors import CheckpointError, ConfigError
 from jaxtune.model import transformer
 
@@ -59,7 +61,7 @@ def load_hf(
   weight is, else float32), which the config records. Without `shardings` they are numpy arrays.
   With `shardings` (the params tree of `jax.sharding.Sharding`s of this config's model, e.g.
   from a mesh's rules) they are jax Arrays built shard by shard: each distinct shard is read
-  straight from the file (`hf_layout.View.read`), so a host holds only its own devices' shards,
+  straight from the file (`hf_schema.View.read`), so a host holds only its own devices' shards,
   one tensor at a time, never a whole tensor that is sharded (except across a sharded head_dim,
   which no rule preset does, where whole heads are read).
   """

@@ -1,6 +1,6 @@
 """LoRA adapters in Hugging Face PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
 
-The adapted model is a Llama-family one (Llama, Mistral, Qwen2, Gemma: `hf_layout`'s decoder
+The adapted model is a Llama-family one (Llama, Mistral, Qwen2, Gemma: `hf_llama.py`'s
 families), whose projections are `nn.Linear`s with weights [out, in]. PEFT stores, per layer and
 projection, `lora_A.weight` [R, in] and `lora_B.weight` [out, R], and computes
 `x A^T B^T * alpha / R`, which is jaxtune's `(x A) B * alpha / R` with A and B flattened and

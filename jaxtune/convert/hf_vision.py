@@ -26,7 +26,8 @@ import safetensors.numpy
 from jaxtune.config import ModelConfig
 from jaxtune.config_vision import ACTIVATIONS, LlavaConfig, VisionConfig
 from jaxtune.convert import hf
-from jaxtune.convert.hf_layout import FAMILIES, Tensor, View, family_for
+from jaxtune.convert.hf_layout import FAMILIES, family_for
+from jaxtune.convert.hf_schema import Tensor, View
 from jaxtune.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)

@@ -69,6 +69,11 @@ class ImageExample:
   def pairs(self) -> int:
     return self.example.pairs
 
+  @property
+  def responses(self) -> tuple[ImageExample, ...]:
+    """One segment, as `Example`'s (the packer's count of a row's segments)."""
+    return (self,)
+
 
 def parse(record: sources.Record, image_folder: pathlib.Path) -> ImageConversation:
   """One LLaVA record; a DataError naming its file:line if it is malformed, an image is missing

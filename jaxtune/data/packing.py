@@ -44,6 +44,9 @@ class TokenizerLike(Protocol):
 class Example:
   ids: np.ndarray  # int32 [n]
   supervised: np.ndarray  # bool [n]
+  # A reference model's log p(ids[i + 1] | ids[: i + 1]) of each next-token pair, float32 [n - 1],
+  # times its supervision (`train/precomputed.py`); None: not computed.
+  reference: np.ndarray | None = dataclasses.field(default=None, compare=False)
 
   def __len__(self) -> int:
     return len(self.ids)
@@ -170,7 +173,8 @@ class Batch:
   """Rows [B, T]: inputs, next-token targets, loss weights, segment ids (0 = padding) and
   positions restarting at each segment; for preference data, each token's group in its row
   (1, 2, ...; the responses to one prompt; 0 = padding) and its response's rank in the group
-  (an example alone is a group of one, of rank 0)."""
+  (an example alone is a group of one, of rank 0); each pair's precomputed reference
+  log-probability where the examples have one (else 0)."""
 
   inputs: np.ndarray
   targets: np.ndarray
@@ -179,6 +183,7 @@ class Batch:
   positions: np.ndarray
   groups: np.ndarray
   ranks: np.ndarray
+  reference: np.ndarray
 
 
 def assign_rows(lengths: Sequence[int], rows: int, length: int, pack: bool) -> list[list[int]]:
@@ -201,6 +206,7 @@ def make_batch(examples: Sequence[Example | Group], placed: list[list[int]], len
   keys = ("inputs", "targets", "segment_ids", "positions", "groups", "ranks")
   arrays = {k: np.zeros((rows, length), np.int32) for k in keys}
   weights = np.zeros((rows, length), np.float32)
+  reference = np.zeros((rows, length), np.float32)
   for r, indices in enumerate(placed):
     start, segment = 0, 0
     for group, i in enumerate(indices, 1):
@@ -215,5 +221,7 @@ def make_batch(examples: Sequence[Example | Group], placed: list[list[int]], len
         arrays["groups"][r, span] = group
         arrays["ranks"][r, span] = rank
         weights[r, span] = ex.supervised[1:]
+        if ex.reference is not None:
+          reference[r, span] = ex.reference
         start += ex.pairs
-  return Batch(weights=weights, **arrays)
+  return Batch(weights=weights, reference=reference, **arrays)

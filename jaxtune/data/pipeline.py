@@ -26,7 +26,7 @@ from jaxtune.data.formats import Conversation
 from jaxtune.data.packing import Batch, Example, Group, Stats
 from jaxtune.data.preference import Preference
 from jaxtune.data.sources import BadRecords, Record, Source, open_source
-from jaxtune.errors import DataError
+from jaxtune.errors import ConfigError, DataError
 from jaxtune.sharding import BatchRows
 
 log = logging.getLogger(__name__)
@@ -301,6 +301,7 @@ class _Row:
   pack: bool
   seed: tuple[int, int]  # (seed, row)
   shuffle: bool
+  max_segments: int = 0  # Most segments (responses) in the row; 0: no bound.
   epoch: int = 0
   index: int = 0  # Into this epoch's order: the examples before it are placed or passed over.
   passed: list[int] = dataclasses.field(default_factory=list)  # Passed over, not yet placed.
@@ -308,6 +309,7 @@ class _Row:
 
   def __post_init__(self):
     self.sizes = [ex.pairs for ex in self.examples]
+    self.segments = [len(ex.responses) for ex in self.examples]
 
   def order(self) -> np.ndarray:
     if self._order[0] != self.epoch:
@@ -330,14 +332,16 @@ class _Row:
     window of the row's own order). Those passed over stay first in line, so an example waits
     at most as many batches as there are examples before it in line (one is placed per batch)."""
     taken, missed, space, seen = [], [], self.length, 0
+    segments = self.max_segments or self.length
     for i in self._pending():
       seen += 1
-      if self.sizes[i] <= space and (self.pack or not taken):
+      fits = self.sizes[i] <= space and self.segments[i] <= segments
+      if fits and (self.pack or not taken):
         taken.append(i)
-        space -= self.sizes[i]
+        space, segments = space - self.sizes[i], segments - self.segments[i]
       else:
         missed.append(i)
-      if space == 0 or (taken and not self.pack) or len(missed) >= LOOKAHEAD:
+      if space == 0 or segments == 0 or (taken and not self.pack) or len(missed) >= LOOKAHEAD:
         break
     self.passed = missed + self.passed[seen:]
     if not self.passed and self.index >= len(self.examples):
@@ -371,6 +375,7 @@ class Batches(Iterator[Batch]):
     positions: Sequence[int] | None = None,
     rows: BatchRows | None = None,
     repeat: bool = True,
+    max_segments: int = 0,
   ):
     self.rows = rows or BatchRows(batch_size, tuple(range(batch_size)))
     if self.rows.batch_size != batch_size:
@@ -395,12 +400,18 @@ class Batches(Iterator[Batch]):
         f"the examples at the source positions p with p % {batch_size} = its row; use more data "
         "or a smaller train.batch_size",
       )
+    self.max_segments = max_segments
+    if max_segments and (k := max((len(ex.responses) for ex in data), default=0)) > max_segments:
+      raise ConfigError(
+        f"data.max_segments={max_segments} is below the {k} responses of a prompt in the data, "
+        "which share one row"
+      )
     self.batches = 0
     self._rows = self._new_rows()
 
   def _new_rows(self) -> list[_Row]:
     return [
-      _Row(examples, self.length, self.pack, (self.seed, r), self.shuffle)
+      _Row(examples, self.length, self.pack, (self.seed, r), self.shuffle, self.max_segments)
       for r, examples in self.streams.items()
     ]
 
@@ -410,13 +421,17 @@ class Batches(Iterator[Batch]):
     return row.take()
 
   def __next__(self) -> Batch:
+    return self.next_placed()[0]
+
+  def next_placed(self) -> tuple[Batch, list[list[Example | Group]]]:
+    """The next batch and the examples of each of its rows, in the order they are packed."""
     examples, placed = [], []
     for row in self._rows:
       taken = self._take(row)
       placed.append(list(range(len(examples), len(examples) + len(taken))))
       examples += taken
     self.batches += 1
-    return self._make_batch(examples, placed)
+    return self._make_batch(examples, placed), [[examples[i] for i in p] for p in placed]
 
   def _make_batch(self, examples: list[Example], placed: list[list[int]]) -> Batch:
     return packing.make_batch(examples, placed, self.length)
@@ -466,4 +481,18 @@ def training_batches(data: Data, cfg: Config, rows: BatchRows | None = None) -> 
     shuffle=cfg.data.shuffle,
     positions=data.positions,
     rows=rows,
+    max_segments=cfg.data.max_segments,
   )
+
+
+def max_segments(data: Data, cfg: DataConfig) -> int:
+  """A static bound on the segments of a packed row of this process's data (`data.max_segments`,
+  else as many of its shortest response as fit in `data.max_length`, at most all of them): the
+  preference objectives' pair matrices are this big (`train/preference.py`)."""
+  if cfg.max_segments:
+    return cfg.max_segments
+  items = (*data.train, *data.eval)
+  if not cfg.pack:
+    return max(len(item.responses) for item in items)
+  responses = [r for item in items for r in item.responses]
+  return min(cfg.max_length // min(r.pairs for r in responses), len(responses))

@@ -24,7 +24,11 @@ Group quantization (BitNet section 2.1): with `groups` = G > 1 the weight's spli
 mlp, the axis the `model` mesh axis shards) is cut into G equal blocks and each block gets its own
 scale; an activation contracted over that axis (the inputs of o and down) gets one absmax per
 block. Each device of a `model` axis of G then computes its scales from its own shard, with no
-collective. G = 1 is the ungrouped math.
+collective. G = 1 is the ungrouped math. This is about the `model` axis (tensor parallelism):
+`fsdp` also stores a kernel's input dimension split over `data`, and a scale, a mean over that
+whole dimension, then sums the shards' parts with an all-reduce over `data` (a float per group,
+the price of quantizing where the weights are stored rather than gathering float32 latents; see
+README's BitNet section and `tests/test_bitnet_sharding.py`).
 
 Training uses the straight-through estimator: the forward pass is the quantizer, the backward
 pass the identity, so the gradient reaches the latent float weights (and the activations) as if

@@ -13,7 +13,8 @@ pairs. For a pair (w better than l) with u = (log pi(w) - log ref(w)) - (log pi(
 A ranking of K responses is C(K, 2) pairs, averaged per prompt; the loss is a mean over prompts.
 The reference model is `train/reference.py`'s. Metrics: the better and worse responses' implicit
 rewards beta (log pi - log ref) (SimPO's: beta a(y)), their margin, the preference accuracy and the
-KL from the policy to the reference per response (summed over its supervised tokens).
+KL from the policy to the reference per response (summed over its supervised tokens; not with a
+precomputed reference, which keeps no reference distributions).
 Dropout applies to the policy only; NEFTune is not used.
 
 Shape letters: B batch, T length, V vocab, S segments of a row.
@@ -61,36 +62,37 @@ class DPO:
   beta: float = 0.1
   label_smoothing: float = 0.0
   simpo_gamma: float = 0.5
+  precomputed: bool = False  # The reference's log-probabilities come with the batch.
+  segments: int | None = None  # A row's most segments (`train/preference.py`); None: T.
 
-  batch_keys: ClassVar[tuple[str, ...]] = (
-    "inputs",
-    "targets",
-    "weights",
-    "positions",
-    "segment_ids",
-    "groups",
-    "ranks",
-  )
   eval_metric: ClassVar[str] = "loss"
+
+  @property
+  def batch_keys(self) -> tuple[str, ...]:
+    keys = ("inputs", "targets", "weights", "positions", "segment_ids", "groups", "ranks")
+    return (*keys, "reference") if self.precomputed else keys
 
   @classmethod
   def maker(cls, kind: str) -> Callable[[transformer.Transformer, TrainConfig], DPO]:
     def make(model: transformer.Transformer, train: TrainConfig) -> DPO:
-      return cls(model, kind, train.preference_beta, train.label_smoothing, train.simpo_gamma)
+      precomputed = train.reference == "precomputed" and kind not in REFERENCE_FREE
+      beta, smoothing, gamma = train.preference_beta, train.label_smoothing, train.simpo_gamma
+      return cls(model, kind, beta, smoothing, gamma, precomputed)
 
     return make
 
   @property
   def needs_reference(self) -> bool:
-    return self.kind not in REFERENCE_FREE
+    """Whether the step runs a reference model (not when its log-probabilities are given)."""
+    return self.kind not in REFERENCE_FREE and not self.precomputed
 
   def normalizer(self, batch: preference.Batch) -> jax.Array:
-    return preference.groups(batch)
+    return preference.groups(batch, self.segments)
 
   def _log_probs(self, logits_btv: jax.Array, batch: preference.Batch) -> jax.Array:
     """[B, S]: each segment's summed log-probability of its supervised tokens."""
     log_p_bt = preference.token_log_probs(logits_btv, batch["targets"]) * batch["weights"]
-    return preference.segment_sums(log_p_bt, batch["segment_ids"])
+    return preference.segment_sums(log_p_bt, batch["segment_ids"], self.segments)
 
   def loss(
     self, params: Any, batch: preference.Batch, rng: jax.Array | None
@@ -102,20 +104,27 @@ class DPO:
       {"params": params}, *inputs, deterministic=rng is None, rngs=transformer.training_rngs(rng)
     )
     log_p_bs = self._log_probs(logits_btv, batch)
-    w_bss = preference.pair_weights(batch)
+    w_bss = preference.pair_weights(batch, self.segments)
     metrics = {}
-    if self.needs_reference:
+    if self.precomputed:  # No reference logits: no KL metric.
+      ref_bs = preference.segment_sums(batch["reference"], batch["segment_ids"], self.segments)
+      ratio_bs = log_p_bs - ref_bs
+      reward_bs = self.beta * ratio_bs
+      u_bss = preference.pairwise(ratio_bs)
+    elif self.needs_reference:
       ref_btv = jax.lax.stop_gradient(ref_model.apply({"params": ref_params}, *inputs))
       ratio_bs = log_p_bs - self._log_probs(ref_btv, batch)
       reward_bs = self.beta * ratio_bs
       u_bss = preference.pairwise(ratio_bs)
       kl_bs = preference.segment_sums(
-        preference.token_kl(logits_btv, ref_btv) * batch["weights"], batch["segment_ids"]
+        preference.token_kl(logits_btv, ref_btv) * batch["weights"],
+        batch["segment_ids"],
+        self.segments,
       )
-      k_bs = preference.group_sizes(batch)
+      k_bs = preference.group_sizes(batch, self.segments)
       metrics["kl"] = jnp.sum(jnp.where(k_bs > 1, kl_bs / jnp.maximum(k_bs, 1), 0.0))
     else:
-      lengths_bs = preference.segment_sums(batch["weights"], batch["segment_ids"])
+      lengths_bs = preference.segment_sums(batch["weights"], batch["segment_ids"], self.segments)
       mean_bs = log_p_bs / jnp.maximum(lengths_bs, 1.0)
       reward_bs = self.beta * mean_bs
       u_bss = preference.pairwise(mean_bs)

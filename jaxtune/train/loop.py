@@ -13,17 +13,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import yaml
+from flax import traverse_util
 from tqdm import tqdm
 
-from jaxtune import checkpoint, distributed, generate, runs, sharding
+from jaxtune import checkpoint, distributed, runs, sharding
 from jaxtune.config import Config
 from jaxtune.convert import hf, llama2c
-from jaxtune.data import packing, pipeline
+from jaxtune.data import pipeline
 from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.model import transformer
-from jaxtune.model.adapters import NONE
 from jaxtune.peft import methods, partition, prefix
-from jaxtune.train import llava_run, metrics, objective, optim, reference, reward
+from jaxtune.train import held_out as held_out_eval
+from jaxtune.train import llava_run, metrics, objective, optim, precomputed, reference, reward
 from jaxtune.train.step import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,27 @@ def _pretrained(params: Any) -> dict:
   return {k: v for k, v in partition.base(params).items() if k != reward.HEAD}
 
 
+# Modules a model config adds to a pretrained architecture whose parameters, where the
+# checkpoint lacks them, start as initialized: model.sub_norm's RMSNorms (scales of ones, so only
+# the normalization itself is new; a dense checkpoint fine-tuned to BitNet, HF's layout).
+_ADDABLE = frozenset({"sub_norm"})
+
+
+def _without_new(tree: Any, loaded: Any, path: str, quiet: bool = False) -> dict:
+  """`tree` (the model's parameters, or their shardings) less those that `loaded` lacks and an
+  `_ADDABLE` module holds: they keep their initial values (logged unless `quiet`)."""
+  have = traverse_util.flatten_dict(loaded)
+  flat = traverse_util.flatten_dict(tree)
+  new = [k for k in flat if k not in have and _ADDABLE.intersection(k)]
+  if new and not quiet:
+    log.info(
+      "train.init_from=%s has no %s: they start as initialized (RMSNorm scales of ones)",
+      path,
+      ", ".join("/".join(k) for k in new),
+    )
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in new})
+
+
 def _initial_params(cfg: Config, model, mesh, rng) -> sharding.Sharded:
   """Random (abstract-first, sharded) parameters, or pretrained ones from `train.init_from`
   (the base model's; PEFT parameters start as initialized)."""
@@ -66,11 +88,13 @@ def _initial_params(cfg: Config, model, mesh, rng) -> sharding.Sharded:
   else:
     abstract = checkpoint.abstract(base_params, base_shardings)
     loaded = checkpoint.restore_params(os.path.join(path, runs.CHECKPOINTS), abstract)
+  want_params = _without_new(base_params, loaded, path)
   got = jax.tree.map(lambda x: x.shape, loaded)
-  want = jax.tree.map(lambda x: x.shape, base_params)
+  want = jax.tree.map(lambda x: x.shape, want_params)
   if got != want:
     raise ConfigError(f"train.init_from={path}: parameter shapes {got} do not fit the model {want}")
-  params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), loaded, base_shardings)
+  shardings = _without_new(base_shardings, loaded, path, quiet=True)
+  params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), loaded, shardings)
   params = partition.combine(params, sharded.variables["params"])
   return dataclasses.replace(sharded, variables={"params": params})
 
@@ -107,19 +131,25 @@ class Trainer:
 
 
 def build(
-  cfg: Config, mesh: jax.sharding.Mesh, steps: int, tokenizer=None, shapes_only: bool = False
+  cfg: Config,
+  mesh: jax.sharding.Mesh,
+  steps: int,
+  tokenizer=None,
+  shapes_only: bool = False,
+  segments: int | None = None,
 ) -> Trainer:
   """The model, state and steps of `cfg` on `mesh` for a run of `steps` (the schedule's
   length); `tokenizer` encodes a PEFT method's initialization text. `shapes_only`: the state
   and frozen parameters are `jax.ShapeDtypeStruct`s with their shardings (nothing initialized
-  or loaded), so the steps of a model too large to hold can be compiled and measured."""
+  or loaded), so the steps of a model too large to hold can be compiled and measured.
+  `segments`: the most segments of a row (`pipeline.max_segments`); None: one per token."""
   if cfg.model.linear == "bitnet158_packed" and cfg.peft.method == "none":
     raise ConfigError(
       "model.linear=bitnet158_packed holds 2-bit codes, which cannot be trained: train the "
       "bitnet158 model (float latent weights) it was packed from, or a PEFT method on it"
     )
   model = llava_run.model(cfg, **objective.model_options(cfg.train))
-  goal = objective.make(model, cfg.train)
+  goal = objective.make(model, cfg.train, segments)
   init_rng, step_rng = runs.seed_rngs(cfg.train.seed)
   if shapes_only:
     init = llava_run.init_fn(model)
@@ -134,7 +164,7 @@ def build(
   trains = objective.trains(cfg.train, llava_run.trains(cfg, methods.trains(cfg.peft)))
   trainable, frozen = partition.split(params, trains)
   trainable_sharding, frozen_sharding = partition.split(shardings, trains)
-  if getattr(goal, "needs_reference", False) and model.adapters == NONE:  # Full fine-tuning.
+  if getattr(goal, "needs_reference", False) and reference.copies(cfg.train.reference, model):
     frozen, frozen_sharding = reference.attach_copy(
       trainable, trainable_sharding, frozen, frozen_sharding, abstract=shapes_only
     )
@@ -200,6 +230,7 @@ def _held_out_batches(data: pipeline.Data, cfg: Config, rows) -> pipeline.Batche
     positions=positions,
     rows=rows,
     repeat=False,
+    max_segments=cfg.data.max_segments,
   )
 
 
@@ -212,6 +243,7 @@ class Feed:
   held_out: pipeline.Batches
   held_out_batches: int  # Held-out batches per pass, agreed by every process.
   steps: int
+  segments: int  # The most segments a row can have, agreed (`pipeline.max_segments`).
 
 
 def _with_saved_tokenizer(cfg: Config) -> Config:
@@ -241,7 +273,10 @@ def _feed(cfg: Config, mesh: jax.sharding.Mesh) -> Feed:
   held_out = _held_out_batches(data, cfg, rows)
   epoch, eval_epoch = batches.batches_per_epoch(), held_out.batches_per_epoch()
   # The processes agree on the counts: each one has planned its own rows only.
-  agreed = distributed.gather([epoch.batches, epoch.tokens, epoch.slots, eval_epoch.batches])
+  segments = pipeline.max_segments(data, cfg.data)
+  agreed = distributed.gather(
+    [epoch.batches, epoch.tokens, epoch.slots, eval_epoch.batches, segments]
+  )
   per_epoch = int(agreed[:, 0].max())
   steps = cfg.train.epochs * per_epoch if cfg.train.epochs else cfg.train.steps
   log.info(
@@ -250,7 +285,20 @@ def _feed(cfg: Config, mesh: jax.sharding.Mesh) -> Feed:
     per_epoch,
     100 * agreed[:, 1].sum() / max(agreed[:, 2].sum(), 1),
   )
-  return Feed(data, batches, held_out, int(agreed[:, 3].max()), steps)
+  return Feed(data, batches, held_out, int(agreed[:, 3].max()), steps, int(agreed[:, 4].max()))
+
+
+def _with_reference(cfg: Config, t: Trainer, feed: Feed, mesh, resuming: bool) -> Feed:
+  """The feed with the precomputed reference log-probabilities (`train/precomputed.py`) in its
+  examples, and its batches (same plans) built from them."""
+  rows = sharding.batch_rows(mesh, cfg.train.batch_size)
+  params = partition.combine(t.state.params, t.frozen)  # The initial ones: before any step.
+  put = _batch_putter(cfg, t)
+  data = precomputed.attach(cfg, feed.data, t.model, params, put, rows, resuming)
+  batches = pipeline.training_batches(data, cfg, rows)
+  return dataclasses.replace(
+    feed, data=data, batches=batches, held_out=_held_out_batches(data, cfg, rows)
+  )
 
 
 def _log_model(cfg: Config, t: Trainer, mesh: jax.sharding.Mesh) -> None:
@@ -332,7 +380,7 @@ def run(cfg: Config) -> dict[str, Any]:
   cfg = _with_bitnet_groups(cfg, mesh)
   feed = _feed(cfg, mesh)
   cfg = llava_run.with_image_token(cfg, feed.data.tokenizer)
-  t = build(cfg, mesh, feed.steps, feed.data.tokenizer)
+  t = build(cfg, mesh, feed.steps, feed.data.tokenizer, segments=feed.segments)
   objective.check_data(cfg.train, t.objective, feed.data.train)
   _log_model(cfg, t, mesh)
   with sharding.use(mesh, t.rules):
@@ -340,9 +388,12 @@ def run(cfg: Config) -> dict[str, Any]:
       os.path.join(cfg.train.output_dir, runs.CHECKPOINTS), cfg.train.keep_checkpoints
     )
     try:
+      if "reference" in t.objective.batch_keys:  # train.reference=precomputed
+        feed = _with_reference(cfg, t, feed, mesh, resuming=ckpt.latest_step() is not None)
       state = _restore(cfg, ckpt, t, feed)
       _write_run_files(cfg, feed.data.tokenizer)
-      state, summary = _train(cfg, t, state, feed, ckpt)
+      answers = _HeldOutAnswers(cfg, t, feed.data, mesh)
+      state, summary = _train(cfg, t, state, feed, ckpt, answers)
     finally:
       ckpt.close()
   _check_skipped(summary)
@@ -352,17 +403,66 @@ def run(cfg: Config) -> dict[str, Any]:
     summary["eval_loss_end"],
     ckpt.directory,
   )
-  if feed.data.held_out:  # Every process: the parameters may span them all.
-    with sharding.use(mesh, t.rules):
-      params = reference.without_copy(partition.combine(state.params, t.frozen))
-      _answer(*prefix.for_decoding(t.model, params), feed.data, cfg, mesh, t.rules)
+  if len(answers.results) == 2:
+    before, after = answers.results
+    text = held_out_eval.report(cfg.train.output_dir, answers.prompts, before, after)
+    summary["held_out_exact_match"] = after[1]["exact_match_all"]
+    if jax.process_index() == 0:
+      print(text)
   return summary
 
 
+class _HeldOutAnswers:
+  """Greedy answers to held-out prompts at the start and the end of training, scored by
+  exact match (`held_out.py`); every process decodes (the parameters may span them all)."""
+
+  def __init__(self, cfg: Config, t: Trainer, data: pipeline.Data, mesh: jax.sharding.Mesh):
+    self.cfg, self.t, self.data, self.mesh = cfg, t, data, mesh
+    # A reward model's scalar head generates nothing.
+    generates = cfg.train.objective not in objective.SCALAR_HEAD
+    self.prompts = held_out_eval.select(
+      data.held_out if generates else [],
+      data.tokenizer,
+      cfg.data.template,
+      cfg.model.max_seq_len,
+      cfg.train.held_out_prompts,
+    )
+    if generates and data.held_out and not self.prompts.ids:
+      log.info("no held-out prompt and answer fits model.max_seq_len: no exact match reported")
+    self.results: list[tuple[int, dict, list[str]]] = []
+
+  def __call__(self, step: int, trainable: Any) -> dict[str, float]:
+    """The metrics.jsonl fields of the answers at `step` (none without prompts)."""
+    t = self.t
+    params = reference.without_copy(partition.combine(trainable, t.frozen))
+    model, params = prefix.for_decoding(t.model, params)
+    tok, template = self.data.tokenizer, self.cfg.data.template
+    t0 = time.perf_counter()
+    got = held_out_eval.evaluate(model, params, self.prompts, tok, template, self.mesh, t.rules)
+    if got is None:
+      return {}
+    scores, answers = got
+    log.info(
+      "step %d: held-out exact match %.1f%% on %d prompts (%.1f s)",
+      step,
+      100 * scores["exact_match_all"],
+      len(answers),
+      time.perf_counter() - t0,
+    )
+    self.results.append((step, scores, answers))
+    return held_out_eval.metrics(scores)
+
+
 def _train(
-  cfg: Config, t: Trainer, state: TrainState, feed: Feed, ckpt: checkpoint.Checkpointer
+  cfg: Config,
+  t: Trainer,
+  state: TrainState,
+  feed: Feed,
+  ckpt: checkpoint.Checkpointer,
+  answers: Any,  # (step, trainable) -> metrics of held-out answers, at the start and the end.
 ) -> tuple[TrainState, dict[str, Any]]:
-  """Steps from the state's step to the last, with held-out losses, metrics and checkpoints."""
+  """Steps from the state's step to the last, with held-out losses and answers, metrics and
+  checkpoints."""
   put = _batch_putter(cfg, t)
   held_out = [put(next(feed.held_out)) for _ in range(feed.held_out_batches)]
 
@@ -384,7 +484,8 @@ def _train(
     peak=metrics.peak_flops(cfg.train.peak_flops),
   )
   summary = {"eval_loss_start": held_out_loss(state.params), "steps": steps, "start_step": first}
-  report.writer.write(first, {"eval_loss": summary["eval_loss_start"]})
+  start = {"eval_loss": summary["eval_loss_start"], **answers(first, state.params)}
+  report.writer.write(first, start)
   # XLA's CPU client can deadlock when programs with collectives overlap on emulated devices,
   # so there each step finishes before the next is dispatched. Accelerators overlap them.
   serialize = jax.default_backend() == "cpu" and jax.device_count() > 1
@@ -408,7 +509,8 @@ def _train(
       state = state.replace(params=t.objective.finish(state.params, t.frozen, held_out))
     ckpt.save(steps, state, feed.batches.state())
     summary["eval_loss_end"] = held_out_loss(state.params)
-    report.writer.write(steps, {"eval_loss": summary["eval_loss_end"]})
+    end = {"eval_loss": summary["eval_loss_end"], **answers(steps, state.params)}
+    report.writer.write(steps, end)
   finally:
     report.close()
   summary["tokens_per_s"] = report.tokens_per_s() if steps > first else 0.0
@@ -505,32 +607,3 @@ class Reporter:
   def close(self) -> None:
     self.bar.close()
     self.writer.close()
-
-
-def _answer(model, params, data: pipeline.Data, cfg: Config, mesh, rules, count: int = 4) -> None:
-  """Greedy answers to a few held-out prompts, to see what the model learned."""
-  tok = data.tokenizer
-  stop = generate.template_stop_ids(tok, cfg.data.template)
-  shown = data.held_out[:: max(len(data.held_out) // count, 1)]
-  prompts = [
-    packing.prompt_ids(dataclasses.replace(c, messages=c.messages[:-1]), cfg.data.template, tok)
-    for c in shown
-  ]
-  fits = [i for i, p in enumerate(prompts) if len(p) + 16 <= cfg.model.max_seq_len][:count]
-  answers = generate.generate(
-    model,
-    params,
-    [prompts[i] for i in fits],
-    generate.Sampling(max_new_tokens=48),
-    stop_ids=stop,
-    mesh=mesh,
-    rules=rules,
-  )
-  if jax.process_index() != 0:
-    return
-  for i, answer in zip(fits, answers, strict=True):
-    conv = shown[i]
-    print(
-      f"\n> {conv.messages[-2].content}\n{tok.decode(answer.ids)}"
-      f"\n(reference: {conv.messages[-1].content})"
-    )

@@ -11,6 +11,7 @@ A new objective is a file of its own and one line in `OBJECTIVES` (`train.object
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -79,8 +80,14 @@ def check_data(train: TrainConfig, goal: Objective, examples: Sequence[Any]) -> 
     )
 
 
-def make(model: transformer.Transformer, train: TrainConfig) -> Objective:
-  """The objective `train.objective` names, for `model`."""
+def make(
+  model: transformer.Transformer, train: TrainConfig, segments: int | None = None
+) -> Objective:
+  """The objective `train.objective` names, for `model`; `segments` bounds the segments of a row
+  for the objectives that compare them (a `segments` field: `train/preference.py`)."""
   if train.objective not in OBJECTIVES:
     raise ConfigError(f"train.objective={train.objective!r}: choose among {sorted(OBJECTIVES)}")
-  return OBJECTIVES[train.objective](model, train)
+  goal = OBJECTIVES[train.objective](model, train)
+  if segments and hasattr(goal, "segments"):
+    goal = dataclasses.replace(goal, segments=segments)
+  return goal

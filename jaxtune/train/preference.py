@@ -3,12 +3,15 @@ log-probability, and the pairs of responses that compete.
 
 A batch of preference data (`data/packing.py`) has each response as a segment of a row, with its
 group (the responses to one prompt, all in that row) and rank (lower is better) on every token.
-Per-segment values are [B, S] arrays, S = T + 1 (segment ids run to at most T; 0 is padding).
+Per-segment values are [B, S] arrays, S = segments + 1 (0 is padding): `segments` is a static
+bound on a row's segments (`pipeline.max_segments`, from the data or `data.max_segments`), else
+T (every pair its own segment). The pair matrix costs B * S^2, so the bound keeps it small: a row
+of T = 4096 with at most 32 responses holds 33^2 pairs, not 4097^2.
 The pairs are a weight matrix [B, S, S]: w[b, i, j] = 1 / C(K, 2) where segments i and j of row b
 answer the same prompt and i is ranked better, so a group's pairs weigh 1 in all, and the number
 of groups (the normalizer) is the weights' sum.
 
-Shape letters: B batch, T length, V vocab, S segments of a row (T + 1).
+Shape letters: B batch, T length, V vocab, S segments of a row (and padding).
 """
 
 from __future__ import annotations
@@ -19,16 +22,21 @@ import jax.numpy as jnp
 Batch = dict[str, jax.Array]
 
 
-def segment_sums(x_bt: jax.Array, segment_ids_bt: jax.Array) -> jax.Array:
+def _count(segment_ids_bt: jax.Array, segments: int | None) -> int:
+  """S: the segment ids a row can have, 0 (padding) included."""
+  return (segments or segment_ids_bt.shape[1]) + 1
+
+
+def segment_sums(x_bt: jax.Array, segment_ids_bt: jax.Array, segments: int | None) -> jax.Array:
   """[B, S]: the sum of `x` over each segment of each row (index 0: padding)."""
-  num = segment_ids_bt.shape[1] + 1
+  num = _count(segment_ids_bt, segments)
   return jax.vmap(lambda x, s: jax.ops.segment_sum(x, s, num_segments=num))(x_bt, segment_ids_bt)
 
 
-def segment_values(x_bt: jax.Array, segment_ids_bt: jax.Array) -> jax.Array:
+def segment_values(x_bt: jax.Array, segment_ids_bt: jax.Array, segments: int | None) -> jax.Array:
   """[B, S]: a per-token value that is constant over each segment (its group, its rank), read
   once per segment; 0 for segments that do not occur."""
-  num = segment_ids_bt.shape[1] + 1
+  num = _count(segment_ids_bt, segments)
   most = jax.vmap(lambda x, s: jax.ops.segment_max(x, s, num_segments=num))(x_bt, segment_ids_bt)
   return jnp.maximum(most, 0)
 
@@ -39,10 +47,10 @@ def last_tokens(segment_ids_bt: jax.Array) -> jax.Array:
   return (segment_ids_bt > 0) & (segment_ids_bt != after_bt)
 
 
-def pair_weights(batch: Batch) -> jax.Array:
+def pair_weights(batch: Batch, segments: int | None) -> jax.Array:
   """[B, S, S]: 1 / C(K, 2) where segment i is ranked better than segment j of its group of K."""
-  group_bs = segment_values(batch["groups"], batch["segment_ids"])
-  rank_bs = segment_values(batch["ranks"], batch["segment_ids"])
+  group_bs = segment_values(batch["groups"], batch["segment_ids"], segments)
+  rank_bs = segment_values(batch["ranks"], batch["segment_ids"], segments)
   same_bss = (group_bs[:, :, None] == group_bs[:, None, :]) & (group_bs[:, :, None] > 0)
   k_bs = jnp.sum(same_bss, axis=-1).astype(jnp.float32)
   pairs_bs = jnp.maximum(k_bs * (k_bs - 1) / 2, 1.0)
@@ -50,16 +58,16 @@ def pair_weights(batch: Batch) -> jax.Array:
   return better_bss / pairs_bs[:, :, None]
 
 
-def group_sizes(batch: Batch) -> jax.Array:
+def group_sizes(batch: Batch, segments: int | None) -> jax.Array:
   """[B, S]: how many responses each segment's group has (0 for padding)."""
-  group_bs = segment_values(batch["groups"], batch["segment_ids"])
+  group_bs = segment_values(batch["groups"], batch["segment_ids"], segments)
   same_bss = (group_bs[:, :, None] == group_bs[:, None, :]) & (group_bs[:, :, None] > 0)
   return jnp.sum(same_bss, axis=-1)
 
 
-def groups(batch: Batch) -> jax.Array:
+def groups(batch: Batch, segments: int | None) -> jax.Array:
   """The number of groups (prompts with ranked responses) in the batch: the normalizer."""
-  return jnp.sum(pair_weights(batch))
+  return jnp.sum(pair_weights(batch, segments))
 
 
 def token_log_probs(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:

@@ -38,7 +38,9 @@ HEAD = "score"  # The scalar head's parameters (`Transformer(..., scalar_head=Tr
 BIAS = "bias"  # Its offset (`scalar_bias=True`).
 
 
-def scores(model: transformer.Transformer, params: Any, batch: preference.Batch, rng) -> jax.Array:
+def scores(
+  model: transformer.Transformer, params: Any, batch: preference.Batch, rng, segments: int | None
+) -> jax.Array:
   """[B, S]: each segment's reward, its score at its last token."""
   score_bt = model.apply(
     {"params": params},
@@ -50,7 +52,8 @@ def scores(model: transformer.Transformer, params: Any, batch: preference.Batch,
     rngs=transformer.training_rngs(rng),
   )
   last_bt = preference.last_tokens(batch["segment_ids"])
-  return preference.segment_sums(jnp.where(last_bt, score_bt, 0.0), batch["segment_ids"])
+  score_bt = jnp.where(last_bt, score_bt, 0.0)
+  return preference.segment_sums(score_bt, batch["segment_ids"], segments)
 
 
 def kwise_losses(reward_bs: jax.Array, rank_bs: jax.Array, margin: float) -> jax.Array:
@@ -63,6 +66,7 @@ def kwise_losses(reward_bs: jax.Array, rank_bs: jax.Array, margin: float) -> jax
 class RewardModel:
   model: transformer.Transformer
   margin: float = 0.0
+  segments: int | None = None  # A row's most segments (`train/preference.py`); None: T.
 
   batch_keys: ClassVar[tuple[str, ...]] = (
     "inputs",
@@ -78,22 +82,22 @@ class RewardModel:
     return cls(model, train.reward_margin)
 
   def normalizer(self, batch: preference.Batch) -> jax.Array:
-    return preference.groups(batch)
+    return preference.groups(batch, self.segments)
 
   def loss(
     self, params: Any, batch: preference.Batch, rng: jax.Array | None
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    reward_bs = scores(self.model, params, batch, rng)
-    rank_bs = preference.segment_values(batch["ranks"], batch["segment_ids"])
-    w_bss = preference.pair_weights(batch)
+    reward_bs = scores(self.model, params, batch, rng, self.segments)
+    rank_bs = preference.segment_values(batch["ranks"], batch["segment_ids"], self.segments)
+    w_bss = preference.pair_weights(batch, self.segments)
     loss = jnp.sum(w_bss * kwise_losses(reward_bs, rank_bs, self.margin))
     return loss, preference.pair_metrics(reward_bs, w_bss)
 
   def demonstrations(self, params: Any, batch: preference.Batch) -> tuple[jax.Array, jax.Array]:
     """(the sum of the best responses' rewards, their count) in the batch."""
-    reward_bs = scores(self.model, params, batch, None)
-    group_bs = preference.segment_values(batch["groups"], batch["segment_ids"])
-    rank_bs = preference.segment_values(batch["ranks"], batch["segment_ids"])
+    reward_bs = scores(self.model, params, batch, None, self.segments)
+    group_bs = preference.segment_values(batch["groups"], batch["segment_ids"], self.segments)
+    rank_bs = preference.segment_values(batch["ranks"], batch["segment_ids"], self.segments)
     best_bs = (group_bs > 0) & (rank_bs == 0)
     return jnp.sum(jnp.where(best_bs, reward_bs, 0.0)), jnp.sum(best_bs)
 

@@ -1,0 +1,230 @@
+"""A precomputed reference (`train.reference=precomputed`): each supervised token's reference
+log-probability, computed once on the mesh before the first step, stored in the run folder
+(`runs.REFERENCE_LOG_PROBS`) and read from the batches (`Example.reference` -> the batch's
+`reference`) for every epoch and on resume. The step then runs no reference model.
+
+The file is keyed by a fingerprint: the tokenized records (which the tokenizer, template and
+length make), the tokenizer, the template, the length and truncation, and the reference weights.
+A fresh run computes the file where there is none; a resumed run needs it; a file whose
+fingerprint differs is refused, naming what changed. Nothing is ever recomputed silently, and
+the policy is never the reference.
+
+A token's log-probability is the same packed with others or alone (segments never attend across),
+so the batches of any epoch, packed in any order, read the values computed once.
+
+Shape letters: B batch, T length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxtune import distributed, runs
+from jaxtune.config import Config
+from jaxtune.data import pipeline
+from jaxtune.data.packing import Example, Group
+from jaxtune.errors import ConfigError
+from jaxtune.model import transformer
+from jaxtune.sharding import BatchRows
+from jaxtune.train import preference, reference
+
+log = logging.getLogger(__name__)
+
+Item = Example | Group
+
+
+def _responses(items: Sequence[Item]) -> list[Example]:
+  return [r for item in items for r in item.responses]
+
+
+def _with(item: Item, values: Callable[[Example], np.ndarray]) -> Item:
+  """`item` with each response's `reference` set."""
+  if isinstance(item, Group):
+    responses = tuple(dataclasses.replace(r, reference=values(r)) for r in item.responses)
+    return dataclasses.replace(item, responses=responses)
+  return dataclasses.replace(item, reference=values(item))
+
+
+def log_probs_step(model: transformer.Transformer, params: Any) -> Callable[[dict], jax.Array]:
+  """Batch -> [B, T]: `model`'s log-probability of each target, times its weight (jitted)."""
+
+  @jax.jit
+  def step(p, batch):
+    logits_btv = model.apply(
+      {"params": p}, batch["inputs"], batch["positions"], batch["segment_ids"]
+    )
+    return preference.token_log_probs(logits_btv, batch["targets"]) * batch["weights"]
+
+  return lambda batch: step(params, batch)
+
+
+def compute(
+  batches: pipeline.Batches, count: int, put: Callable, step: Callable, rows: Sequence[int]
+) -> dict[int, np.ndarray]:
+  """id(response) -> its [pairs] reference log-probabilities, over `count` batches of one pass
+  (`rows`: this process's rows of the global batch)."""
+  out: dict[int, np.ndarray] = {}
+  for _ in range(count):
+    batch, placed = batches.next_placed()
+    values_bt = np.asarray(multihost_utils.process_allgather(step(put(batch)), tiled=True))
+    for row, items in zip(rows, placed, strict=True):
+      start = 0
+      for r in _responses(items):
+        out[id(r)] = values_bt[row, start : start + r.pairs].astype(np.float32)
+        start += r.pairs
+  return out
+
+
+def weights_fingerprint(params: Any) -> str:
+  """A digest of the reference weights, reduced on the devices (no parameter leaves them):
+  each leaf's sum and its sum against a fixed pseudo-random pattern, to 5 significant digits
+  (the same weights on another mesh reduce in another order)."""
+
+  @jax.jit
+  def sums(tree):
+    def leaf(x):
+      x = x.reshape(-1).astype(jnp.float32)
+      pattern = jnp.sin(jnp.arange(x.size, dtype=jnp.float32) * 0.7548776662)
+      return jnp.stack([jnp.sum(x), jnp.sum(x * pattern)])
+
+    return jax.tree.map(leaf, tree)
+
+  values = jax.device_get(sums(params))
+  text = json.dumps(
+    {
+      jax.tree_util.keystr(k): [f"{v:.5e}" for v in leaf]
+      for k, leaf in jax.tree_util.tree_flatten_with_path(values)[0]
+    },
+    sort_keys=True,
+  )
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+  digest = hashlib.sha256()
+  with tempfile.TemporaryDirectory() as folder:
+    tokenizer.save(folder)
+    for root, _, files in sorted(os.walk(folder)):
+      for name in sorted(files):
+        with open(os.path.join(root, name), "rb") as f:
+          digest.update(name.encode() + f.read())
+  return digest.hexdigest()[:16]
+
+
+def _records_fingerprint(train: Sequence[Item], held_out: Sequence[Item]) -> str:
+  digest = hashlib.sha256()
+  for part in (train, held_out):
+    digest.update(b"|")
+    for r in _responses(part):
+      digest.update(r.ids.tobytes() + np.packbits(r.supervised).tobytes() + b",")
+  return digest.hexdigest()[:16]
+
+
+def fingerprint(cfg: Config, data: pipeline.Data, weights: str) -> dict[str, str]:
+  """What the log-probabilities depend on, part by part (so a mismatch names its part)."""
+  return {
+    "records": _records_fingerprint(data.train, data.eval),
+    "tokenizer": _tokenizer_fingerprint(data.tokenizer),
+    "template": cfg.data.template,
+    "length": f"{cfg.data.max_length} ({cfg.data.truncation})",
+    "reference weights": weights,
+  }
+
+
+def save(
+  path: str, key: dict[str, str], values: dict[int, np.ndarray], data: pipeline.Data
+) -> None:
+  """The values of `data`'s responses, in order (training, then held-out), with their key."""
+  arrays = {
+    part: np.concatenate([values[id(r)] for r in _responses(items)] or [np.zeros(0, np.float32)])
+    for part, items in (("train", data.train), ("held_out", data.eval))
+  }
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, key=np.asarray(json.dumps(key, sort_keys=True)), **arrays)
+  os.replace(tmp, path)
+
+
+def load(path: str, key: dict[str, str], data: pipeline.Data) -> pipeline.Data:
+  """`data` with the reference log-probabilities of the file at `path`, whose key must be
+  `key`: a ConfigError names the file and what changed otherwise."""
+  with np.load(path) as f:
+    saved = json.loads(str(f["key"]))
+    arrays = {part: f[part] for part in ("train", "held_out")}
+  changed = sorted(k for k in set(key) | set(saved) if key.get(k) != saved.get(k))
+  if changed:
+    detail = "; ".join(f"{k}: {saved.get(k)} then, {key.get(k)} now" for k in changed)
+    raise ConfigError(
+      f"{path}: the precomputed reference log-probabilities are stale ({detail}); delete the "
+      "file to compute them again from a fresh run, or restore what changed"
+    )
+  parts = {}
+  for part, items in (("train", data.train), ("held_out", data.eval)):
+    flat, offsets = arrays[part], np.cumsum([0] + [r.pairs for r in _responses(items)])
+    if offsets[-1] != len(flat):
+      raise ConfigError(f"{path}: {part} holds {len(flat)} values, the data {offsets[-1]}")
+    spans = {
+      id(r): flat[a:b] for r, a, b in zip(_responses(items), offsets[:-1], offsets[1:], strict=True)
+    }
+    parts[part] = [_with(item, lambda r, s=spans: s[id(r)]) for item in items]
+  return dataclasses.replace(data, train=parts["train"], eval=parts["held_out"])
+
+
+def attach(
+  cfg: Config,
+  data: pipeline.Data,
+  model: transformer.Transformer,
+  params: Any,
+  put: Callable,
+  rows: BatchRows,
+  resuming: bool,
+) -> pipeline.Data:
+  """`data` with its reference log-probabilities: from the run folder's file, or computed now
+  (the reference of the policy's initial `params`) and saved there by a fresh run (`resuming`:
+  the run has checkpoints, and the file must be there). One file per process of a
+  multi-process run (each holds its own rows' data)."""
+  ref_model, ref_params = reference.initial(model, params)
+  name = runs.REFERENCE_LOG_PROBS
+  if jax.process_count() > 1:
+    name = name.replace(".npz", f".{jax.process_index()}-of-{jax.process_count()}.npz")
+  path = os.path.join(cfg.train.output_dir, name)
+  key = fingerprint(cfg, data, weights_fingerprint(ref_params))
+  if os.path.exists(path):
+    log.info("reference log-probabilities from %s", path)
+    return load(path, key, data)
+  if resuming:
+    raise ConfigError(
+      f"{path}: missing; train.reference=precomputed resumes with the reference "
+      "log-probabilities its run computed at the start (or start a fresh train.output_dir)"
+    )
+  values = {}
+  for items, positions in ((data.train, data.positions), (data.eval, data.eval_positions)):
+    batches = pipeline.Batches(
+      items,
+      cfg.train.batch_size,
+      cfg.data.max_length,
+      pack=cfg.data.pack,
+      seed=0,
+      shuffle=False,
+      positions=positions,
+      rows=rows,
+      repeat=False,
+      max_segments=cfg.data.max_segments,
+    )
+    count = int(distributed.gather([batches.batches_per_epoch().batches]).max())
+    values.update(compute(batches, count, put, log_probs_step(ref_model, ref_params), rows.mine))
+  os.makedirs(cfg.train.output_dir, exist_ok=True)
+  save(path, key, values, data)
+  log.info("reference log-probabilities of %d responses computed, in %s", len(values), path)
+  return load(path, key, data)
