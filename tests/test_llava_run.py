@@ -15,7 +15,7 @@ from test_llava_train import RECORDS, write_images
 from jaxtune import api, config
 from jaxtune.data import llava_data, multimodal
 from jaxtune.errors import ConfigError
-from jaxtune.train import loop
+from jaxtune.train import feed, loop
 
 TINY = [
   "model.vocab_size=320",
@@ -58,7 +58,7 @@ def _loss(model, cfg) -> float:
   """The mean next-token loss of the loaded model (logits with the images spliced in, NumPy
   log-softmax) over the first batch of the data: what the loop's held-out loss measures."""
   data = llava_data.load(cfg, 0, None)
-  batch = next(loop._held_out_batches(data, cfg, None))
+  batch = next(feed.held_out_batches(data, cfg, None))
   logits = np.asarray(model.logits(batch.inputs, batch.images), np.float64)
   shifted = logits - logits.max(-1, keepdims=True)
   logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))

@@ -15,14 +15,18 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 
 from jaxtune import generate, runs
-from jaxtune.data import packing
+from jaxtune.config import Config
+from jaxtune.data import packing, pipeline
 from jaxtune.data.formats import Conversation
+from jaxtune.peft import partition, prefix
+from jaxtune.train import objective, reference
 
 log = logging.getLogger(__name__)
 
@@ -167,3 +171,45 @@ def report(
     with open(os.path.join(output_dir, runs.HELD_OUT), "w") as f:
       json.dump(record, f, indent=1)
   return text
+
+
+class Answers:
+  """Greedy answers to held-out prompts at the start and the end of training, scored by
+  exact match; every process decodes (the parameters may span them all). `t` is the loop's
+  Trainer."""
+
+  def __init__(self, cfg: Config, t: Any, data: pipeline.Data, mesh: jax.sharding.Mesh):
+    self.cfg, self.t, self.data, self.mesh = cfg, t, data, mesh
+    # A reward model's scalar head generates nothing.
+    generates = cfg.train.objective not in objective.SCALAR_HEAD
+    self.prompts = select(
+      data.held_out if generates else [],
+      data.tokenizer,
+      cfg.data.template,
+      cfg.model.max_seq_len,
+      cfg.train.held_out_prompts,
+    )
+    if generates and data.held_out and not self.prompts.ids:
+      log.info("no held-out prompt and answer fits model.max_seq_len: no exact match reported")
+    self.results: list[tuple[int, dict, list[str]]] = []
+
+  def __call__(self, step: int, trainable: Any) -> dict[str, float]:
+    """The metrics.jsonl fields of the answers at `step` (none without prompts)."""
+    t = self.t
+    params = reference.without_copy(partition.combine(trainable, t.frozen))
+    model, params = prefix.for_decoding(t.model, params)
+    tok, template = self.data.tokenizer, self.cfg.data.template
+    t0 = time.perf_counter()
+    got = evaluate(model, params, self.prompts, tok, template, self.mesh, t.rules)
+    if got is None:
+      return {}
+    scores, answers = got
+    log.info(
+      "step %d: held-out exact match %.1f%% on %d prompts (%.1f s)",
+      step,
+      100 * scores["exact_match_all"],
+      len(answers),
+      time.perf_counter() - t0,
+    )
+    self.results.append((step, scores, answers))
+    return metrics(scores)

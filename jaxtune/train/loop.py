@@ -16,32 +16,19 @@ import yaml
 from flax import traverse_util
 from tqdm import tqdm
 
-from jaxtune import checkpoint, distributed, runs, sharding
+from jaxtune import checkpoint, runs, sharding
 from jaxtune.config import Config
 from jaxtune.convert import hf, llama2c
 from jaxtune.data import pipeline
 from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.model import transformer
-from jaxtune.peft import methods, partition, prefix
+from jaxtune.peft import methods, partition
 from jaxtune.train import held_out as held_out_eval
 from jaxtune.train import llava_run, metrics, objective, optim, precomputed, reference, reward
+from jaxtune.train.feed import Feed, held_out_batches, make_feed, with_saved_tokenizer
 from jaxtune.train.step import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
-
-
-def _check_fits(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh) -> None:
-  """Fails before compiling on a configuration that cannot work."""
-  if cfg.model.vocab_size < vocab_size:
-    raise ConfigError(
-      f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab_size} tokens"
-    )
-  if cfg.data.max_length > cfg.model.max_seq_len:
-    raise ConfigError(
-      f"data.max_length={cfg.data.max_length} is longer than the model's "
-      f"positions (model.max_seq_len={cfg.model.max_seq_len})"
-    )
-  sharding.check_batch(cfg.train.batch_size // cfg.train.micro_batches, mesh)
 
 
 def _pretrained(params: Any) -> dict:
@@ -210,84 +197,6 @@ def build(
   )
 
 
-def _held_out_batches(data: pipeline.Data, cfg: Config, rows) -> pipeline.Batches:
-  """One pass over the held-out examples of this process's rows; without held-out data, over
-  the first batch of training examples (source positions below the batch size)."""
-  examples, positions = data.eval, data.eval_positions
-  if not data.held_out:
-    first = data.positions < cfg.train.batch_size
-    examples, positions = (
-      [ex for ex, f in zip(data.train, first, strict=True) if f],
-      data.positions[first],
-    )
-  return (data.batches or pipeline.Batches)(
-    examples,
-    cfg.train.batch_size,
-    cfg.data.max_length,
-    pack=cfg.data.pack,
-    seed=0,
-    shuffle=False,
-    positions=positions,
-    rows=rows,
-    repeat=False,
-    max_segments=cfg.data.max_segments,
-  )
-
-
-@dataclasses.dataclass
-class Feed:
-  """This process's data, its training and held-out batches, and the run's length in steps."""
-
-  data: pipeline.Data
-  batches: pipeline.Batches
-  held_out: pipeline.Batches
-  held_out_batches: int  # Held-out batches per pass, agreed by every process.
-  steps: int
-  segments: int  # The most segments a row can have, agreed (`pipeline.max_segments`).
-
-
-def _with_saved_tokenizer(cfg: Config) -> Config:
-  """A resumed run keeps the tokenizer it trained, rather than training it again."""
-  saved = os.path.join(cfg.train.output_dir, runs.TOKENIZER)
-  if cfg.train.resume and not cfg.data.tokenizer and os.path.isdir(saved):
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=saved))
-  return cfg
-
-
-def _feed(cfg: Config, mesh: jax.sharding.Mesh) -> Feed:
-  """Reads and tokenizes this process's rows of the data and plans the batches."""
-  rows = sharding.batch_rows(mesh, cfg.train.batch_size)  # This process's part of each batch.
-  data = llava_run.load_data(cfg, cfg.train.seed, rows)
-  _check_fits(cfg, data.tokenizer.vocab_size, mesh)
-  stats = data.stats
-  log.info(
-    "data%s: %d examples, %d tokens, %.1f%% supervised, %d truncated, %d dropped",
-    f" (this process's {rows})" if jax.process_count() > 1 else "",
-    stats.examples,
-    stats.tokens,
-    100 * stats.supervised_fraction,
-    stats.truncated,
-    stats.dropped_too_long + stats.dropped_unsupervised,
-  )
-  batches = pipeline.training_batches(data, cfg, rows)
-  held_out = _held_out_batches(data, cfg, rows)
-  epoch, eval_epoch = batches.batches_per_epoch(), held_out.batches_per_epoch()
-  # The processes agree on the counts: each one has planned its own rows only.
-  segments = pipeline.max_segments(data, cfg.data)
-  agreed = distributed.gather(
-    [epoch.batches, epoch.tokens, epoch.slots, eval_epoch.batches, segments]
-  )
-  per_epoch = int(agreed[:, 0].max())
-  steps = cfg.train.epochs * per_epoch if cfg.train.epochs else cfg.train.steps
-  log.info(
-    "%d steps (%d batches per epoch, packing efficiency %.1f%%)",
-    steps,
-    per_epoch,
-    100 * agreed[:, 1].sum() / max(agreed[:, 2].sum(), 1),
-  )
-  return Feed(data, batches, held_out, int(agreed[:, 3].max()), steps, int(agreed[:, 4].max()))
-
-
 def _with_reference(cfg: Config, t: Trainer, feed: Feed, mesh, resuming: bool) -> Feed:
   """The feed with the precomputed reference log-probabilities (`train/precomputed.py`) in its
   examples, and its batches (same plans) built from them."""
@@ -297,7 +206,7 @@ def _with_reference(cfg: Config, t: Trainer, feed: Feed, mesh, resuming: bool) -
   data = precomputed.attach(cfg, feed.data, t.model, params, put, rows, resuming)
   batches = pipeline.training_batches(data, cfg, rows)
   return dataclasses.replace(
-    feed, data=data, batches=batches, held_out=_held_out_batches(data, cfg, rows)
+    feed, data=data, batches=batches, held_out=held_out_batches(data, cfg, rows)
   )
 
 
@@ -375,10 +284,10 @@ def _batch_putter(cfg: Config, t: Trainer):
 
 def run(cfg: Config) -> dict[str, Any]:
   """Trains as configured; returns a summary (losses, steps, throughput)."""
-  cfg = _with_saved_tokenizer(cfg)
+  cfg = with_saved_tokenizer(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   cfg = _with_bitnet_groups(cfg, mesh)
-  feed = _feed(cfg, mesh)
+  feed = make_feed(cfg, mesh)
   cfg = llava_run.with_image_token(cfg, feed.data.tokenizer)
   t = build(cfg, mesh, feed.steps, feed.data.tokenizer, segments=feed.segments)
   objective.check_data(cfg.train, t.objective, feed.data.train)
@@ -392,7 +301,7 @@ def run(cfg: Config) -> dict[str, Any]:
         feed = _with_reference(cfg, t, feed, mesh, resuming=ckpt.latest_step() is not None)
       state = _restore(cfg, ckpt, t, feed)
       _write_run_files(cfg, feed.data.tokenizer)
-      answers = _HeldOutAnswers(cfg, t, feed.data, mesh)
+      answers = held_out_eval.Answers(cfg, t, feed.data, mesh)
       state, summary = _train(cfg, t, state, feed, ckpt, answers)
     finally:
       ckpt.close()
@@ -410,47 +319,6 @@ def run(cfg: Config) -> dict[str, Any]:
     if jax.process_index() == 0:
       print(text)
   return summary
-
-
-class _HeldOutAnswers:
-  """Greedy answers to held-out prompts at the start and the end of training, scored by
-  exact match (`held_out.py`); every process decodes (the parameters may span them all)."""
-
-  def __init__(self, cfg: Config, t: Trainer, data: pipeline.Data, mesh: jax.sharding.Mesh):
-    self.cfg, self.t, self.data, self.mesh = cfg, t, data, mesh
-    # A reward model's scalar head generates nothing.
-    generates = cfg.train.objective not in objective.SCALAR_HEAD
-    self.prompts = held_out_eval.select(
-      data.held_out if generates else [],
-      data.tokenizer,
-      cfg.data.template,
-      cfg.model.max_seq_len,
-      cfg.train.held_out_prompts,
-    )
-    if generates and data.held_out and not self.prompts.ids:
-      log.info("no held-out prompt and answer fits model.max_seq_len: no exact match reported")
-    self.results: list[tuple[int, dict, list[str]]] = []
-
-  def __call__(self, step: int, trainable: Any) -> dict[str, float]:
-    """The metrics.jsonl fields of the answers at `step` (none without prompts)."""
-    t = self.t
-    params = reference.without_copy(partition.combine(trainable, t.frozen))
-    model, params = prefix.for_decoding(t.model, params)
-    tok, template = self.data.tokenizer, self.cfg.data.template
-    t0 = time.perf_counter()
-    got = held_out_eval.evaluate(model, params, self.prompts, tok, template, self.mesh, t.rules)
-    if got is None:
-      return {}
-    scores, answers = got
-    log.info(
-      "step %d: held-out exact match %.1f%% on %d prompts (%.1f s)",
-      step,
-      100 * scores["exact_match_all"],
-      len(answers),
-      time.perf_counter() - t0,
-    )
-    self.results.append((step, scores, answers))
-    return held_out_eval.metrics(scores)
 
 
 def _train(
