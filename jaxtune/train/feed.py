@@ -51,6 +51,12 @@ def held_out_batches(data: pipeline.Data, cfg: Config, rows) -> pipeline.Batches
       [ex for ex, f in zip(data.train, first, strict=True) if f],
       data.positions[first],
     )
+  return in_order(data, examples, positions, cfg, rows)
+
+
+def in_order(data: pipeline.Data, examples, positions, cfg: Config, rows) -> pipeline.Batches:
+  """One pass over `examples` of this process's rows, in their order, planned as training plans
+  its batches (the data's own batch type: with images for a LLaVA run)."""
   return (data.batches or pipeline.Batches)(
     examples,
     cfg.train.batch_size,

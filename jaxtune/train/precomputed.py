@@ -38,7 +38,7 @@ from jaxtune.data.packing import Example, Group
 from jaxtune.errors import ConfigError
 from jaxtune.model import transformer
 from jaxtune.sharding import BatchRows
-from jaxtune.train import preference, reference
+from jaxtune.train import feed, preference, reference
 
 log = logging.getLogger(__name__)
 
@@ -210,18 +210,7 @@ def attach(
     )
   values = {}
   for items, positions in ((data.train, data.positions), (data.eval, data.eval_positions)):
-    batches = pipeline.Batches(
-      items,
-      cfg.train.batch_size,
-      cfg.data.max_length,
-      pack=cfg.data.pack,
-      seed=0,
-      shuffle=False,
-      positions=positions,
-      rows=rows,
-      repeat=False,
-      max_segments=cfg.data.max_segments,
-    )
+    batches = feed.in_order(data, items, positions, cfg, rows)
     count = int(distributed.gather([batches.batches_per_epoch().batches]).max())
     values.update(compute(batches, count, put, log_probs_step(ref_model, ref_params), rows.mine))
   os.makedirs(cfg.train.output_dir, exist_ok=True)
