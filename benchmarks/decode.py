@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune import generate
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.convert import ternary, uptrain
 from jaxtune.model import transformer
 

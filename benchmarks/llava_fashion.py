@@ -41,7 +41,7 @@ import optax
 from PIL import Image, ImageDraw
 
 from jaxtune import config, generate
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.config_vision import LlavaConfig, VisionConfig
 from jaxtune.data import fashion_mnist, multimodal, packing, templates
 from jaxtune.data import tokenizer as tokenizer_lib

@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxtune import checkpoint, config, generate, runs, sharding
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.config_vision import LlavaConfig
 from jaxtune.convert import hf, hf_vision, llama2c
 from jaxtune.data import llama2c_tokenizer, llava_data, multimodal, packing, pipeline, templates

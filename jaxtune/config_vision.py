@@ -1,5 +1,7 @@
-"""The vision sections: a ViT image encoder (`VisionConfig`) and a LLaVA model (`LlavaConfig`:
-encoder, projector and decoder).
+"""The vision configs: a ViT image encoder (`VisionConfig`), a LLaVA model (`LlavaConfig`:
+encoder, projector and decoder), and a run's `vision` section (`ImageConfig`: the encoder,
+projector, images and training stage that `train/llava_run.py` builds a run from; `encoder: none`,
+the default, is a text-only run; `llava(model)` is the `LlavaConfig` it describes).
 
 Frozen dataclasses like those of `config.py`; kept apart from it so that the text-only sections
 stay as they are. Derived values are properties.
@@ -10,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.config_values import check as _check
 
 # The encoders' MLP activations, by their Hugging Face names.
@@ -121,3 +123,78 @@ class LlavaConfig:
       f"llava.image_token_id={self.image_token_id} is not in the vocabulary of "
       f"{self.text.vocab_size}",
     )
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageConfig:
+  """A ViT (fields as `VisionConfig`'s), LLaVA's projector and feature choice
+  (as `LlavaConfig`'s), how images are read, and which parameters train:
+  `stage: projector` (LLaVA's stage 1: the projector alone) or `language` (stage 2: the
+  projector and what `peft.method` trains of the decoder: all of it, or its adapters). The
+  encoder never trains. `image_token_id` -1: the tokenizer's `<image>` token (resolved when
+  the run starts and recorded in its config)."""
+
+  encoder: Literal["none", "vit"] = "none"
+  image_size: int = 224
+  patch_size: int = 16
+  channels: int = 3
+  dim: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  act: Literal["quick_gelu", "gelu_pytorch_tanh", "gelu"] = "quick_gelu"
+  norm_eps: float = 1e-5
+  class_token: bool = True
+  pre_norm: bool = True
+  patch_bias: bool = False
+  projector: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
+  feature_layer: int = -2
+  feature_select: Literal["patch", "full"] = "patch"
+  image_token_id: int = -1
+  stage: Literal["projector", "language"] = "projector"
+  image_folder: str = ""  # Image paths are relative to it ("": the data file's folder).
+  resize: Literal["shortest_edge", "square"] = "shortest_edge"
+  mean: tuple[float, ...] = CLIP_MEAN
+  std: tuple[float, ...] = CLIP_STD
+  pad_to_square: bool = False
+
+  @property
+  def enabled(self) -> bool:
+    return self.encoder != "none"
+
+  def vision_config(self, model: ModelConfig) -> VisionConfig:
+    """The encoder's `VisionConfig`, in the decoder's (`model`'s) dtypes."""
+    names = {f.name for f in dataclasses.fields(VisionConfig)} - {"dtype", "param_dtype"}
+    return VisionConfig(
+      **{k: getattr(self, k) for k in names}, dtype=model.dtype, param_dtype=model.param_dtype
+    )
+
+  def llava(self, model: ModelConfig) -> LlavaConfig:
+    """The `LlavaConfig` of this encoder and projector with the decoder `model`."""
+    return LlavaConfig(
+      vision=self.vision_config(model),
+      text=model,
+      projector=self.projector,
+      feature_layer=self.feature_layer,
+      feature_select=self.feature_select,
+      image_token_id=self.image_token_id,
+    )
+
+  def validate(self) -> None:
+    if not self.enabled:
+      return
+    _check(
+      len(self.mean) == len(self.std) == self.channels,
+      f"vision.mean ({len(self.mean)} values) and vision.std ({len(self.std)}) need one value "
+      f"per channel (vision.channels={self.channels})",
+    )
+    _check(all(s > 0 for s in self.std), f"vision.std={list(self.std)} must be positive")
+    _check(
+      self.image_token_id >= -1,
+      f"vision.image_token_id={self.image_token_id}: a token id, or -1 for the tokenizer's <image>",
+    )
+    self.vision_config(ModelConfig()).validate()

@@ -13,7 +13,8 @@ import torch
 from transformers.integrations.bitnet import pack_weights, unpack_weights
 
 from jaxtune import api, config, generate, sharding
-from jaxtune.config import ModelConfig, PeftConfig
+from jaxtune.config import PeftConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.convert import export, ternary
 from jaxtune.errors import CheckpointError, ConfigError
 from jaxtune.model import bitlinear, packed, transformer

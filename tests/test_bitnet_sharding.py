@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from jaxtune import config, sharding
-from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.config import MeshConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.errors import ConfigError
 from jaxtune.model import attention, transformer
 from jaxtune.train import loop

@@ -18,7 +18,8 @@ from subprocesses import TINY_RUN
 import jaxtune
 from jaxtune import checkpoint, config, sharding
 from jaxtune.checkpoint import MANIFEST
-from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.config import MeshConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.errors import CheckpointError, ConfigError, CorruptCheckpointError, TrainingError
 from jaxtune.model import transformer
 from jaxtune.train import loop, objective, sft

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from jaxtune import config
+from jaxtune.config_model import ModelConfig
 from jaxtune.errors import ConfigError
 
 
@@ -14,7 +15,7 @@ def test_defaults_yaml_overrides_precedence(tmp_path):
   cfg = config.load(str(path), ["model.num_heads=2", "mesh.model=-1", "mesh.data=2"])
   assert cfg.model.num_heads == 2  # Override beats YAML.
   assert cfg.model.dim == 32  # YAML beats default.
-  assert cfg.model.mlp_dim == config.ModelConfig().mlp_dim  # Default.
+  assert cfg.model.mlp_dim == ModelConfig().mlp_dim  # Default.
   assert cfg.train.steps == 7
   assert cfg.train.learning_rate == pytest.approx(1e-4)  # YAML reads "1e-4" as a string.
   assert isinstance(cfg.train.learning_rate, float)

@@ -25,7 +25,7 @@ from test_hf import (
 
 import jaxtune
 from jaxtune import api
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.convert import export, hf
 from jaxtune.errors import CheckpointError, ConfigError
 from jaxtune.model import transformer

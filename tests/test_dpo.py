@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from jaxtune import config, sharding
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.data import packing
 from jaxtune.errors import ConfigError
 from jaxtune.model import transformer

@@ -12,7 +12,8 @@ import pytest
 
 import jaxtune
 from jaxtune import api, sharding
-from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.config import MeshConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.data import packing
 from jaxtune.eval import choice, requests, scoring
 from jaxtune.model import transformer

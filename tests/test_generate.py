@@ -12,7 +12,8 @@ import transformers
 from test_llama2c import FIRST_IDS, PUBLISHED
 
 from jaxtune import generate, sharding
-from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.config import MeshConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.convert import llama2c
 from jaxtune.data import llama2c_tokenizer
 from jaxtune.errors import ConfigError

@@ -23,7 +23,7 @@ import safetensors.numpy
 import torch
 import transformers
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.convert import hf
 from jaxtune.errors import CheckpointError
 from jaxtune.model import transformer

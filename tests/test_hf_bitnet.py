@@ -20,7 +20,7 @@ import transformers
 from transformers.integrations.bitnet import pack_weights
 
 import jaxtune
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.convert import hf
 from jaxtune.errors import CheckpointError
 

@@ -16,7 +16,8 @@ from flax import traverse_util
 from PIL import Image
 
 from jaxtune import sharding
-from jaxtune.config import MeshConfig, ModelConfig, TrainConfig
+from jaxtune.config import MeshConfig, TrainConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.config_vision import LlavaConfig, VisionConfig
 from jaxtune.data import inspect_images, multimodal
 from jaxtune.data.images import Preprocess

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.model import transformer
 
 BASE = ModelConfig(vocab_size=256, dim=64, num_layers=2, num_heads=8, mlp_dim=128, max_seq_len=64)

@@ -12,7 +12,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtune import sharding
-from jaxtune.config import MeshConfig, ModelConfig, TrainConfig
+from jaxtune.config import MeshConfig, TrainConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.model import attention, neftune, transformer
 from jaxtune.train import optim
 from jaxtune.train.sft import SFT

@@ -12,7 +12,8 @@ import optax
 import pytest
 
 from jaxtune import sharding
-from jaxtune.config import MeshConfig, ModelConfig, PeftConfig, load
+from jaxtune.config import MeshConfig, PeftConfig, load
+from jaxtune.config_model import ModelConfig
 from jaxtune.errors import ConfigError
 from jaxtune.model import presets, transformer
 from jaxtune.model.adapters import Adapters, Lora

@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.model import presets, transformer
 from jaxtune.peft import partition
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from jaxtune import sharding
-from jaxtune.config import MeshConfig, ModelConfig
+from jaxtune.config import MeshConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.errors import ShardingError
 from jaxtune.model import attention, presets, transformer
 

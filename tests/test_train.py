@@ -18,7 +18,8 @@ import pytest
 from subprocesses import JAXTUNE, TINY_RUN, Background, one_device_env
 
 from jaxtune import config, sharding
-from jaxtune.config import MeshConfig, ModelConfig, TrainConfig
+from jaxtune.config import MeshConfig, TrainConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.data import packing
 from jaxtune.model import transformer
 from jaxtune.train import loop, optim

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import pytest
 
 from jaxtune import config, sharding
-from jaxtune.config import ModelConfig, PeftConfig
+from jaxtune.config import PeftConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.model import transformer
 from jaxtune.peft import methods, partition
 from jaxtune.train import loop, metrics

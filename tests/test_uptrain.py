@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune.config import ModelConfig, load
+from jaxtune.config import load
+from jaxtune.config_model import ModelConfig
 from jaxtune.convert.uptrain import to_kv_heads
 from jaxtune.errors import ConfigError
 from jaxtune.model import transformer

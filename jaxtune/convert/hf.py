@@ -29,7 +29,7 @@ import safetensors
 import safetensors.numpy
 from tqdm import tqdm
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.convert.hf_layout import FAMILIES, family_for
 from jaxtune.convert.hf_schema import Family, Tensor, View
 from jaxtune.errors import CheckpointError, ConfigError

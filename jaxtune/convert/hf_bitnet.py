@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.convert.hf_llama import decoder_config, decoder_hf, decoder_tensors
 from jaxtune.convert.hf_schema import (
   Family,

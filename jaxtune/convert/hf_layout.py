@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.convert import hf_bitnet, hf_gpt2, hf_llama
 from jaxtune.convert.hf_schema import Family
 from jaxtune.errors import CheckpointError

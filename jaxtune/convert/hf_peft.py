@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import safetensors.numpy
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.convert.hf_layout import family_for
 from jaxtune.errors import CheckpointError
 from jaxtune.model.adapters import LORA_A, LORA_B, Adapters

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.errors import CheckpointError
 
 REQUIRED = object()

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.config_vision import ACTIVATIONS, LlavaConfig, VisionConfig
 from jaxtune.convert import hf
 from jaxtune.convert.hf_layout import FAMILIES, family_for

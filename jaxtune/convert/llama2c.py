@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from sentencepiece import sentencepiece_model_pb2
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.data import llama2c_tokenizer
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.errors import CheckpointError

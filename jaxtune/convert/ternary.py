@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.errors import CheckpointError
 from jaxtune.model import bitlinear, packed, transformer
 

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.errors import ConfigError
 
 logger = logging.getLogger(__name__)

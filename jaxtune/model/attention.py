@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.model.adapters import NONE, Adapters
 from jaxtune.model.bitlinear import SubNorm
 from jaxtune.model.layers import constrain

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.sharding import LOGICAL_NAMES
 
 INIT_STDDEV = 0.02

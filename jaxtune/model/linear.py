@@ -19,7 +19,7 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.model import bitlinear as bitlinear_lib
 from jaxtune.model import lora as lora_lib
 from jaxtune.model import packed

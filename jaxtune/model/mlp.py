@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.model.adapters import NONE, Adapters
 from jaxtune.model.bitlinear import SubNorm
 from jaxtune.model.layers import constrain

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.model.adapters import Adapters
 from jaxtune.model.attention import SHARED_SEGMENT
 from jaxtune.model.layers import weight

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.model import neftune
 from jaxtune.model.adapters import NONE, PREFIX, PROMPT, Adapters
 from jaxtune.model.attention import (

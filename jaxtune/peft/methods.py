@@ -15,7 +15,8 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jaxtune.config import ModelConfig, PeftConfig
+from jaxtune.config import PeftConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.model import transformer
 from jaxtune.model.adapters import LORA_A, LORA_B, NONE, PREFIX, PROMPT, Adapters
 from jaxtune.peft import partition, prefix

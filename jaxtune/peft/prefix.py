@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.model.adapters import PREFIX, PROMPT, Adapters
 from jaxtune.model.prefix import mlp_kv
 

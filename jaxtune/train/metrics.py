@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-from jaxtune.config import ModelConfig
+from jaxtune.config_model import ModelConfig
 from jaxtune.model import attention
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
