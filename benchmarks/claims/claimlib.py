@@ -1,0 +1,87 @@
+"""What every claim script shares: its command line, training runs through `jaxtune`'s own loop,
+the spread over seeds, and the result written as the row of the claims table.
+
+A claim script is `benchmarks/claims/NAME.py` (it imports `claimlib`) with `main(argv) -> dict`;
+it runs alone (`python benchmarks/claims/NAME.py [--quick] [--out DIR] [--seeds N]`) and writes
+`DIR/claim_NAME.json` (and `claim_NAME.png`). The JSON holds one row of the table in
+`benchmarks/README.md`: `claim`, `paper` (the paper's figure, quoted with its source),
+`setting`, `ours` (our figure, as text) and `holds` ("yes", "no" or "partly"), with `why` where the
+answer is not yes, plus whatever the script measured. `--quick` is a smoke run (tiny sizes, a few
+steps) that `tests/test_claims.py` runs so no script rots; its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import common as bench  # noqa: E402  (benchmarks/common.py: the host's malloc)
+
+from jaxtune import config  # noqa: E402
+from jaxtune.train import loop  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+ROW = ("claim", "paper", "setting", "ours", "holds")
+VERDICTS = ("yes", "no", "partly")
+
+
+def arguments(doc: str, argv: Sequence[str] | None, seeds: int = 3) -> argparse.Namespace:
+  """The command line every claim script takes (plus nothing else, so a test can run any)."""
+  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="a smoke run; figures mean nothing")
+  parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="the JSON and plot")
+  parser.add_argument("--seeds", type=int, default=seeds, help="seeds where noise could decide")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.seeds = 1
+  return args
+
+
+def train(files: Sequence[str], overrides: Sequence[str], out: pathlib.Path) -> dict[str, Any]:
+  """One `jaxtune train` run (config files relative to the project root, then `overrides`), in
+  process; returns its summary with the loss curves from its `metrics.jsonl`."""
+  cfg = config.load([str(ROOT / f) for f in files], [*overrides, f"train.output_dir={out}"])
+  t0 = time.perf_counter()
+  summary = loop.run(cfg)
+  records = [json.loads(line) for line in open(pathlib.Path(out) / "metrics.jsonl")]
+  return {
+    **summary,
+    "wall_s": time.perf_counter() - t0,
+    "train": [(r["step"], r["loss"]) for r in records if "loss" in r],
+    "eval": [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r],
+  }
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+  """Mean and sample standard deviation over seeds (0 for one seed), with the values."""
+  values = [float(v) for v in values]
+  std = statistics.stdev(values) if len(values) > 1 else 0.0
+  return {"mean": statistics.fmean(values), "std": std, "values": values}
+
+
+def write(out: pathlib.Path, name: str, result: dict[str, Any], quick: bool) -> pathlib.Path:
+  """Writes `result` (a table row and its measurements) to `out/claim_NAME.json`, stamped with
+  the machine, the date and the command; returns the path."""
+  missing = [k for k in ROW if k not in result]
+  if missing or result["holds"] not in VERDICTS:
+    raise ValueError(f"claim {name}: a row needs {ROW}, holds in {VERDICTS}; missing {missing}")
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / f"claim_{name}.json"
+  stamp = {
+    "machine": bench.machine(),
+    "date": datetime.date.today().isoformat(),
+    "command": f"python benchmarks/claims/{name}.py" + (" --quick" if quick else ""),
+    "quick": quick,
+  }
+  path.write_text(json.dumps({**stamp, **result}, indent=1))
+  return path
