@@ -89,6 +89,13 @@ def initialize(cfg: DistributedConfig) -> Process:
       heartbeat_timeout_seconds=cfg.heartbeat_timeout_s,
       shutdown_timeout_seconds=cfg.shutdown_timeout_s,
     )
+  except RuntimeError:  # JAX already started in this Python process (a notebook, a script).
+    if given or cfg.mode == "required":
+      raise ConfigError(
+        "cannot join a multi-process run: JAX already started in this Python process; run "
+        "jaxtune (or jaxtune.distributed.initialize) before any other JAX use"
+      ) from None
+    return Process(0, 1)  # It started as one process, and no run was asked to join.
   except ValueError as e:  # Settings missing and not detected, or out of range.
     if not given and cfg.mode == "auto":
       return Process(0, 1)  # No cluster around: the ordinary single-process run.

@@ -407,6 +407,23 @@ def test_bad_distributed_settings_name_the_key(overrides, message):
     config.load(None, overrides)
 
 
+def test_after_jax_started_a_verb_runs_as_one_process_or_says_why_it_cannot_join(monkeypatch):
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(name, raising=False)
+  jax.device_count()  # This test process has started JAX, as a notebook would have.
+  assert distributed.initialize(config.DistributedConfig()) == distributed.Process(0, 1)
+  cfg = config.load(
+    None,
+    [
+      "distributed.coordinator_address=localhost:1",
+      "distributed.num_processes=2",
+      "distributed.process_id=0",
+    ],
+  ).distributed
+  with pytest.raises(ConfigError, match="JAX already started in this Python process"):
+    distributed.initialize(cfg)
+
+
 def test_required_mode_without_settings_is_one_clear_line(tmp_path):
   result = subprocess.run(
     _train("distributed.mode=required"),
