@@ -230,7 +230,10 @@ class Driver:
       rules=t.rules,
     )
     rows = rollout_rows(ids, completions, self.stop_ids[0], cfg.data.max_length)
-    return rows, chosen, [self.tokenizer.decode(c.ids) for c in completions]
+    # A model's vocabulary may be padded past the tokenizer's: such ids have no text.
+    known = self.tokenizer.vocab_size
+    texts = [self.tokenizer.decode([i for i in c.ids if i < known]) for c in completions]
+    return rows, chosen, texts
 
   def iteration(self, state, iteration: int, beta: float):
     """(the state after the iteration's updates, its rollout statistics, the updates' metrics)."""
