@@ -18,7 +18,7 @@ from test_dpo import VOCAB
 from jaxtune import config, generate, sharding
 from jaxtune.errors import ConfigError
 from jaxtune.peft import partition
-from jaxtune.train import loop, ppo, ppo_run
+from jaxtune.train import loop, ppo, ppo_run, rewards
 
 
 def _gae_numpy(r, v, m, gamma, lam):
@@ -230,3 +230,18 @@ def test_a_resumed_run_draws_the_same_rollouts(tmp_path):
   records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
   losses = [r["loss"] for r in records if r["step"] == 2 and "loss" in r]
   assert len(losses) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_programmatic_rewards_and_their_names():
+  exact = rewards.named("jaxtune.train.rewards:exact_match")
+  assert exact(" 134 ", "134") == 1.0 and exact("135", "134") == 0.0
+  gsm8k = rewards.named("jaxtune.train.rewards:gsm8k_answer")
+  reference = "She pays 3 * 24 = 72 dollars.\n#### 72"
+  assert gsm8k("3 times 24 is 72. The answer is 72.", reference) == 1.0
+  assert gsm8k("The answer is 1,000", "#### 1000") == 1.0
+  assert gsm8k("The answer is 71.", reference) == 0.0
+  for bad, named in [("nocolon", "module:function"), ("jaxtune.nope:f", "cannot import")]:
+    with pytest.raises(ConfigError, match=named):
+      rewards.named(bad)
+  with pytest.raises(ConfigError, match="has no callable missing"):
+    rewards.named("jaxtune.train.rewards:missing")
