@@ -166,6 +166,7 @@ def run(cfg: Config) -> dict[str, Any]:
       state, data_state = loop._restore(cfg, ckpt, t, feed)
       if not data_state and reward_of.value_head() is not None:
         state = _with_value_head(t, state, reward_of.value_head())
+        log.info("value head from the reward model %s", cfg.ppo.reward_model)
       loop._write_run_files(cfg, tok)
       answers = held_out_eval.Answers(cfg, t, feed.data, mesh)
       driver = Driver(cfg, t, mesh, prompts, reward_of, feed)
@@ -182,10 +183,10 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 def _with_value_head(t: loop.Trainer, state, head: dict[str, Any]):
-  """The state with the value head set to the reward model's (placed as the head is)."""
+  """The state with the value head set to a copy of the reward model's (placed as the head is:
+  the step donates the state, and the reward model keeps scoring with its own)."""
   shardings = t.state_sharding.params[reward.HEAD]
-  placed = {k: jax.device_put(jnp.asarray(v), shardings[k]) for k, v in head.items()}
-  log.info("value head from the reward model %s", "ppo.reward_model")
+  placed = {k: jax.device_put(jnp.copy(v), shardings[k]) for k, v in head.items()}
   return state.replace(params={**state.params, reward.HEAD: placed})
 
 
