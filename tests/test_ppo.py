@@ -214,7 +214,7 @@ def test_a_resumed_run_draws_the_same_rollouts(tmp_path):
     "train.log_every=1",
     "ppo.rollouts=8",
     "ppo.epochs=1",
-    "ppo.max_new_tokens=6",
+    "ppo.max_new_tokens=4",
     "ppo.ptx_coef=1.0",
     "ppo.adaptive_kl=true",
     "ppo.kl_horizon=16",
