@@ -245,3 +245,14 @@ def test_programmatic_rewards_and_their_names():
       rewards.named(bad)
   with pytest.raises(ConfigError, match="has no callable missing"):
     rewards.named("jaxtune.train.rewards:missing")
+
+
+def test_k3_is_an_unbiased_nonnegative_estimate_of_the_kl():
+  """k3-in-loss's estimator: its expectation under the policy is KL(pi || ref), exactly."""
+  rng = np.random.default_rng(5)
+  log_p = jax.nn.log_softmax(rng.normal(size=(3, 11)))
+  log_q = jax.nn.log_softmax(rng.normal(size=(3, 11)))
+  per_token = ppo.k3(log_p, log_q)
+  assert float(per_token.min()) >= 0.0
+  kl = np.sum(np.exp(log_p) * (log_p - log_q), -1)
+  np.testing.assert_allclose(np.sum(np.exp(log_p) * per_token, -1), kl, rtol=1e-5)
