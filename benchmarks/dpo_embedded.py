@@ -27,7 +27,7 @@ from jaxtune.data.packing import Stats
 from jaxtune.train import loop
 
 
-def _answers(model, convs, sampling, seed=0) -> list[str]:
+def answers(model, convs, sampling, seed=0) -> list[str]:
   prompts = [
     packing.prompt_ids(
       dataclasses.replace(c, messages=c.messages[:-1]), model.template, model.tokenizer
@@ -38,7 +38,7 @@ def _answers(model, convs, sampling, seed=0) -> list[str]:
   return [model.tokenizer.decode(c.ids).strip() for c in done]
 
 
-def _exact(convs, answers) -> float:
+def exact(convs, answers) -> float:
   right = [a == c.messages[-1].content.strip() for c, a in zip(convs, answers, strict=True)]
   return sum(right) / len(right)
 
@@ -66,7 +66,7 @@ def main() -> None:
   train = convs.train[:: max(len(convs.train) // args.prompts, 1)][: args.prompts]
   held_out = convs.held_out
   sample = generate.Sampling(max_new_tokens=96, temperature=args.temperature)
-  samples = _answers(sft, train, sample, seed=1)
+  samples = answers(sft, train, sample, seed=1)
   pairs = [
     {"prompt": c.messages[-2].content, "chosen": c.messages[-1].content, "rejected": s}
     for c, s in zip(train, samples, strict=True)
@@ -108,8 +108,8 @@ def main() -> None:
     return
   dpo = api.load(dpo_dir)
   greedy = generate.Sampling(max_new_tokens=96)
-  before, after = _exact(held_out, _answers(sft, held_out, greedy)), None
-  after = _exact(held_out, _answers(dpo, held_out, greedy))
+  before, after = exact(held_out, answers(sft, held_out, greedy)), None
+  after = exact(held_out, answers(dpo, held_out, greedy))
   records = [json.loads(line) for line in open(os.path.join(dpo_dir, "metrics.jsonl"))]
   steps = [r for r in records if "accuracy" in r]
   results = {

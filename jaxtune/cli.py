@@ -25,12 +25,13 @@ def _config(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> None:
   from jaxtune import config, distributed
-  from jaxtune.train import loop
+  from jaxtune.train import loop, ppo_run
 
   cfg = _config(args)
   config.check_paths(cfg)
   distributed.join(cfg.distributed)
-  loop.run(cfg)
+  # PPO's iterations of rollouts and updates have a driver of their own.
+  (ppo_run.run if cfg.train.objective == "ppo" else loop.run)(cfg)
 
 
 def _data(args: argparse.Namespace) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from jaxtune import config_values
 from jaxtune.config_model import ModelConfig
+from jaxtune.config_ppo import PpoConfig
 from jaxtune.config_values import check as _check
 from jaxtune.config_vision import ImageConfig
 from jaxtune.model import presets  # Plain data: imports nothing.
@@ -108,7 +109,7 @@ class TrainConfig:
   eps: float = 1e-8
   weight_decay: float = 0.0
   clip_norm: float = 1.0  # 0: no clipping.
-  objective: str = "sft"  # What the step minimizes (`train/objective.py`).
+  objective: str = "sft"  # What the step minimizes (`train/objective.py`; ppo: `train/ppo_run.py`).
   z_loss: float = 0.0  # PaLM's auxiliary loss on log(Z)^2 (1e-4 in PaLM).
   # Preference objectives (`train/dpo.py`, `train/reward.py`).
   preference_beta: float = 0.1  # DPO's and IPO's beta; SimPO's (which takes ~2).
@@ -286,6 +287,7 @@ class Config:
   peft: PeftConfig = PeftConfig()
   distributed: DistributedConfig = DistributedConfig()
   vision: ImageConfig = ImageConfig()  # A LLaVA model's encoder and projector (`config_vision`).
+  ppo: PpoConfig = PpoConfig()  # PPO-ptx, with train.objective=ppo (`config_ppo`).
 
   def to_dict(self) -> dict[str, dict[str, Any]]:
     """Plain values (tuples as lists), as YAML writes them."""

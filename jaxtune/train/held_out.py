@@ -181,7 +181,7 @@ class Answers:
   def __init__(self, cfg: Config, t: Any, data: pipeline.Data, mesh: jax.sharding.Mesh):
     self.cfg, self.t, self.data, self.mesh = cfg, t, data, mesh
     # A reward model's scalar head generates nothing.
-    generates = cfg.train.objective not in objective.SCALAR_HEAD
+    generates = cfg.train.objective not in objective.SCORES_ONLY
     self.prompts = select(
       data.held_out if generates else [],
       data.tokenizer,

@@ -124,19 +124,21 @@ def build(
   tokenizer=None,
   shapes_only: bool = False,
   segments: int | None = None,
+  make_goal: Any = None,
 ) -> Trainer:
   """The model, state and steps of `cfg` on `mesh` for a run of `steps` (the schedule's
   length); `tokenizer` encodes a PEFT method's initialization text. `shapes_only`: the state
   and frozen parameters are `jax.ShapeDtypeStruct`s with their shardings (nothing initialized
   or loaded), so the steps of a model too large to hold can be compiled and measured.
-  `segments`: the most segments of a row (`pipeline.max_segments`); None: one per token."""
+  `segments`: the most segments of a row (`pipeline.max_segments`); None: one per token.
+  `make_goal`: model -> the objective, for one built from more than the train section (PPO's)."""
   if cfg.model.linear == "bitnet158_packed" and cfg.peft.method == "none":
     raise ConfigError(
       "model.linear=bitnet158_packed holds 2-bit codes, which cannot be trained: train the "
       "bitnet158 model (float latent weights) it was packed from, or a PEFT method on it"
     )
   model = llava_run.model(cfg, **objective.model_options(cfg.train))
-  goal = objective.make(model, cfg.train, segments)
+  goal = make_goal(model) if make_goal else objective.make(model, cfg.train, segments)
   init_rng, step_rng = runs.seed_rngs(cfg.train.seed)
   if shapes_only:
     init = llava_run.init_fn(model)
@@ -221,12 +223,15 @@ def _log_model(cfg: Config, t: Trainer, mesh: jax.sharding.Mesh) -> None:
   )
 
 
-def _restore(cfg: Config, ckpt: checkpoint.Checkpointer, t: Trainer, feed: Feed) -> TrainState:
-  """The initial state: the newest good checkpoint's with `train.resume` (the data iterator
-  moved to where it was; damaged newer ones are moved aside), else the freshly built one."""
+def _restore(
+  cfg: Config, ckpt: checkpoint.Checkpointer, t: Trainer, feed: Feed
+) -> tuple[TrainState, dict[str, Any]]:
+  """The initial state and the saved data state: the newest good checkpoint's with
+  `train.resume` (the data iterator moved to where it was; damaged newer ones are moved aside),
+  else the freshly built one (and {})."""
   latest = ckpt.latest_step()
   if latest is None:
-    return t.state
+    return t.state, {}
   if not cfg.train.resume:
     raise ConfigError(
       f"{cfg.train.output_dir} already has checkpoints (step {latest}); set "
@@ -235,7 +240,7 @@ def _restore(cfg: Config, ckpt: checkpoint.Checkpointer, t: Trainer, feed: Feed)
   restored = ckpt.restore_latest(checkpoint.abstract(t.state, t.state_sharding))
   feed.batches.restore(restored.data_state)
   log.info("resumed from step %d of %s", restored.step, ckpt.directory)
-  return restored.state
+  return restored.state, restored.data_state
 
 
 def _with_bitnet_groups(cfg: Config, mesh: jax.sharding.Mesh) -> Config:
@@ -267,11 +272,13 @@ def _write_run_files(cfg: Config, tokenizer) -> None:
   tokenizer.save(os.path.join(cfg.train.output_dir, runs.TOKENIZER))
 
 
-def _batch_putter(cfg: Config, t: Trainer):
-  """This process's rows of a batch -> the global batch on the mesh (the objective's keys)."""
+def _batch_putter(cfg: Config, t: Trainer, keys: tuple[str, ...] | None = None):
+  """This process's rows of a batch -> the global batch on the mesh (`keys`, else the
+  objective's)."""
 
   def put(batch: pipeline.Batch) -> dict[str, jax.Array]:
-    arrays = {k: getattr(batch, k) for k in t.objective.batch_keys}  # Rows first: [B, ...].
+    # Rows first: [B, ...].
+    arrays = {k: getattr(batch, k) for k in (keys or t.objective.batch_keys)}
     return {
       k: jax.make_array_from_process_local_data(
         t.batch_sharding, a, (cfg.train.batch_size, *a.shape[1:])
@@ -299,7 +306,7 @@ def run(cfg: Config) -> dict[str, Any]:
     try:
       if "reference" in t.objective.batch_keys:  # train.reference=precomputed
         feed = _with_reference(cfg, t, feed, mesh, resuming=ckpt.latest_step() is not None)
-      state = _restore(cfg, ckpt, t, feed)
+      state, _ = _restore(cfg, ckpt, t, feed)
       _write_run_files(cfg, feed.data.tokenizer)
       answers = held_out_eval.Answers(cfg, t, feed.data, mesh)
       state, summary = _train(cfg, t, state, feed, ckpt, answers)
@@ -342,15 +349,7 @@ def _train(
     return total / count
 
   steps, first = feed.steps, int(state.step)
-  chief = jax.process_index() == 0
-  report = Reporter(
-    cfg,
-    lr=t.lr,
-    writer=metrics.Writer(cfg.train.output_dir, enabled=chief),
-    bar=tqdm(total=steps, initial=first, unit="step", disable=not chief, mininterval=1.0),
-    flops_per_token=metrics.flops_per_token(cfg.model, t.n_params, cfg.data.max_length),
-    peak=metrics.peak_flops(cfg.train.peak_flops),
-  )
+  report = _reporter(cfg, t, steps, first)
   summary = {"eval_loss_start": held_out_loss(state.params), "steps": steps, "start_step": first}
   start = {"eval_loss": summary["eval_loss_start"], **answers(first, state.params)}
   report.writer.write(first, start)
@@ -384,6 +383,19 @@ def _train(
   summary["tokens_per_s"] = report.tokens_per_s() if steps > first else 0.0
   summary["skipped_steps"] = report.skipped
   return state, summary
+
+
+def _reporter(cfg: Config, t: Trainer, steps: int, first: int) -> Reporter:
+  """The run's Reporter (process 0 shows and writes), from step `first` of `steps`."""
+  chief = jax.process_index() == 0
+  return Reporter(
+    cfg,
+    lr=t.lr,
+    writer=metrics.Writer(cfg.train.output_dir, enabled=chief),
+    bar=tqdm(total=steps, initial=first, unit="step", disable=not chief, mininterval=1.0),
+    flops_per_token=metrics.flops_per_token(cfg.model, t.n_params, cfg.data.max_length),
+    peak=metrics.peak_flops(cfg.train.peak_flops),
+  )
 
 
 def _check_finite(step: int, step_metrics: dict[str, jax.Array], cfg: Config) -> None:

@@ -47,8 +47,10 @@ OBJECTIVES: dict[str, Callable[[transformer.Transformer, TrainConfig], Objective
   "reward": reward.RewardModel.from_config,
   "llava_sft": llava_sft.LlavaSFT.from_config,
 }
-# Objectives whose model has the scalar head (`model/heads.py`), which always trains.
-SCALAR_HEAD = ("reward",)
+# Objectives whose model has the scalar head (`model/heads.py`), which always trains: a reward
+# model's, PPO's value (`train/ppo.py`, which `train/ppo_run.py` builds: not in OBJECTIVES).
+SCALAR_HEAD = ("reward", "ppo")
+SCORES_ONLY = ("reward",)  # Objectives whose model generates nothing.
 
 
 def model_options(train: TrainConfig) -> dict[str, Any]:
