@@ -26,10 +26,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import claimlib
+import jax
 import numpy as np
 
 from jaxtune import api, config
-from jaxtune.data import mixtures, synthetic
+from jaxtune.data import mixtures, packing, synthetic, templates
 from jaxtune.data.formats import Conversation, Message
 from jaxtune.train import held_out
 
@@ -63,23 +64,42 @@ def write_arm(tasks: Sequence[mixtures.Task], arm: str, seed: int, path: pathlib
   return len(convs)
 
 
-def questions(tasks: Sequence[mixtures.Task], mode: str, n: int) -> list[Conversation]:
-  """`n` records of each task asked `mode`-ly; the reference is the worked answer (so that the
-  answer budget fits a rationale whichever way the model answers)."""
+def questions(
+  tasks: Sequence[mixtures.Task], mode: str, n: int, reference: str = "cot"
+) -> list[Conversation]:
+  """`n` records of each task asked `mode`-ly, answered by the `reference` template's response
+  (the worked answer by default: the answer budget then fits a rationale whichever way the model
+  answers)."""
   out = []
   for t in tasks:
-    plain = next(x for x in t.templates if x.prompt == "{question}")
-    cot = next(x for x in t.templates if is_cot(x))
+    bank = {
+      "direct": next(x for x in t.templates if x.prompt == "{question}"),
+      "cot": next(x for x in t.templates if is_cot(x)),
+    }
     for i in range(n):
       record = t.records[i]
-      prompt = (plain if mode == "direct" else cot).render(record)[0]
+      prompt, response = bank[mode].render(record)[0], bank[reference].render(record)[1]
       out.append(
-        Conversation(
-          (Message("user", prompt), Message("assistant", cot.render(record)[1])),
-          f"{t.name}[{i}]",
-        )
+        Conversation((Message("user", prompt), Message("assistant", response)), f"{t.name}[{i}]")
       )
   return out
+
+
+def response_nll(model: api.Model, convs: Sequence[Conversation]) -> float:
+  """Per-token negative log-likelihood of the responses of `convs`, tokenized and masked as
+  training tokenizes them (the run's template)."""
+  examples = [
+    packing.tokenize(templates.render(c, model.template), model.tokenizer, False) for c in convs
+  ]
+  length = max(len(e.ids) for e in examples) - 1
+  tokens = np.zeros((len(examples), length + 1), np.int32)
+  weights = np.zeros((len(examples), length), np.float32)
+  for i, e in enumerate(examples):
+    tokens[i, : len(e.ids)] = e.ids
+    weights[i, : len(e.ids) - 1] = e.supervised[1:]
+  logp = jax.nn.log_softmax(model.logits(tokens[:, :-1]), axis=-1)
+  target = np.take_along_axis(np.asarray(logp), tokens[:, 1:, None], axis=-1)[..., 0]
+  return float(-(target * weights).sum() / weights.sum())
 
 
 def final_answer(text: str) -> str:
@@ -101,6 +121,8 @@ def accuracy(model: api.Model, tasks: Sequence[mixtures.Task], mode: str, n: int
   every = [x for v in records.values() for x in v]
   return {
     "acc": float(np.mean(every)),
+    # The held-out responses' loss when asked this way, answered this way (teacher-forced).
+    "nll": response_nll(model, questions(tasks, mode, n, reference=mode)),
     "per_task": {k: float(np.mean(v)) for k, v in records.items()},
     "examples": [
       (c.messages[0].content, a)
@@ -115,20 +137,35 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4))
   width = 0.38
-  for j, (mode, color) in enumerate(zip(MODES, ("#1f77b4", "#ff7f0e"), strict=True)):
-    means = [100 * result["arms"][a][mode]["mean"] for a in ARMS]
-    stds = [100 * result["arms"][a][mode]["std"] for a in ARMS]
-    xs = [i + (j - 0.5) * width for i in range(len(ARMS))]
-    ax.bar(xs, means, width, yerr=stds, color=color, capsize=3, label=f"asked {mode}")
-  ax.set_xticks(range(len(ARMS)), [f"trained on {a}" for a in ARMS])
-  ax.set_ylabel("held-out answer accuracy (%)")
-  ax.set_title(
+  panels = (
+    (
+      axes[0],
+      lambda r: 100 * r["acc"]["mean"],
+      lambda r: 100 * r["acc"]["std"],
+      "held-out answer accuracy (%)",
+    ),
+    (axes[1], lambda r: r["nll"]["mean"], lambda r: r["nll"]["std"], "held-out response loss"),
+  )
+  for ax, mean, std, label in panels:
+    for j, (mode, color) in enumerate(zip(MODES, ("#1f77b4", "#ff7f0e"), strict=True)):
+      rows = [result["arms"][a][mode] for a in ARMS]
+      xs = [i + (j - 0.5) * width for i in range(len(ARMS))]
+      ax.bar(
+        xs, [mean(r) for r in rows], width, yerr=[std(r) for r in rows], color=color, capsize=3
+      )
+      ax.bar([], [], color=color, label=f"asked {mode}")
+    ax.set_xticks(range(len(ARMS)), [f"trained on {a}" for a in ARMS])
+    ax.set_ylabel(label)
+    ax.legend()
+  axes[0].set_title(
     f"embedded CoT tasks, default model, {result['steps']} steps, {result['seeds']} seeds",
     fontsize=10,
   )
-  ax.legend()
+  axes[1].set_title(
+    "per-token loss of the answer in the asked format (lower is better)", fontsize=9
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=90)
 
@@ -137,30 +174,45 @@ def verdict(result: dict[str, Any]) -> tuple[str, str, str]:
   arms = result["arms"]
 
   def cell(a, m):
-    return f"{100 * arms[a][m]['mean']:.0f}±{100 * arms[a][m]['std']:.0f}%"
+    return f"{100 * arms[a][m]['acc']['mean']:.0f}±{100 * arms[a][m]['acc']['std']:.0f}%"
+
+  def nll(a, m):
+    return f"{arms[a][m]['nll']['mean']:.2f}"
 
   ours = "; ".join(
-    f"trained {a}: asked direct {cell(a, 'direct')}, asked CoT {cell(a, 'cot')}" for a in ARMS
+    f"trained {a}: asked direct {cell(a, 'direct')} (loss {nll(a, 'direct')}), asked CoT "
+    f"{cell(a, 'cot')} (loss {nll(a, 'cot')})"
+    for a in ARMS
   )
-  mix = arms["mixture"]
-  noise = max(arms[a][m]["std"] for a in ARMS for m in MODES)
-  # The mixture is within noise of the best arm in each mode, and each single-format arm is
-  # clearly worse than the mixture in the mode it did not train.
-  mixture_good = all(
-    mix[m]["mean"] >= max(arms[a][m]["mean"] for a in ARMS) - 2 * noise - 0.02 for m in MODES
+
+  def parts(value, better):
+    """(mixture near the best in both modes, direct-only worse than the mixture asked CoT,
+    CoT-only worse than the mixture asked directly) by `value` (accuracy or loss)."""
+    noise = max(abs(better) * 2 * arms[a][m][value]["std"] for a in ARMS for m in MODES) + 0.02
+
+    def v(a, m):
+      return better * arms[a][m][value]["mean"]
+
+    return (
+      all(v("mixture", m) >= max(v(a, m) for a in ARMS) - noise for m in MODES),
+      v("direct", "cot") < v("mixture", "cot") - noise,
+      v("cot", "direct") < v("mixture", "direct") - noise,
+    )
+
+  by_acc, by_loss = parts("acc", 1.0), parts("nll", -1.0)
+  names = (
+    "the mixture is as good as the best single-format arm both ways",
+    "training on direct answers only hurts chain-of-thought prompting",
+    "training on chain of thought only hurts direct answers",
   )
-  direct_hurts_cot = arms["direct"]["cot"]["mean"] < mix["cot"]["mean"] - 2 * noise - 0.02
-  cot_hurts_direct = arms["cot"]["direct"]["mean"] < mix["direct"]["mean"] - 2 * noise - 0.02
-  parts = (mixture_good, direct_hurts_cot, cot_hurts_direct)
-  holds = "yes" if all(parts) else "partly" if any(parts) else "no"
-  why = []
-  if not mixture_good:
-    why.append("the mixture is not as good as the best single-format arm in both modes")
-  if not direct_hurts_cot:
-    why.append("training on direct answers only did not hurt chain-of-thought prompting here")
-  if not cot_hurts_direct:
-    why.append("training on chain of thought only did not hurt direct answers here")
-  if why:
+  shown = [
+    f"{n}: accuracy {'yes' if a else 'no'}, loss {'yes' if b else 'no'}"
+    for n, a, b in zip(names, by_acc, by_loss, strict=True)
+  ]
+  held = [a or b for a, b in zip(by_acc, by_loss, strict=True)]
+  holds = "yes" if all(held) and all(by_acc) else "partly" if any(held) else "no"
+  why = list(shown)
+  if not all(by_acc):
     why.append(
       "a from-scratch model of a few hundred steps learns the formats it saw; Flan's effect is "
       "on held-out tasks (MMLU, BBH) of 8B-540B pretrained models"
@@ -172,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = claimlib.arguments(__doc__, argv)
   default = config.load([], [])
   tmp = pathlib.Path(tempfile.mkdtemp(prefix="claim_flan_cot_"))
-  steps = 2 if args.quick else 200
+  steps = 2 if args.quick else 120
   records = 20 if args.quick else default.data.synthetic_examples
   n_eval = 2 if args.quick else 30
   quick = list(claimlib.QUICK) if args.quick else []
@@ -215,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "arms": {
       a: {
         m: {
-          **claimlib.spread([r["acc"] for r in arms[a][m]]),
+          "acc": claimlib.spread([r["acc"] for r in arms[a][m]]),
+          "nll": claimlib.spread([r["nll"] for r in arms[a][m]]),
           "per_task": {
             k: claimlib.spread([r["per_task"][k] for r in arms[a][m]])
             for k in arms[a][m][0]["per_task"]

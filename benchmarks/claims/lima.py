@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "train.held_out_prompts=0",
     f"train.eval_every={steps}",
     f"train.checkpoint_every={steps}",
-    *(["data.max_length=64", "train.batch_size=8", "train.warmup_steps=1"] if args.quick else []),
+    *(["train.batch_size=8", "train.warmup_steps=1"] if args.quick else []),
   ]
   if not args.quick:
     claimlib.share_compiles(tmp / "compiled")
