@@ -153,12 +153,18 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> None:
       rows = [result["arms"][a][mode] for a in ARMS]
       xs = [i + (j - 0.5) * width for i in range(len(ARMS))]
       ax.bar(
-        xs, [mean(r) for r in rows], width, yerr=[std(r) for r in rows], color=color, capsize=3
+        xs,
+        [mean(r) for r in rows],
+        width,
+        yerr=[std(r) for r in rows],
+        color=color,
+        capsize=3,
+        label=f"asked {mode}",
       )
-      ax.bar([], [], color=color, label=f"asked {mode}")
     ax.set_xticks(range(len(ARMS)), [f"trained on {a}" for a in ARMS])
     ax.set_ylabel(label)
     ax.legend()
+  axes[0].set_ylim(0, 100)
   axes[0].set_title(
     f"embedded CoT tasks, default model, {result['steps']} steps, {result['seeds']} seeds",
     fontsize=10,
