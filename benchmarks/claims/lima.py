@@ -110,7 +110,7 @@ def verdict(result: dict[str, Any]) -> tuple[str, str, str]:
     return (
       f"held-out loss {row['eval_loss']['mean']:.3f}±{row['eval_loss']['std']:.3f}, "
       f"{row['length_words']['mean']:.0f} words, rep-2 {row['rep_2']['mean']:.1f}%, "
-      f"ROUGE-L {row['rouge_l']['mean']:.3f}"
+      f"ROUGE-L {row['rouge_l']['mean']:.1f}"
     )
 
   ours = (
@@ -121,16 +121,22 @@ def verdict(result: dict[str, Any]) -> tuple[str, str, str]:
   gap = flan["eval_loss"]["mean"] - lima["eval_loss"]["mean"]
   lower = gap > 2 * max(lima["eval_loss"]["std"], flan["eval_loss"]["std"])
   holds = "partly" if lower else "no"
-  why = (
-    "the held-out LIMA loss favours LIMA's examples, but that is the match of style (LIMA's "
-    "held-out examples are its own distribution), not quality: the shared data has no "
-    "same-source pair that differs only in curation. Testing LIMA's claim would take such a pair "
-    "(LIMA's filtered vs unfiltered Stack Exchange, Fig. 5), a model that can follow "
-    "instructions (LIMA: 7B-65B; stories260K writes children's stories), and a judge of the "
-    "responses (LIMA: humans and GPT-4)"
+  what_it_takes = (
+    "the shared data has no same-source pair that differs only in curation. Testing LIMA's "
+    "claim would take such a pair (LIMA's filtered vs unfiltered Stack Exchange, Fig. 5), a "
+    "model that can follow instructions (LIMA: 7B-65B; stories260K writes children's stories) "
+    "and a judge of the responses (LIMA: humans and GPT-4)"
   )
-  if not lower:
-    why = f"LIMA's examples did not give a lower held-out LIMA loss ({gap:+.3f}); " + why
+  if lower:
+    why = (
+      "the held-out LIMA loss favours LIMA's examples, but that is the match of style (the "
+      "held-out examples are LIMA's own distribution), not quality: " + what_it_takes
+    )
+  else:
+    why = (
+      f"LIMA's examples did not give a lower held-out LIMA loss than Flan CoT's ({gap:+.3f}, "
+      "Flan minus LIMA), so not even the match of style shows at this scale; " + what_it_takes
+    )
   return ours, holds, why
 
 
