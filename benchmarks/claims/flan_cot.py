@@ -228,6 +228,7 @@ def verdict(result: dict[str, Any]) -> tuple[str, str, str]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = claimlib.arguments(__doc__, argv)
+  commit = claimlib.commit()  # Before the runs: the code they run.
   default = config.load([], [])
   tmp = pathlib.Path(tempfile.mkdtemp(prefix="claim_flan_cot_"))
   steps = 2 if args.quick else 120
@@ -264,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       for mode in MODES:
         arms[arm][mode].append(accuracy(model, eval_tasks, mode, n_eval))
   result: dict[str, Any] = {
-    "commit": claimlib.commit(),
+    "commit": commit,
     "steps": steps,
     "seeds": args.seeds,
     "train_examples": sizes,

@@ -189,6 +189,7 @@ def verdict(result: dict[str, Any]) -> tuple[str, str, str]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = claimlib.arguments(__doc__, argv)
+  commit = claimlib.commit()  # Before the runs: the code they run.
   default = config.load([], [])
   tmp = pathlib.Path(tempfile.mkdtemp(prefix="claim_in_context_"))
   quick = [*claimlib.QUICK, "train.steps=2"] if args.quick else []
@@ -201,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   # Every 6th subject (10 of 57), for time.
   subjects = ["abstract_algebra"] if args.quick else sorted(_subjects())[::6]
   result: dict[str, Any] = {
-    "commit": claimlib.commit(),
+    "commit": commit,
     "default_model": {k: getattr(default.model, k) for k in ("dim", "num_layers", "num_heads")},
     "trained_steps": run["steps"],
     "trained_eval_loss": run["eval_loss_end"],

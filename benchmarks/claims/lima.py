@@ -142,6 +142,7 @@ def verdict(result: dict[str, Any]) -> tuple[str, str, str]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = claimlib.arguments(__doc__, argv)
+  commit = claimlib.commit()  # Before the runs: the code they run.
   data = claimlib.data_dir()
   tmp = pathlib.Path(tempfile.mkdtemp(prefix="claim_lima_"))
   pairs = lima_pairs(data)
@@ -186,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         {"eval_loss": run["eval_loss_end"], **measure(out, held_out, limit, new_tokens)}
       )
   result: dict[str, Any] = {
-    "commit": claimlib.commit(),
+    "commit": commit,
     "steps": steps,
     "seeds": args.seeds,
     "examples": n,

@@ -278,6 +278,7 @@ def verdict(result: dict[str, Any]) -> tuple[str, str, str]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = claimlib.arguments(__doc__, argv)
+  commit = claimlib.commit()  # Before the runs: the code they run.
   quick = list(claimlib.QUICK) + ["train.steps=2"] if args.quick else []
   default = config.load([], [])
   steps = 2 if args.quick else 50
@@ -295,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     claimlib.share_compiles(tmp / "compiled")
   high_lr = HIGH_LR * default.train.learning_rate
   result: dict[str, Any] = {
-    "commit": claimlib.commit(),
+    "commit": commit,
     "default_model": {k: getattr(default.model, k) for k in ("dim", "num_layers", "num_heads")},
     "steps": steps,
     "high_lr": high_lr,
