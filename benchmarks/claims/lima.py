@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "lima": [pairs[i] for i in order[HELD_OUT : HELD_OUT + n]],
     "flan_cot": flan_pairs(data, n, 0),
   }
-  steps = 2 if args.quick else 180
+  steps = 2 if args.quick else 120
   limit, new_tokens = (2, 8) if args.quick else (HELD_OUT, 128)
   common = [
     f"data.eval_path={held_out}",
