@@ -176,7 +176,7 @@ def verdict(result: dict[str, Any]) -> tuple[str, str, str]:
       "the default model's accuracy does not rise with exemplars: it was trained on at most one "
       f"exemplar per prompt and on {result['trained_row_length']}-token rows, and in-context "
       "learning emerges with scale "
-      "(GPT-3's few-shot gains grow with model size; its 125M model gains little)"
+      "(GPT-3's few-shot gains grow with model size, Fig. 1.2)"
     )
   if not mmlu_rises:
     why.append(

@@ -204,8 +204,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     claim="LIMA: 1,000 curated examples; quality matters more than quantity (Zhou et al. 2023)",
     paper=(
       "65B LLaMA on LIMA's 1,000 examples: responses equivalent or preferred to GPT-4's in 43% "
-      "of cases; 2,000 filtered Stack Exchange examples beat 2,000 unfiltered (Fig. 5: 3.5 vs "
-      "3.3 helpfulness)"
+      "of cases; for 7B, 2,000 filtered Stack Exchange examples beat 2,000 unfiltered (Fig. 5)"
     ),
     setting=(
       f"stories260K (pretrained) fine-tuned {steps} steps on {n} LIMA examples vs {n} Flan CoT "
