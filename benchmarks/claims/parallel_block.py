@@ -184,7 +184,11 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> None:
   ax = axes[0]
   ax.bar(names, [1e3 * timing[n]["median_s"] for n in names], color=("#1f77b4", "#ff7f0e"))
   ax.set_ylabel("median train step (ms)")
-  ax.set_title(f"step time: parallel {timing['speedup']:.3f}x faster")
+  ax.set_title(
+    f"parallel / serial speed: {timing['speedup']:.2f}x "
+    f"(per pair {timing['pair_speedups']['mean']:.2f}±{timing['pair_speedups']['std']:.2f})",
+    fontsize=10,
+  )
   ax = axes[1]
   for n, color in zip(names, ("#1f77b4", "#ff7f0e"), strict=True):
     for i, curve in enumerate(qual[n]["curves"]):
