@@ -85,3 +85,51 @@ def write(out: pathlib.Path, name: str, result: dict[str, Any], quick: bool) -> 
   }
   path.write_text(json.dumps({**stamp, **result}, indent=1))
   return path
+
+
+# Shared by the claims of #22, part b (flan_cot, lima, parallel_block, in_context).
+
+# A smoke run's model and data: small enough that `--quick` compiles and steps in seconds.
+QUICK = (
+  "model.dim=32",
+  "model.num_layers=1",
+  "model.num_heads=2",
+  "model.mlp_dim=64",
+  "data.max_length=64",
+  "train.batch_size=8",
+  "data.synthetic_examples=20",
+  "train.held_out_prompts=0",
+  "train.warmup_steps=1",
+)
+
+
+def commit() -> str:
+  """The commit the figures were measured on ("-dirty" when the tree has changes)."""
+  import subprocess
+
+  def git(*args: str) -> str:
+    return subprocess.run(
+      ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()
+
+  return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
+
+
+def share_compiles(directory: pathlib.Path) -> None:
+  """Keeps compiled programs in `directory` (JAX's persistent cache), so that runs of the same
+  shapes (seeds of one setting) compile once. Call before the first run."""
+  import jax
+
+  jax.config.update("jax_compilation_cache_dir", str(directory))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def data_dir() -> pathlib.Path:
+  """The shared real data (`$JAXTUNE_DATA_DIR`, else `../shared/data` beside the project)."""
+  import os
+
+  path = pathlib.Path(os.environ.get("JAXTUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
+  if not path.is_dir():
+    raise FileNotFoundError(f"shared data folder {path} not found (set JAXTUNE_DATA_DIR)")
+  return path
