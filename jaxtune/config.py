@@ -67,7 +67,9 @@ class DataConfig:
   template: Literal["alpaca", "vicuna", "lima", "llama2", "chatml", "raw"] = "alpaca"
   system_prompt: str | None = None
   tokenizer: str = ""  # A .model (SentencePiece), .bin (llama2.c), .json, or folder; "": train.
-  tokenizer_vocab_size: int = 512
+  # 1024: the embedded mixture's words become whole pieces (at 512 they split into fragments
+  # that differ with context); the model's `vocab_size` matches.
+  tokenizer_vocab_size: int = 1024
   max_length: int = 128  # Next-token pairs per row.
   truncation: Literal["truncate", "drop"] = "truncate"
   pack: bool = True
@@ -119,7 +121,10 @@ class TrainConfig:
   # DPO's reference (`train/reference.py`): auto (the base under an adapter method, else a
   # frozen copy), base, copy, or precomputed (log-probabilities computed once, in the run folder).
   reference: Literal["auto", "base", "copy", "precomputed"] = "auto"
-  neftune_alpha: float = 5.0  # 0: off; the paper uses 5, 10, 15.
+  # NEFTune: 0 is off; the paper uses 5, 10, 15 on 4096-wide models. Its noise, alpha/sqrt(L*d),
+  # is sqrt(4096/128) = 5.7 times stronger against a 128-wide model's embeddings: on the default
+  # run (400 steps) alpha 5 gave 17.5% held-out exact match, alpha 0 28.7%.
+  neftune_alpha: float = 0.0
   nonfinite: Literal["stop", "skip"] = "stop"  # What a non-finite loss, gradient or update does.
   log_every: int = 20
   eval_every: int = 100

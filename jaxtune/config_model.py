@@ -16,7 +16,7 @@ class ModelConfig:
   """A PaLM / Llama-family decoder. `preset` names a starting point in `model/presets.py`."""
 
   preset: str | None = None
-  vocab_size: int = 512
+  vocab_size: int = 1024  # As data.tokenizer_vocab_size.
   dim: int = 128
   num_layers: int = 4
   num_heads: int = 8

@@ -112,6 +112,17 @@ def test_held_out_templates_are_never_trained_on():
   assert not any(t.startswith(tuple(eval_prefixes)) for t in train)
 
 
+def test_held_out_prompts_are_new_wordings_of_trained_requests():
+  """Each held-out template is an instruction never trained on before a trained prompt, scored on
+  that prompt's trained answer form: the prompt says what form its reference takes."""
+  from jaxtune.data import synthetic
+
+  for name, (_, trained, held) in synthetic._TASKS.items():
+    for t in held:
+      same = [x for x in trained if x.response == t.response and t.prompt.endswith(x.prompt)]
+      assert same and all(x.prompt != t.prompt for x in trained), (name, t)
+
+
 def _write_jsonl(path, records):
   path.write_text("".join(json.dumps(r) + "\n" for r in records))
   return path

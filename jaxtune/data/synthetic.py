@@ -74,41 +74,43 @@ def _sort(rng: np.random.Generator) -> dict[str, Any]:
 
 
 _T = TaskTemplate
+_COT = "{rationale} So the answer is {answer}."
+# Wordings every task is trained in (Flan's lesson in miniature: many phrasings of one task make
+# a model answer phrasings it never saw). None of them begins as a held-out template does.
+_WORDINGS = (
+  _T("{question}", "{answer}"),
+  _T("Task: {question}\nResult:", "{answer}"),
+  _T("Q: {question}\nA:", "{answer}"),
+  _T("Here is a question. {question}", "{answer}"),
+)
+_OPTIONS = _T("{question}\nOptions:\n{options}", "{answer}")
+# (make, training templates, held-out templates). A held-out template is a new wording (an
+# instruction never trained on) of a trained request: its answer's form is the one the same
+# request is trained to give (a worked answer only where the prompt asks for one).
 _TASKS: dict[str, tuple[Callable[[np.random.Generator], dict[str, Any]], tuple, tuple]] = {
   "arithmetic": (
     _add,
-    (
-      _T("{question}", "{answer}"),
-      _T("{question} Show your work.", "{rationale} So the answer is {answer}."),
-      _T("{question}\nOptions:\n{options}", "{answer}"),
-    ),
-    (_T("Compute the sum. {question}", "{rationale} So the answer is {answer}."),),
+    (*_WORDINGS, _T("{question} Show your work.", _COT), _OPTIONS),
+    (_T("Compute the sum. {question} Show your work.", _COT),),
   ),
   "reverse": (
     _reverse,
-    (
-      _T("{question}", "{answer}"),
-      _T("{question} Think step by step.", "{rationale} So the answer is {answer}."),
-    ),
+    (*_WORDINGS, _T("{question} Think step by step.", _COT)),
     (_T("Spell backwards. {question}", "{answer}"),),
   ),
   "capitals": (
     _capitals,
-    (_T("{question}", "{answer}"), _T("Task: {question}\nResult:", "{answer}")),
+    _WORDINGS,
     (_T("Please do this. {question}", "{answer}"),),
   ),
   "counting": (
     _count,
-    (
-      _T("{question}", "{answer}"),
-      _T("{question} Count one by one.", "{rationale} So the answer is {answer}."),
-      _T("{question}\nOptions:\n{options}", "{answer}"),
-    ),
+    (*_WORDINGS, _T("{question} Count one by one.", _COT), _OPTIONS),
     (_T("Letter count. {question}", "{answer}"),),
   ),
   "sorting": (
     _sort,
-    (_T("{question}", "{answer}"), _T("Task: {question}\nResult:", "{answer}")),
+    _WORDINGS,
     (_T("Please do this. {question}", "{answer}"),),
   ),
 }

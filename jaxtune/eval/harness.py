@@ -10,8 +10,15 @@ reads, on a mesh, through the request types of `eval.requests`:
 It is also registered as the harness's model "jaxtune" (`model_args="path=...,batch_size=16"`)
 once this module is imported. Text is tokenized as the harness's Hugging Face backend tokenizes it
 for a Llama tokenizer (BOS first; see `requests.encode_text`), so both backends score the same
-ids. Every process of a multi-host run serves every request (the batches are sharded over all
-devices), so the harness sees one rank.
+ids.
+
+Multi-host: `JaxtuneLM` is one rank (`rank` 0 of `world_size` 1) on every process. Each process
+must call `simple_evaluate` with the same tasks and arguments: every process then builds the same
+requests in the same order and serves all of them together (the batches are sharded over every
+device of the mesh, a collective all processes enter), and every process gets the same results.
+Write them from process 0 only (`jax.process_index() == 0`), as `jaxtune eval --harness` does.
+The harness's own data-parallel ranks (each rank a share of the requests) do not apply: a rank
+that served only its share would leave the others' collectives waiting.
 """
 
 from __future__ import annotations
