@@ -277,6 +277,35 @@ def load_vision(folder: str | pathlib.Path) -> tuple[VisionConfig, dict[str, Any
   return cfg, {"params": params}
 
 
+def load_encoder(folder: str | pathlib.Path, want: VisionConfig, field: str) -> dict[str, Any]:
+  """The params of a CLIP or SigLIP vision folder for an encoder configured as `want`; a
+  ConfigError naming `field` (the setting that names the folder), the file and the key where
+  they differ."""
+  folder = pathlib.Path(folder)
+  if not (folder / "config.json").is_file():
+    raise ConfigError(
+      f"{field}={folder}: no {folder / 'config.json'} (a CLIPVisionModel or SiglipVisionModel "
+      "folder, as `python -m jaxtune.train.vision_pretrain` writes)"
+    )
+  try:
+    got, variables = load_vision(folder)
+  except CheckpointError as e:
+    raise ConfigError(f"{field}={folder}: {e}") from None
+  where = folder / "config.json"
+  if tower_type(got) != tower_type(want):
+    raise ConfigError(
+      f"{field}: {where}: model_type={tower_type(got)}, but the vision section "
+      f"(class_token={want.class_token}, pre_norm={want.pre_norm}, patch_bias={want.patch_bias}) "
+      f"is {tower_type(want)}'s layout"
+    )
+  for key, hf_key in _HF_KEYS.items():
+    if getattr(got, key) != getattr(want, key):
+      raise ConfigError(
+        f"{field}: {where}: {hf_key}={getattr(got, key)!r}, but vision.{key}={getattr(want, key)!r}"
+      )
+  return variables["params"]
+
+
 def _text_tensors(cfg: LlavaConfig) -> list[Tensor]:
   family = FAMILIES[family_for(cfg.text)]
   return family.tensors(cfg.text, family.to_hf(cfg.text))
