@@ -53,8 +53,7 @@ def main() -> None:
     rows.append(
       {
         "model": name,
-        "all": scores["all"],
-        **{k: scores[k] for k in KINDS},
+        **{k: f"{scores[k]:.3f}" for k in ("all", *KINDS)},
         "held-out loss": f"{losses[0]:.3f} -> {losses[-1]:.3f}",
       }
     )
