@@ -65,7 +65,9 @@ def _loss(model, cfg) -> float:
   measures."""
   data = llava_data.load(cfg, 0, None)
   total, count = 0.0, 0.0
-  for batch in feed.held_out_batches(data, cfg, None):
+  batches = feed.held_out_batches(data, cfg, None)
+  for _ in range(batches.batches_per_epoch().batches):  # The pass the loop takes.
+    batch = next(batches)
     logits = np.asarray(model.logits(batch.inputs, batch.images), np.float64)
     shifted = logits - logits.max(-1, keepdims=True)
     logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
