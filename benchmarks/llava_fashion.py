@@ -5,7 +5,8 @@ stage against a text-only baseline that sees no image.
     python benchmarks/llava_fashion.py --quick    # a smoke run, a few steps of each part
 
 1. A ViT (CLIP layout, 28x28 grayscale, 7x7 patches: 16 patch tokens and a class token) is
-   pretrained as a 10-way classifier on Fashion-MNIST's training images.
+   pretrained as a 10-way classifier on Fashion-MNIST's training images
+   (`jaxtune.train.vision_pretrain`, what `vision.init_from` of the recipes reads).
 2. Captions and visual questions are built from the labels and their attributes (what is it? is
    it footwear? is it worn on the upper body?) and written as LLaVA JSON with PNG images; a
    SentencePiece tokenizer is trained on their text.
@@ -37,7 +38,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from PIL import Image, ImageDraw
 
 from jaxtune import config, generate
@@ -48,9 +48,8 @@ from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.data.formats import Conversation, Message
 from jaxtune.data.images import Preprocess
 from jaxtune.model import llava, transformer
-from jaxtune.model.vision import VisionEncoder
 from jaxtune.peft import methods, partition
-from jaxtune.train import llava_run, objective, optim
+from jaxtune.train import llava_run, objective, optim, vision_pretrain
 from jaxtune.train.step import TrainState, make_train_step
 
 DATA = pathlib.Path(
@@ -65,50 +64,6 @@ PRE = Preprocess(size=28, mean=(MEAN,), std=(STD,), channels=1)
 QUESTION_KINDS = tuple(fashion_mnist.QUESTIONS)
 TEST_KINDS = (*QUESTION_KINDS, "caption")  # Captions show what stage 1 alone learned.
 IMAGES_PER_ROW = 4
-
-
-class Classifier(nn.Module):
-  """The ViT and a linear head on its final-normed class token: the encoder's pretraining."""
-
-  config: VisionConfig
-
-  @nn.compact
-  def __call__(self, pixels_byxc: jax.Array) -> jax.Array:
-    encoder = VisionEncoder(self.config, name="encoder")
-    cls_bd = encoder.last_hidden(encoder(pixels_byxc)[-1])[:, 0]
-    return nn.Dense(10, name="head")(cls_bd)
-
-
-def normalize(images: np.ndarray) -> np.ndarray:
-  return ((images.astype(np.float32) / 255.0 - MEAN) / STD)[..., None]
-
-
-def pretrain_vit(images, labels, test_images, test_labels, steps: int, seed: int):
-  model = Classifier(VIT)
-  params = model.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1)))["params"]
-  optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0, 2e-3, steps // 10, steps), 1e-4)
-  opt_state = optimizer.init(params)
-
-  @jax.jit
-  def step(params, opt_state, x, y):
-    def loss(p):
-      logits = model.apply({"params": p}, x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    value, grads = jax.value_and_grad(loss)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, value
-
-  rng = np.random.default_rng(seed)
-  for _ in range(steps):
-    i = rng.integers(0, len(images), 128)
-    params, opt_state, _ = step(params, opt_state, normalize(images[i]), labels[i])
-  predict = jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x), -1))
-  hits = [
-    np.asarray(predict(params, normalize(test_images[k : k + 500]))) == test_labels[k : k + 500]
-    for k in range(0, len(test_images), 500)
-  ]
-  return params["encoder"], float(np.mean(np.concatenate(hits)))
 
 
 def without_image(conversation: Conversation) -> Conversation:
@@ -255,8 +210,12 @@ def main() -> None:
   test_x, test_y = fashion_mnist.load(folder, "test")
 
   t = time.time()
-  vit_params, vit_accuracy = pretrain_vit(
-    train_x, train_y, test_x[:2000], test_y[:2000], args.vit_steps, args.seed
+  vit_params, vit_accuracy = vision_pretrain.pretrain(
+    VIT,
+    PRE,
+    (train_x, train_y),
+    (test_x[:2000], test_y[:2000]),
+    vision_pretrain.Settings(steps=args.vit_steps, seed=args.seed),
   )
   timings["vit"] = time.time() - t
   print(f"ViT: test accuracy {vit_accuracy:.3f} ({timings['vit']:.0f} s)", flush=True)

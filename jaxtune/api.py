@@ -358,13 +358,17 @@ def _load_run(path, mesh, param_dtype, strategy) -> Model:
 
 def _base_of_run(cfg: config.Config, model_cfg: ModelConfig, mesh, strategy) -> Any:
   """The base parameters a PEFT run trained on: its `train.init_from` (vocabulary grown for the
-  run's added tokens), else the random ones its seed drew."""
-  if cfg.train.init_from:
+  run's added tokens), else the random ones its seed drew; a LLaVA run's also with its
+  pretrained parts in place (`llava_run.pretrained`)."""
+  if cfg.train.init_from and not cfg.vision.enabled:
     base = load(cfg.train.init_from, mesh=mesh, strategy=strategy)
     return transformer.grow_vocab(base.merged().params, model_cfg.vocab_size)
   init_rng, _ = runs.seed_rngs(cfg.train.seed)
   init = llava_run.init_fn(llava_run.model(dataclasses.replace(cfg, model=model_cfg)))
-  return partition.base(nn.meta.unbox(jax.jit(init)(init_rng))["params"])
+  params = nn.meta.unbox(jax.jit(init)(init_rng))["params"]
+  if cfg.vision.enabled:
+    params = llava_run.pretrained(cfg, params, mesh)
+  return partition.base(params)
 
 
 def _run_tokenizer(path: pathlib.Path) -> Tokenizer | None:

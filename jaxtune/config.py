@@ -326,7 +326,8 @@ def load(path: str | Sequence[str] | None = None, overrides: Sequence[str] = ())
 
 def check_paths(cfg: Config) -> None:
   """What training needs of the file system, checked before anything is written: that
-  `train.output_dir` is or can become a folder, and that `train.init_from` exists. (Not part of
+  `train.output_dir` is or can become a folder, and that `train.init_from` (and
+  `vision.init_from`) exist. (Not part of
   `validate`: a finished run's config must still load after these paths have moved.)"""
   out = cfg.train.output_dir
   existing = out
@@ -339,6 +340,8 @@ def check_paths(cfg: Config) -> None:
   )
   init = cfg.train.init_from
   _check(not init or os.path.exists(init), f"train.init_from={init}: no such file or folder")
+  vision = cfg.vision.init_from if cfg.vision.enabled else ""
+  _check(not vision or os.path.isdir(vision), f"vision.init_from={vision}: no such folder")
 
 
 def from_dict(raw: Mapping[str, Mapping[str, Any]]) -> Config:

@@ -136,9 +136,12 @@ class ImageConfig:
   `stage: projector` (LLaVA's stage 1: the projector alone) or `language` (stage 2: the
   projector and what `peft.method` trains of the decoder: all of it, or its adapters). The
   encoder never trains. `image_token_id` -1: the tokenizer's `<image>` token (resolved when
-  the run starts and recorded in its config)."""
+  the run starts and recorded in its config). `init_from`: a pretrained encoder, a Hugging Face
+  `CLIPVisionModel` or `SiglipVisionModel` folder (`python -m jaxtune.train.vision_pretrain`
+  writes one), whose config must match this section's ("": the encoder starts random)."""
 
   encoder: Literal["none", "vit"] = "none"
+  init_from: str = ""
   image_size: int = 224
   patch_size: int = 16
   channels: int = 3

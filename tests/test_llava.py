@@ -19,7 +19,7 @@ import jaxtune
 from jaxtune import cli
 from jaxtune.convert import hf_vision
 from jaxtune.data.formats import Message
-from jaxtune.errors import GenerationError
+from jaxtune.errors import CheckpointError, GenerationError
 from jaxtune.model import llava
 
 IMAGE_TOKEN = 250
@@ -141,3 +141,31 @@ def test_generate_with_an_image_matches_transformers(imported, tmp_path, monkeyp
   theirs = [t for t in out[0, len(ids) :].tolist()]
   theirs = theirs[: theirs.index(tok.eos_id)] if tok.eos_id in theirs else theirs
   assert len(theirs) >= 4 and ours == tok.decode(theirs)
+
+
+def test_a_siglip_llava_converts_to_transformers(tmp_path):
+  """A SigLIP-tower LLaVA (no class token: every patch a feature, transformers' "full"), loaded
+  with `jaxtune.load` and written by `jaxtune convert SRC DST --to hf`: jaxtune's logits and
+  those of the written folder in transformers equal the original's within 1e-4."""
+  torch.manual_seed(0)
+  config = transformers.LlavaConfig(
+    vision_config=transformers.SiglipVisionConfig(**_TOWER),
+    text_config=transformers.LlamaConfig(**_TEXT),
+    image_token_index=IMAGE_TOKEN,
+    vision_feature_select_strategy="full",
+  )
+  original = perturbed(transformers.LlavaForConditionalGeneration(config))
+  original.save_pretrained(tmp_path / "hf")
+  model = jaxtune.load(tmp_path / "hf")
+  assert (model.llava.vision.class_token, model.llava.image_tokens) == (False, 16)
+  ids, pixels = prompt(16)[None], images(1)
+  expected = hf_logits(ids, pixels, original)
+  np.testing.assert_allclose(np.asarray(model.logits(ids, pixels[:, None])), expected, atol=1e-4)
+  assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "out"), "--to", "hf"]) == 0
+  again = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+  np.testing.assert_allclose(hf_logits(ids, pixels, again), expected, atol=1e-4, rtol=0)
+
+  config.vision_feature_select_strategy = "default"  # Would drop the first patch.
+  (tmp_path / "hf" / "config.json").write_text(config.to_json_string())
+  with pytest.raises(CheckpointError, match="config.json: vision_feature_select_strategy"):
+    hf_vision.load_llava(tmp_path / "hf")

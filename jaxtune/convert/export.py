@@ -23,7 +23,7 @@ import yaml
 
 from jaxtune import api, checkpoint, runs
 from jaxtune.config import Config, DataConfig, TrainConfig
-from jaxtune.convert import hf, hf_peft, llama2c, ternary, uptrain
+from jaxtune.convert import hf, hf_peft, hf_vision, llama2c, ternary, uptrain
 from jaxtune.data import llama2c_tokenizer
 from jaxtune.data import tokenizer as tokenizer_lib
 from jaxtune.errors import CheckpointError, ConfigError
@@ -107,7 +107,12 @@ def _write_jaxtune(model: api.Model, folder: pathlib.Path, dtype: str) -> None:
 
 
 def _write_hf(model: api.Model, folder: pathlib.Path, dtype: str) -> None:
-  hf.save_hf(model.config, model.params, folder, dtype)
+  if model.llava is not None:  # LlavaForConditionalGeneration: CLIP or SigLIP tower.
+    if dtype != "float32":
+      raise ConfigError(f"a LLaVA model exports in float32, not --dtype {dtype}")
+    hf_vision.save_llava(model.llava, model.params, folder)
+  else:
+    hf.save_hf(model.config, model.params, folder, dtype)
   if model.tokenizer is not None:
     save_hf_tokenizer(model.tokenizer, folder, hf.family_for(model.config))
 

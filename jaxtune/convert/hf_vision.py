@@ -136,6 +136,39 @@ def projector_tensors(cfg: LlavaConfig) -> list[Tensor]:
   return tensors
 
 
+# VisionConfig field -> the Hugging Face vision config's key (read and written alike).
+_HF_KEYS = {
+  "image_size": "image_size",
+  "patch_size": "patch_size",
+  "channels": "num_channels",
+  "dim": "hidden_size",
+  "num_layers": "num_hidden_layers",
+  "num_heads": "num_attention_heads",
+  "mlp_dim": "intermediate_size",
+  "act": "hidden_act",
+  "norm_eps": "layer_norm_eps",
+}
+_HF_DEFAULTS = {"num_channels": 3, "hidden_act": "quick_gelu"}
+
+
+def tower_type(cfg: VisionConfig) -> str:
+  """The Hugging Face model_type whose fixed layout `cfg` has (CLIP's or SigLIP's)."""
+  for model_type, fixed in _TOWERS.items():
+    if all(getattr(cfg, k) == v for k, v in fixed.items()):
+      return model_type
+  raise CheckpointError(
+    f"vision.class_token={cfg.class_token}, pre_norm={cfg.pre_norm}, "
+    f"patch_bias={cfg.patch_bias} is neither CLIP's nor SigLIP's layout"
+  )
+
+
+def hf_vision_config(cfg: VisionConfig) -> dict[str, Any]:
+  """The Hugging Face vision config (CLIP's or SigLIP's) of `cfg`."""
+  model_type = tower_type(cfg)
+  extra = {"vision_use_head": False} if model_type == "siglip_vision_model" else {}
+  return {"model_type": model_type, **{h: getattr(cfg, k) for k, h in _HF_KEYS.items()}, **extra}
+
+
 def vision_config(hf_config: Mapping[str, Any], where: str) -> VisionConfig:
   """The VisionConfig of a CLIP or SigLIP vision config.json (or LLaVA's `vision_config`)."""
   model_type = hf_config.get("model_type")
@@ -146,22 +179,18 @@ def vision_config(hf_config: Mapping[str, Any], where: str) -> VisionConfig:
   act = hf_config.get("hidden_act", "quick_gelu")
   if act not in ACTIVATIONS:
     raise CheckpointError(f"{where}: hidden_act={act!r} has no jaxtune equivalent")
+  defaults = _HF_DEFAULTS | {"layer_norm_eps": 1e-5 if "clip" in model_type else 1e-6}
   try:
+    values = {k: hf_config[h] if h in hf_config else defaults[h] for k, h in _HF_KEYS.items()}
     cfg = VisionConfig(
-      image_size=int(hf_config["image_size"]),
-      patch_size=int(hf_config["patch_size"]),
-      channels=int(hf_config.get("num_channels", 3)),
-      dim=int(hf_config["hidden_size"]),
-      num_layers=int(hf_config["num_hidden_layers"]),
-      num_heads=int(hf_config["num_attention_heads"]),
-      mlp_dim=int(hf_config["intermediate_size"]),
-      act=act,
-      norm_eps=float(hf_config.get("layer_norm_eps", 1e-5 if "clip" in model_type else 1e-6)),
+      **{k: v if k == "act" else type(getattr(VisionConfig, k))(v) for k, v in values.items()},
       **_TOWERS[model_type],
     )
     cfg.validate()
   except KeyError as e:
     raise CheckpointError(f"{where}: the vision config has no {e.args[0]!r}") from None
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{where}: {e}") from None
   except ConfigError as e:
     raise CheckpointError(f"{where}: {e}") from None
   return cfg
@@ -199,6 +228,13 @@ def llava_config(hf_config: Mapping[str, Any], where: str) -> LlavaConfig:
       image_token_id=int(token),
     )
     cfg.validate()
+    if not cfg.vision.class_token and cfg.feature_select == "patch":
+      # transformers' "default" drops the first token, which for a tower without a class token
+      # is a patch: jaxtune keeps every patch.
+      raise CheckpointError(
+        f"{where}: vision_feature_select_strategy='default' drops a patch of a tower without a "
+        "class token; jaxtune reads such a tower with 'full'"
+      )
   except ConfigError as e:
     raise CheckpointError(f"{where}: {e}") from None
   return cfg
@@ -241,6 +277,35 @@ def load_vision(folder: str | pathlib.Path) -> tuple[VisionConfig, dict[str, Any
   return cfg, {"params": params}
 
 
+def load_encoder(folder: str | pathlib.Path, want: VisionConfig, field: str) -> dict[str, Any]:
+  """The params of a CLIP or SigLIP vision folder for an encoder configured as `want`; a
+  ConfigError naming `field` (the setting that names the folder), the file and the key where
+  they differ."""
+  folder = pathlib.Path(folder)
+  if not (folder / "config.json").is_file():
+    raise ConfigError(
+      f"{field}={folder}: no {folder / 'config.json'} (a CLIPVisionModel or SiglipVisionModel "
+      "folder, as `python -m jaxtune.train.vision_pretrain` writes)"
+    )
+  try:
+    got, variables = load_vision(folder)
+  except CheckpointError as e:
+    raise ConfigError(f"{field}={folder}: {e}") from None
+  where = folder / "config.json"
+  if tower_type(got) != tower_type(want):
+    raise ConfigError(
+      f"{field}: {where}: model_type={tower_type(got)}, but the vision section "
+      f"(class_token={want.class_token}, pre_norm={want.pre_norm}, patch_bias={want.patch_bias}) "
+      f"is {tower_type(want)}'s layout"
+    )
+  for key, hf_key in _HF_KEYS.items():
+    if getattr(got, key) != getattr(want, key):
+      raise ConfigError(
+        f"{field}: {where}: {hf_key}={getattr(got, key)!r}, but vision.{key}={getattr(want, key)!r}"
+      )
+  return variables["params"]
+
+
 def _text_tensors(cfg: LlavaConfig) -> list[Tensor]:
   family = FAMILIES[family_for(cfg.text)]
   return family.tensors(cfg.text, family.to_hf(cfg.text))
@@ -273,27 +338,54 @@ def _layers(cfg: LlavaConfig, tensor: Tensor) -> int:
   return cfg.vision.num_layers if tensor.paths[0].startswith("vision/") else cfg.text.num_layers
 
 
+def _write(folder: str | pathlib.Path, hf_config: dict, tensors: dict[str, np.ndarray]) -> None:
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+  tensors = {n: np.ascontiguousarray(x, np.float32) for n, x in tensors.items()}
+  safetensors.numpy.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+  logger.info("saved %s (%d tensors) to %s", hf_config["architectures"][0], len(tensors), folder)
+
+
+def _hf_tensors(
+  tensors: list[Tensor], params: Mapping[str, Any], layers: Callable[[Tensor], int]
+) -> dict[str, np.ndarray]:
+  """Hugging Face's tensors of `params` (a params tree) by the tables `tensors`."""
+  flat = hf._flatten(hf._numpy_params(params))
+  out = {}
+  for tensor in tensors:
+    arrays = [flat[path] for path in tensor.paths]
+    if tensor.per_layer:
+      for i in range(layers(tensor)):
+        out[tensor.name.format(i=i)] = tensor.to_hf(*(a[i] for a in arrays))
+    else:
+      out[tensor.name] = tensor.to_hf(*arrays)
+  return out
+
+
+def save_vision(cfg: VisionConfig, params: Mapping[str, Any], folder: str | pathlib.Path) -> None:
+  """Writes a `CLIPVisionModel` or `SiglipVisionModel` folder (by `cfg`'s layout; SigLIP without
+  its pooling head) of a `VisionEncoder`'s params: what `load_vision` and transformers read."""
+  hf_config = hf_vision_config(cfg)
+  architecture = _TOWER_ARCHITECTURES[hf_config["model_type"]][0]
+  tensors = _hf_tensors(vision_tensors(cfg), params, lambda _: cfg.num_layers)
+  hf_config |= dict(architectures=[architecture], dtype="float32")
+  _write(folder, hf_config, {"vision_model." + n: x for n, x in tensors.items()})
+
+
 def save_llava(cfg: LlavaConfig, params: Mapping[str, Any], folder: str | pathlib.Path) -> None:
   """Writes config.json and model.safetensors that transformers loads as
-  `LlavaForConditionalGeneration` computing the same model (float32 tensors)."""
+  `LlavaForConditionalGeneration` computing the same model (float32 tensors): a CLIP tower, or a
+  SigLIP one (without its pooling head; every patch a feature, transformers' "full")."""
   if cfg.projector != "mlp2x_gelu":
     raise CheckpointError(
       f"llava.projector={cfg.projector!r}: Hugging Face LLaVA has only the mlp2x_gelu projector"
     )
-  if not cfg.vision.class_token:
-    raise CheckpointError("only a CLIP vision tower is written as Hugging Face LLaVA")
+  vision = hf_vision_config(cfg.vision)
+  # Without a class token, transformers' "default" would drop a patch; "full" keeps them all.
+  select = cfg.feature_select if cfg.vision.class_token else "full"
   text_type = family_for(cfg.text)
-  flat = hf._flatten(hf._numpy_params(params))
-  tensors = {}
-  for tensor in _llava_tensors(cfg):
-    arrays = [flat[path] for path in tensor.paths]
-    if tensor.per_layer:
-      for i in range(_layers(cfg, tensor)):
-        tensors[tensor.name.format(i=i)] = tensor.to_hf(*(a[i] for a in arrays))
-    else:
-      tensors[tensor.name] = tensor.to_hf(*arrays)
-  tensors = {_exported(n): np.ascontiguousarray(x, np.float32) for n, x in tensors.items()}
-  v = cfg.vision
+  tensors = _hf_tensors(_llava_tensors(cfg), params, functools.partial(_layers, cfg))
   hf_config = dict(
     architectures=["LlavaForConditionalGeneration"],
     model_type="llava",
@@ -303,24 +395,9 @@ def save_llava(cfg: LlavaConfig, params: Mapping[str, Any], folder: str | pathli
     projector_hidden_act="gelu",
     multimodal_projector_bias=True,
     vision_feature_layer=cfg.feature_layer,
-    vision_feature_select_strategy={b: a for a, b in _SELECT.items()}[cfg.feature_select],
+    vision_feature_select_strategy={b: a for a, b in _SELECT.items()}[select],
     tie_word_embeddings=cfg.text.tie_embeddings,
     text_config=FAMILIES[text_type].to_hf(cfg.text) | dict(model_type=text_type),
-    vision_config=dict(
-      model_type="clip_vision_model",
-      image_size=v.image_size,
-      patch_size=v.patch_size,
-      num_channels=v.channels,
-      hidden_size=v.dim,
-      num_hidden_layers=v.num_layers,
-      num_attention_heads=v.num_heads,
-      intermediate_size=v.mlp_dim,
-      hidden_act=v.act,
-      layer_norm_eps=v.norm_eps,
-    ),
+    vision_config=vision,
   )
-  folder = pathlib.Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
-  (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-  safetensors.numpy.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-  logger.info("saved LLaVA model (%d tensors) to %s", len(tensors), folder)
+  _write(folder, hf_config, {_exported(n): x for n, x in tensors.items()})

@@ -139,20 +139,40 @@ def write_llava(
   return path
 
 
+def without_images(path: pathlib.Path, name: str) -> pathlib.Path:
+  """The LLaVA file `path`'s conversations with their images taken out, as `name`.json next to
+  it (ShareGPT records): what a text-only model sees."""
+  records = [
+    {
+      "id": r["id"],
+      "conversations": [
+        {**turn, "value": turn["value"].replace("<image>\n", "")} for turn in r["conversations"]
+      ],
+    }
+    for r in json.loads(path.read_text())
+  ]
+  out = path.with_name(f"{name}.json")
+  out.write_text(json.dumps(records, indent=1))
+  return out
+
+
 def write_recipe_data(
   source: str | pathlib.Path, out: str | pathlib.Path, train_images: int, test_images: int
 ) -> None:
-  """The LLaVA recipes' data in `out` (configs/llava_stage{1,2}.yaml): stage1.json (captions),
-  stage2.json (visual questions) of `train_images` training images, and test.json (questions
-  and captions) of `test_images` t10k images, which training never sees."""
+  """The LLaVA recipes' data in `out` (configs/llava_stage{1,2}.yaml, llava_text.yaml):
+  stage1.json (captions), stage2.json (visual questions) of `train_images` training images,
+  test.json (the questions) of `test_images` t10k images, which training never sees, and
+  text_stage2.json, text_test.json: stage2.json and test.json without the images."""
   rng = np.random.default_rng(0)
   train_x, train_y = load(source, "train")
   test_x, test_y = load(source, "test")
   train_idx = rng.permutation(len(train_x))[:train_images].tolist()
   test_idx = rng.permutation(len(test_x))[:test_images].tolist()
   write_llava(out, "stage1", "train", train_x, train_y, train_idx, ["caption"])
-  write_llava(out, "stage2", "train", train_x, train_y, train_idx, list(QUESTIONS))
-  write_llava(out, "test", "test", test_x, test_y, test_idx, [*QUESTIONS, "caption"])
+  stage2 = write_llava(out, "stage2", "train", train_x, train_y, train_idx, list(QUESTIONS))
+  test = write_llava(out, "test", "test", test_x, test_y, test_idx, list(QUESTIONS))
+  without_images(stage2, "text_stage2")
+  without_images(test, "text_test")
 
 
 if __name__ == "__main__":
@@ -160,7 +180,9 @@ if __name__ == "__main__":
 
   parser = argparse.ArgumentParser(description="Writes the LLaVA recipes' Fashion-MNIST data.")
   parser.add_argument("source", help="the folder of Fashion-MNIST's idx .gz files")
-  parser.add_argument("out", help="where to write stage1.json, stage2.json, test.json, images/")
+  parser.add_argument(
+    "out", help="where to write stage1.json, stage2.json, test.json, text_*.json, images/"
+  )
   parser.add_argument("--train-images", type=int, default=3000)
   parser.add_argument("--test-images", type=int, default=200)
   args = parser.parse_args()

@@ -80,33 +80,72 @@ def _tokenizer(cfg: Config, convs: list[multimodal.ImageConversation]):
   return tok.with_special_tokens(specials)
 
 
-def load(cfg: Config, seed: int, rows: BatchRows | None = None) -> pipeline.Data:
-  """This process's rows of the LLaVA file `data.path` (the tokenizer trained on all of it)."""
-  del seed  # Every record trains; the order is the batches'.
-  d, v = cfg.data, cfg.vision
-  if not d.path:
-    raise ConfigError("vision.encoder is set: data.path must name a LLaVA .json or .jsonl file")
-  if d.eval_path or d.eval_size:
-    raise ConfigError(
-      "a LLaVA run (vision.encoder) holds no data out yet: unset data.eval_path and "
-      "data.eval_size (its held-out loss is on the first training batch)"
-    )
-  convs = multimodal.read(d.path, v.image_folder or None)
-  tok = _tokenizer(cfg, convs)
-  token = image_token_id(cfg, tok)
-  tokens_per_image = v.llava(cfg.model).image_tokens
-  stats = multimodal.Stats(records=len(convs))
-  train, positions = [], []
+def _examples(convs, cfg: Config, tok, token: int, rows: BatchRows | None, stats):
+  """(examples, their source positions) of the conversations of the batch rows `rows`."""
+  d = cfg.data
+  tokens_per_image = cfg.vision.llava(cfg.model).image_tokens
+  examples, positions = [], []
   for p, c in enumerate(convs):
     if rows is not None and not rows.keeps(p):
       continue
     ex = multimodal.tokenize(c, d.template, tok, token, tokens_per_image, d.train_on_prompt)
     if (ex := multimodal.fit(ex, d.max_length, d.truncation, stats)) is not None:
-      train.append(ex)
+      examples.append(ex)
       positions.append(p)
+  return examples, np.asarray(positions, np.int64)
+
+
+def held_out_prompt(cfg: Config, convs, tok, token: int):
+  """`pipeline.Data.prompt` of the held-out `convs`: a prompt's ids, `<image>` expanded, and its
+  images read."""
+  by_where = {c.where: c for c in convs}
+  pre = preprocess(cfg)
+  tokens_per_image = cfg.vision.llava(cfg.model).image_tokens
+
+  def prompt(head):
+    images = by_where[head.where].images
+    ids = multimodal.prompt_ids(
+      multimodal.ImageConversation(head, images), cfg.data.template, tok, token, tokens_per_image
+    )
+    pixels = [pre.load(path, head.where) for path in images]
+    return ids, np.stack(pixels) if pixels else np.zeros((0, pre.size, pre.size, pre.channels))
+
+  return prompt
+
+
+def load(cfg: Config, seed: int, rows: BatchRows | None = None) -> pipeline.Data:
+  """This process's rows of the LLaVA file `data.path` (the tokenizer trained on all of it) and
+  of the held-out one `data.eval_path`."""
+  del seed  # Every record trains; the order is the batches'.
+  d, v = cfg.data, cfg.vision
+  if not d.path:
+    raise ConfigError("vision.encoder is set: data.path must name a LLaVA .json or .jsonl file")
+  if d.eval_size:
+    raise ConfigError(
+      f"data.eval_size={d.eval_size}: a LLaVA run (vision.encoder) holds out a file of its own, "
+      "data.eval_path, not records of data.path"
+    )
+  convs = multimodal.read(d.path, v.image_folder or None)
+  held = multimodal.read(d.eval_path, v.image_folder or None) if d.eval_path else []
+  tok = _tokenizer(cfg, convs)
+  token = image_token_id(cfg, tok)
+  stats = multimodal.Stats(records=len(convs))
+  train, positions = _examples(convs, cfg, tok, token, rows, stats)
   if not train:
     raise DataError(d.path, f"no conversation fits data.max_length={d.max_length}")
-  slots = image_slots(d.max_length, tokens_per_image)
+  evals, eval_positions = _examples(held, cfg, tok, token, rows, multimodal.Stats())
+  if held and not evals and rows is None:
+    raise DataError(d.eval_path, f"no conversation fits data.max_length={d.max_length}")
+  slots = image_slots(d.max_length, v.llava(cfg.model).image_tokens)
   batches = functools.partial(ImageBatches, preprocess=preprocess(cfg), slots=slots)
-  none = np.zeros(0, np.int64)
-  return pipeline.Data(tok, train, np.asarray(positions), [], none, stats, [], batches)
+  return pipeline.Data(
+    tok,
+    train,
+    positions,
+    evals,
+    eval_positions,
+    stats,
+    [c.conversation for c in held],
+    batches,
+    held_out_prompt(cfg, held, tok, token),
+  )

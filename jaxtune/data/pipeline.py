@@ -49,6 +49,9 @@ class Data:
   held_out: list[Conversation]  # All of them (a preference's best), on every process.
   # The batch iterator's class and options (`Batches`; a LLaVA run's `llava_data.ImageBatches`).
   batches: Callable[..., Batches] | None = None
+  # A held-out conversation's prompt (its last answer left out) as (ids, images [M, Y, X, C] or
+  # None); None: the text's (`packing.prompt_ids`). A LLaVA run's expands and reads its images.
+  prompt: Callable[[Conversation], tuple[list[int], np.ndarray | None]] | None = None
 
 
 @dataclasses.dataclass

@@ -48,6 +48,19 @@ def dropout(x: jax.Array, rate: jax.Array | float, rng: jax.Array) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def normalize(
+  x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float, center: bool
+) -> jax.Array:
+  """`x` normalized over its last axis in float32: centered first (LayerNorm) or not (RMSNorm),
+  divided by the root mean square, times `scale`, plus `bias` (None: none). Float32 out."""
+  x = x.astype(jnp.float32)
+  if center:
+    x = x - jnp.mean(x, axis=-1, keepdims=True)
+  y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+  y = y * scale.astype(jnp.float32)
+  return y if bias is None else y + bias.astype(jnp.float32)
+
+
 class Norm(nn.Module):
   """RMSNorm or LayerNorm over the last axis, computed in float32."""
 
@@ -57,16 +70,12 @@ class Norm(nn.Module):
   def __call__(self, x_btd: jax.Array) -> jax.Array:
     cfg = self.config
     dtype, param_dtype = dtypes(cfg)
+    layernorm = cfg.norm == "layernorm"
     scale = weight(self, "scale", nn.initializers.ones, (cfg.dim,), ("embed",), param_dtype)
-    x = x_btd.astype(jnp.float32)
-    if cfg.norm == "layernorm":
-      x = x - jnp.mean(x, axis=-1, keepdims=True)
-    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
-    y = y * scale.astype(jnp.float32)
-    if cfg.norm == "layernorm" and cfg.use_bias:
+    bias = None
+    if layernorm and cfg.use_bias:
       bias = weight(self, "bias", nn.initializers.zeros, (cfg.dim,), ("embed",), param_dtype)
-      y = y + bias.astype(jnp.float32)
-    return y.astype(dtype)
+    return normalize(x_btd, scale, bias, cfg.norm_eps, center=layernorm).astype(dtype)
 
 
 class Embed(nn.Module):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.config_vision import VisionConfig
-from jaxtune.model.layers import INIT_STDDEV, constrain, weight
+from jaxtune.model.layers import INIT_STDDEV, constrain, normalize, weight
 
 ACT_BSD = ("act_batch", "act_seq", "act_embed")
 
@@ -67,10 +67,7 @@ class LayerNorm(nn.Module):
     dtype, param_dtype = dtypes(cfg)
     scale = weight(self, "scale", nn.initializers.ones, (cfg.dim,), ("embed",), param_dtype)
     bias = weight(self, "bias", nn.initializers.zeros, (cfg.dim,), ("embed",), param_dtype)
-    x = x_bsd.astype(jnp.float32)
-    x = x - jnp.mean(x, axis=-1, keepdims=True)
-    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
-    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+    return normalize(x_bsd, scale, bias, cfg.norm_eps, center=True).astype(dtype)
 
 
 class Dense(nn.Module):

@@ -16,10 +16,11 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxtune import generate, runs
 from jaxtune.config import Config
@@ -51,30 +52,44 @@ class Prompts:
   conversations: tuple[Conversation, ...]
   ids: tuple[tuple[int, ...], ...]
   max_new_tokens: int
+  images: tuple[np.ndarray, ...] | None = None  # Each prompt's [M, Y, X, C] (a LLaVA run's).
 
 
 def select(
-  held_out: Sequence[Conversation], tokenizer, template: str, max_seq_len: int, per_family: int
+  held_out: Sequence[Conversation],
+  tokenizer,
+  template: str,
+  max_seq_len: int,
+  per_family: int,
+  prompt_of: Callable[[Conversation], tuple[list[int], np.ndarray | None]] | None = None,
 ) -> Prompts:
   """Up to `per_family` conversations of each family, in their order, whose prompt and reference
-  answer fit the model's positions."""
-  chosen: list[tuple[Conversation, list[int], int]] = []
+  answer fit the model's positions. `prompt_of` (`pipeline.Data.prompt`): a prompt's ids and
+  images; None: the text's ids."""
+  prompt_of = prompt_of or (lambda head: (packing.prompt_ids(head, template, tokenizer), None))
+  chosen: list[tuple[Conversation, list[int], np.ndarray | None, int]] = []
   counts: dict[str, int] = {}
   for conv in held_out:
     name = family(conv.where)
     if counts.get(name, 0) >= per_family:
       continue
-    prompt = packing.prompt_ids(
-      dataclasses.replace(conv, messages=conv.messages[:-1]), template, tokenizer
-    )
     answer = len(tokenizer.encode(conv.messages[-1].content)) + 2  # A stop token and a spare.
-    if answer <= _MAX_ANSWER_TOKENS and len(prompt) + answer <= max_seq_len:
-      chosen.append((conv, prompt, answer))
+    if answer > _MAX_ANSWER_TOKENS:
+      continue
+    prompt, images = prompt_of(dataclasses.replace(conv, messages=conv.messages[:-1]))
+    if len(prompt) + answer <= max_seq_len:
+      chosen.append((conv, prompt, images, answer))
       counts[name] = counts.get(name, 0) + 1
   budget = max((a for *_, a in chosen), default=0)
   # One budget for the whole batch: every prompt must leave room for it.
-  kept = [(c, p) for c, p, _ in chosen if len(p) + budget <= max_seq_len]
-  return Prompts(tuple(c for c, _ in kept), tuple(tuple(p) for _, p in kept), budget)
+  kept = [(c, p, x) for c, p, x, _ in chosen if len(p) + budget <= max_seq_len]
+  images = tuple(x for *_, x in kept)
+  return Prompts(
+    tuple(c for c, *_ in kept),
+    tuple(tuple(p) for _, p, _ in kept),
+    budget,
+    images if images and images[0] is not None else None,
+  )
 
 
 def score(conversations: Sequence[Conversation], answers: Sequence[str]) -> dict[str, Any]:
@@ -101,8 +116,17 @@ def answer(model, params, prompts: Prompts, tokenizer, template: str, mesh, rule
     batch_size=len(prompts.ids),
     mesh=mesh,
     rules=rules,
+    images=prompts.images,
   )
-  return [tokenizer.decode(c.ids) for c in completions]
+  return [_text(tokenizer, c.ids) for c in completions]
+
+
+def _text(tokenizer, ids) -> str:
+  """The decoded answer. Ids past the tokenizer's (a model's vocabulary is padded past it, and
+  an untrained one samples them) decode to nothing; one U+FFFD marks them, so that such an
+  answer never matches."""
+  known = [i for i in ids if i < tokenizer.vocab_size]
+  return tokenizer.decode(known) + ("\ufffd" if len(known) < len(ids) else "")
 
 
 def evaluate(model, params, prompts: Prompts, tokenizer, template: str, mesh, rules):
@@ -188,6 +212,7 @@ class Answers:
       cfg.data.template,
       cfg.model.max_seq_len,
       cfg.train.held_out_prompts,
+      data.prompt,
     )
     if generates and data.held_out and not self.prompts.ids:
       log.info("no held-out prompt and answer fits model.max_seq_len: no exact match reported")

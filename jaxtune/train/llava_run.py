@@ -67,27 +67,43 @@ def with_image_token(cfg: Config, tokenizer) -> Config:
 
 
 def initial_params(cfg: Config, sharded: Any, mesh) -> Any:
-  """`sharded` (the initialized variables) with `train.init_from`'s parameters in place: a
-  LLaVA run's (stage 2 from stage 1: encoder, projector, decoder), or a text model's (any
-  format `jaxtune.load` reads: the decoder; the encoder and projector stay initialized)."""
+  """`sharded` (the initialized variables) with the pretrained parameters (`pretrained`) placed
+  as they are sharded."""
   import jax
   import jax.numpy as jnp
 
+  if not (cfg.train.init_from or cfg.vision.init_from):
+    return sharded
+  initialized, shardings = sharded.variables["params"], sharded.shardings["params"]
+  params = pretrained(cfg, initialized, mesh)
+  placed = jax.tree.map(
+    lambda x, init, s: jax.device_put(jnp.asarray(x, init.dtype), s), params, initialized, shardings
+  )
+  return dataclasses.replace(sharded, variables={"params": placed})
+
+
+def pretrained(cfg: Config, initialized: Any, mesh) -> Any:
+  """A LLaVA run's `initialized` parameters with `train.init_from`'s in place (a LLaVA run's:
+  encoder, projector, decoder; or a text model's, any format `jaxtune.load` reads: the decoder),
+  then `vision.init_from`'s encoder."""
+  import jax
+
   from jaxtune import api  # Reads every checkpoint format; imported when a run starts from one.
+  from jaxtune.convert import hf_vision
   from jaxtune.peft import partition
 
-  path = cfg.train.init_from
-  loaded = api.load(path, mesh=mesh, strategy=cfg.mesh.strategy).merged().params
-  loaded = transformer.grow_vocab(partition.base(loaded), cfg.model.vocab_size)
-  initialized, shardings = sharded.variables["params"], sharded.shardings["params"]
-  base = {k: v for k, v in partition.base(initialized).items() if k in loaded}
-  got, want = (jax.tree.map(lambda x: x.shape, t) for t in (loaded, base))
-  if got != want:
-    raise ConfigError(f"train.init_from={path}: parameter shapes {got} do not fit the model {want}")
-  placed = jax.tree.map(
-    lambda x, s: jax.device_put(jnp.asarray(x), s),
-    loaded,
-    {k: v for k, v in partition.base(shardings).items() if k in loaded},
-  )
-  params = partition.combine(placed, initialized)
-  return dataclasses.replace(sharded, variables={"params": params})
+  params = initialized
+  if path := cfg.train.init_from:
+    loaded = api.load(path, mesh=mesh, strategy=cfg.mesh.strategy).merged().params
+    loaded = transformer.grow_vocab(partition.base(loaded), cfg.model.vocab_size)
+    base = {k: v for k, v in partition.base(initialized).items() if k in loaded}
+    got, want = (jax.tree.map(lambda x: x.shape, t) for t in (loaded, base))
+    if got != want:
+      raise ConfigError(
+        f"train.init_from={path}: parameter shapes {got} do not fit the model {want}"
+      )
+    params = partition.combine(loaded, initialized)
+  if path := cfg.vision.init_from:
+    want = cfg.vision.vision_config(cfg.model)
+    params = {**params, "vision": hf_vision.load_encoder(path, want, "vision.init_from")}
+  return params

@@ -60,11 +60,11 @@ def _initial_params(cfg: Config, model, mesh, rng) -> sharding.Sharded:
   """Random (abstract-first, sharded) parameters, or pretrained ones from `train.init_from`
   (the base model's; PEFT parameters start as initialized)."""
   sharded = sharding.init_sharded(llava_run.init_fn(model), rng, mesh, cfg.mesh.strategy)
+  if cfg.vision.enabled:
+    return llava_run.initial_params(cfg, sharded, mesh)
   path = cfg.train.init_from
   if not path:
     return sharded
-  if cfg.vision.enabled:
-    return llava_run.initial_params(cfg, sharded, mesh)
   # The base model's parameters; PEFT ones and a new scalar head start as initialized.
   base_shardings = _pretrained(sharded.shardings["params"])
   base_params = _pretrained(sharded.variables["params"])
