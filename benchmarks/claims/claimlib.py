@@ -85,3 +85,79 @@ def write(out: pathlib.Path, name: str, result: dict[str, Any], quick: bool) -> 
   }
   path.write_text(json.dumps({**stamp, **result}, indent=1))
   return path
+
+
+# Helpers shared by claims 1-4 (NEFTune, LoRA, prefix tuning, GQA uptraining).
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+
+DATA = pathlib.Path(os.environ.get("JAXTUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+def commit() -> str:
+  """The commit the claim ran on (with "+dirty" when the working tree has changes)."""
+
+  def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+  return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
+
+
+def cache_compiles() -> None:
+  """Keeps XLA's compiled programs on disk, so that runs of the same shapes (seeds, the arms of a
+  sweep that share a step) compile once per machine rather than once per run."""
+  import jax
+
+  jax.config.update(
+    "jax_compilation_cache_dir", str(pathlib.Path.home() / ".cache" / "jaxtune-claims")
+  )
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def lima_split(
+  work: pathlib.Path, held_out: int, train_records: int = 0
+) -> tuple[pathlib.Path, pathlib.Path]:
+  """LIMA split in two files under `work`: the last `held_out` single-turn records (held-out
+  instructions with their reference responses), and the rest (the training set; its first
+  `train_records` if not 0)."""
+  records = json.loads((DATA / "lima" / "lima_train_llamafactory.json").read_text())
+  single = [i for i, r in enumerate(records) if not r.get("history")]
+  kept = set(single[-held_out:])
+  train_path, eval_path = work / "lima_train.json", work / "lima_heldout.json"
+  train = [r for i, r in enumerate(records) if i not in kept]
+  train_path.write_text(json.dumps(train[:train_records] if train_records else train))
+  eval_path.write_text(json.dumps([records[i] for i in sorted(kept)]))
+  return train_path, eval_path
+
+
+def pyplot():
+  """matplotlib's pyplot on the Agg backend (no display)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def errorbars(ax, xs: Sequence[Any], spreads: Sequence[dict[str, Any]], **kwargs: Any) -> None:
+  """Means with one standard deviation over seeds as error bars, and each seed as a dot."""
+  means = [s["mean"] for s in spreads]
+  ax.errorbar(xs, means, yerr=[s["std"] for s in spreads], capsize=3, marker="o", **kwargs)
+  for x, s in zip(xs, spreads, strict=True):
+    ax.scatter([x] * len(s["values"]), s["values"], s=8, alpha=0.4, color="gray")
+
+
+def param_counts(files: Sequence[str], overrides: Sequence[str]) -> dict[str, int]:
+  """The parameters of a run's model (`params`, with any adapters), those it trains
+  (`trainable`) and those of its base model alone (`base`), from shapes only."""
+  from jaxtune import sharding
+
+  def counts(extra: Sequence[str]) -> tuple[int, int]:
+    cfg = config.load([str(ROOT / f) for f in files], [*overrides, *extra])
+    t = loop.build(cfg, sharding.make_mesh(cfg.mesh), 1, shapes_only=True)
+    return t.n_params, t.n_trainable
+
+  params, trainable = counts([])
+  return {"params": params, "trainable": trainable, "base": counts(["peft.method=none"])[0]}
