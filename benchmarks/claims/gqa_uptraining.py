@@ -36,8 +36,12 @@ from jaxtune import config, runs
 from jaxtune.convert import export, uptrain
 from jaxtune.model import transformer
 
-FULL = dict(source_steps=200, share=0.05, batches=(1, 16), decode=dict(prompt=128, new=32), runs=3)
-QUICK = dict(source_steps=2, share=0.5, batches=(2,), decode=dict(prompt=8, new=4), runs=1)
+FULL = dict(
+  source_steps=100, share=0.05, batches=(1, 16), decode=dict(prompt=128, new=32), runs=3, mqa=True
+)
+QUICK = dict(
+  source_steps=2, share=0.5, batches=(2,), decode=dict(prompt=8, new=4), runs=1, mqa=False
+)
 COMMON = ["train.held_out_prompts=0", "train.checkpoint_every=100000", "train.log_every=5"]
 PAPER = (
   "Table 1/Fig. 6 (T5-XXL, uptrained 5%): MHA 47.2 avg, GQA-8 47.1, MQA 46.6; GQA-8 decodes "
@@ -95,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     claimlib.cache_compiles()
   default = config.load([])  # The default config, by name: its model and mixture as they are now.
   heads = default.model.num_heads
-  targets = {"GQA": max(heads // 4, 1), "MQA": 1}
+  targets = {"GQA": max(heads // 4, 1), **({"MQA": 1} if sizes["mqa"] else {})}
   steps = sizes["source_steps"]
   uptrain_steps = max(round(sizes["share"] * steps), 1)
   with tempfile.TemporaryDirectory(prefix="claim_gqa_") as tmp:
@@ -172,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     "paper": PAPER,
     "setting": (
       f"default model ({heads} heads, MHA) trained {steps} steps on the embedded mixture; "
-      f"converted to {targets['GQA']} and 1 KV heads, uptrained {uptrain_steps} steps "
+      f"converted to {' and '.join(map(str, targets.values()))} KV heads, uptrained "
+      f"{uptrain_steps} steps "
       f"({100 * uptrain_steps / steps:.0f}%); decode: prompt {sizes['decode']['prompt']}, "
       f"{sizes['decode']['new']} new tokens, batch "
       f"{', '.join(map(str, sizes['batches']))}, 1 CPU device"
@@ -199,9 +204,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def plot(result: dict, targets: dict, path: pathlib.Path, share: float) -> None:
   plt = claimlib.pyplot()
-  fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+  fig, axes = plt.subplots(1, len(targets) + 1, figsize=(5 * (len(targets) + 1), 3.8))
   source = result["source"]["held_out_loss"]
-  for ax, target in zip(axes[:2], targets, strict=True):
+  for ax, target in zip(axes[:-1], targets, strict=True):
     for i, how in enumerate(CONVERSIONS):
       arm = result["arms"][f"{target}/{how}"]
       ax.plot([0, 100 * share], [arm["at_0"], arm["at_5pct"]], marker="o", color=f"C{i}", label=how)
@@ -223,10 +228,10 @@ def plot(result: dict, targets: dict, path: pathlib.Path, share: float) -> None:
       next(r["decode_tokens_per_s"] for r in rows if r["batch"] == b and r["variant"] == name)
       for b in batches
     ]
-    axes[2].bar(np.arange(len(batches)) + i * width, values, width, label=name)
-  axes[2].set_xticks(np.arange(len(batches)) + width, [f"batch {b}" for b in batches])
-  axes[2].set(ylabel="decode tokens/s", title="decode speed (KV cache)")
-  axes[2].legend(fontsize=8)
+    axes[-1].bar(np.arange(len(batches)) + i * width, values, width, label=name)
+  axes[-1].set_xticks(np.arange(len(batches)) + width, [f"batch {b}" for b in batches])
+  axes[-1].set(ylabel="decode tokens/s", title="decode speed (KV cache)")
+  axes[-1].legend(fontsize=8)
   fig.suptitle("GQA uptraining of the default model")
   fig.tight_layout()
   fig.savefig(path, dpi=110)

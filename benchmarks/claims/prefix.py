@@ -30,7 +30,7 @@ import claimlib
 
 RECIPE = ["configs/stories_finetune.yaml"]
 PREFIX = [*RECIPE, "configs/prefix.yaml"]
-FULL = dict(steps=60, length=256, lengths=(1, 8), main=1, held_out=48, train_records=500)
+FULL = dict(steps=40, length=128, lengths=(1, 8), main=1, held_out=48, train_records=320)
 QUICK = dict(steps=1, length=128, lengths=(1,), main=1, held_out=4, train_records=32)
 FULL_LR, PEFT_LR = 2e-3, 1e-2
 PAPER = (
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     "why": ""
     if verdict == "yes"
     else (
-      "a 264K-parameter model fine-tuned for 60 steps: 320 prefix values cannot carry what "
+      "a 264K-parameter model fine-tuned for 40 steps: 320 prefix values cannot carry what "
       "updating every weight does at this size (the paper's 0.1% of GPT-2 medium is 350K values), "
       "and over so few steps stability differences have little room to show"
     ),
