@@ -92,6 +92,18 @@ def decode_speed(models: dict[str, tuple[Any, Any]], sizes: dict) -> list[dict[s
   return rows
 
 
+# The likely reason when a check fails (a 100-step source, 5 uptraining steps).
+WHY = {
+  "mean_best_at_0": "the source's heads are too little alike for their mean to keep what they "
+  "computed",
+  "mean_best_at_5pct": "after 5 steps at the source's peak rate the three starts end within the "
+  "run-to-run noise of each other (the source itself moved 0.25 between its last two evals); the "
+  "paper's 5% is thousands of steps, long enough for the start to matter",
+  "recovered": "5 uptraining steps (5% of a 100-step source) are too few to close the gap",
+  "faster": "a small model's cache is small next to its weights, so fewer KV heads save little",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
   args = claimlib.arguments(__doc__, argv, seeds=1)
   sizes = QUICK if args.quick else FULL
@@ -148,16 +160,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
   def gap(key: str, target: str, how: str) -> float:
     return arms[f"{target}/{how}"][key] - source_loss
 
-  mean_best = all(
-    arms[f"{t}/mean"][k] <= min(arms[f"{t}/{h}"][k] for h in CONVERSIONS)
-    for t in targets
-    for k in ("at_0", "at_5pct")
-  )
+  def mean_best(key: str) -> bool:
+    return all(
+      arms[f"{t}/mean"][key] <= min(arms[f"{t}/{h}"][key] for h in CONVERSIONS) for t in targets
+    )
+
   recovered = gap("at_5pct", "GQA", "mean") <= 0.1 * max(gap("at_0", "GQA", "mean"), 1e-9) or (
     gap("at_5pct", "GQA", "mean") <= 0.02
   )
   faster = at_biggest.get("GQA", 0) > 1.0
-  verdict = {3: "yes", 0: "no"}.get(mean_best + recovered + faster, "partly")
+  checks = {
+    "mean_best_at_0": mean_best("at_0"),
+    "mean_best_at_5pct": mean_best("at_5pct"),
+    "recovered": recovered,
+    "faster": faster,
+  }
+  verdict = {len(checks): "yes", 0: "no"}.get(sum(checks.values()), "partly")
   ours = (
     f"held-out loss of the MHA source {source_loss:.3f}; "
     + "; ".join(
@@ -184,14 +202,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ),
     "ours": ours,
     "holds": verdict,
-    "why": ""
-    if verdict == "yes"
-    else (
-      "checks: mean-pooling best at 0% and 5%: "
-      f"{'yes' if mean_best else 'no'}; GQA within reach of MHA after 5%: "
-      f"{'yes' if recovered else 'no'}; GQA decodes faster: {'yes' if faster else 'no'} (a "
-      "small model's cache is small next to its weights, so fewer KV heads save little here)"
-    ),
+    "why": "; ".join(WHY[k] for k, held in checks.items() if not held),
+    "checks": checks,
     "commit": claimlib.commit(),
     "source": {"steps": steps, "held_out_loss": source_loss, "eval_curve": src["eval"]},
     "arms": arms,
@@ -215,7 +227,6 @@ def plot(result: dict, targets: dict, path: pathlib.Path, share: float) -> None:
       xlabel="uptraining, % of the source's steps",
       ylabel="held-out loss",
       title=f"{target} ({targets[target]} KV heads)",
-      yscale="log",
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -149,7 +149,8 @@ def stories_runs(work: pathlib.Path, sizes: dict, seeds: int) -> dict[str, Any]:
       }
       print(f"alpha {alpha:g} seed {seed}: {runs[f'{alpha:g}/{seed}']}", flush=True)
   cfg = config.load([str(claimlib.ROOT / f) for f in RECIPE], base_overrides)
-  return {"runs": runs, "noise": noise_ratio(cfg)}
+  # Where the two noises differ: the embedded mixture's short examples, several to a row.
+  return {"runs": runs, "noise": noise_ratio(cfg), "noise_mixture": noise_ratio(config.load([]))}
 
 
 KEYS = (
@@ -192,6 +193,60 @@ def plot(table: dict, path: pathlib.Path, title: str) -> None:
   plt.close(fig)
 
 
+# The likely reason when a check fails (alpha 5 against 0).
+WHY = {
+  "train_higher": "60 steps of a 264K-parameter model barely fit LIMA, so there is little "
+  "over-fitting for the noise to hold back",
+  "held_out_kept": "the noise slows a run this short more than it regularizes it",
+  "longer": "the responses of a model this small are set by its TinyStories prior (and capped at "
+  "96 tokens), not by the length habits that NEFTune changes in the paper's 7B models",
+}
+
+
+def row(table: dict, noise: dict, mixed: dict, sizes: dict, seeds: int) -> dict[str, Any]:
+  """The table's row and the checks behind its verdict (alpha 5, the paper's, against 0)."""
+  off, on = table["0"], table["5"]
+
+  def higher(key: str) -> bool:  # By more than the seeds' spread.
+    return on[key]["mean"] - off[key]["mean"] > max(on[key]["std"], off[key]["std"])
+
+  def fmt(key: str, digits: int = 3) -> str:
+    return " / ".join(f"{table[a][key]['mean']:.{digits}f}" for a in table)
+
+  ours = (
+    f"alpha {'/'.join(table)}: clean train loss {fmt('train_loss_clean')}, held-out loss "
+    f"{fmt('held_out_loss')}, length {fmt('length_chars', 0)} chars, rep-2 {fmt('rep_2', 1)}%, "
+    f"ROUGE-L {fmt('rouge_l', 1)} (alpha 0 and 5: mean of {seeds} seeds, spreads in the JSON; "
+    "10 and 15: one). "
+    f"Per-segment noise is x{noise['noise_ratio_mean']:.2f} the row-length version's on "
+    f"packed LIMA rows ({noise['segments_per_row']:.1f} examples per "
+    f"{noise['row_length']}-token row), x{mixed['noise_ratio_mean']:.2f} on the embedded "
+    f"mixture's ({mixed['segments_per_row']:.1f} per {mixed['row_length']}-token row)"
+  )
+  train_higher, longer = higher("train_loss_clean"), higher("length_chars")
+  held_delta = on["held_out_loss"]["mean"] - off["held_out_loss"]["mean"]
+  held_ok = held_delta <= max(0.02, off["held_out_loss"]["std"] * 2)
+  checks = {"train_higher": train_higher, "held_out_kept": held_ok, "longer": longer}
+  # The paper's effects are the higher training loss and the longer responses.
+  verdict = "yes" if all(checks.values()) else "no" if not (train_higher or longer) else "partly"
+  return {
+    "claim": "NEFTune: noisy embeddings raise train loss, keep held-out loss, lengthen responses",
+    "paper": PAPER,
+    "setting": (
+      f"stories260K (264K params) fine-tuned on LIMA ({sizes['steps']} steps, batch 8 x 256 "
+      f"tokens), {sizes['held_out']} single-turn LIMA records held out, greedy + repetition "
+      f"penalty 1.2, {sizes['new_tokens']} new tokens max; {seeds} seeds at alpha 0 and 5"
+    ),
+    "ours": ours,
+    "holds": verdict,
+    "why": "; ".join(WHY[k] for k, held in checks.items() if not held),
+    "checks": checks,
+    "alphas": table,
+    "noise": noise,
+    "noise_mixture": mixed,
+  }
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
   args = claimlib.arguments(__doc__, argv)
   sizes = QUICK if args.quick else FULL
@@ -201,47 +256,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     work = pathlib.Path(tmp)
     stories = stories_runs(work, sizes, args.seeds)
   table = summarize(stories["runs"], sizes["alphas"])
-  off, on = table["0"], table["5"]
-  noise = stories["noise"]
-
-  def higher(key: str) -> bool:
-    return on[key]["mean"] > off[key]["mean"]
-
-  def fmt(key: str, digits: int = 3) -> str:
-    return " / ".join(f"{table[a][key]['mean']:.{digits}f}" for a in table)
-
-  ours = (
-    f"alpha {'/'.join(table)}: clean train loss {fmt('train_loss_clean')}, held-out loss "
-    f"{fmt('held_out_loss')}, length {fmt('length_chars', 0)} chars, rep-2 {fmt('rep_2', 1)}%, "
-    f"ROUGE-L {fmt('rouge_l', 1)} (mean of {args.seeds} seeds; spreads in the JSON). "
-    f"Per-segment noise is x{noise['noise_ratio_mean']:.2f} the row-length version's on "
-    f"packed LIMA rows ({noise['segments_per_row']:.1f} examples per "
-    f"{noise['row_length']}-token row)"
-  )
-  train_higher, longer = higher("train_loss_clean"), higher("length_chars")
-  held_delta = on["held_out_loss"]["mean"] - off["held_out_loss"]["mean"]
-  held_ok = held_delta <= max(0.02, off["held_out_loss"]["std"] * 2)
-  verdict = {3: "yes", 0: "no"}.get(train_higher + longer + held_ok, "partly")
   result = {
-    "claim": "NEFTune: noisy embeddings raise train loss, keep held-out loss, lengthen responses",
-    "paper": PAPER,
-    "setting": (
-      f"stories260K (264K params) fine-tuned on LIMA ({sizes['steps']} steps, batch 8 x 256 "
-      f"tokens), {sizes['held_out']} single-turn LIMA records held out, greedy + repetition "
-      f"penalty 1.2, {sizes['new_tokens']} new tokens max; {args.seeds} seeds"
-    ),
-    "ours": ours,
-    "holds": verdict,
-    "why": (
-      ""
-      if verdict == "yes"
-      else "at 264K parameters and 60 steps the model barely leaves its TinyStories prior: it "
-      "is far from the over-fitting regime where NEFTune's regularization shows; responses are "
-      f"capped at {sizes['new_tokens']} tokens"
-    ),
+    **row(table, stories["noise"], stories["noise_mixture"], sizes, args.seeds),
     "commit": claimlib.commit(),
-    "alphas": table,
-    "noise": noise,
     "runs": stories["runs"],
   }
   claimlib.write(args.out, "neftune", result, args.quick)
