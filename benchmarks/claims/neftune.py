@@ -62,9 +62,9 @@ COMMON = [
   "train.log_every=5",
 ]
 PAPER = (
-  "Table 4 / Fig. 4 (LLaMA-2 7B on Alpaca): NEFTune's training loss is higher, its test loss "
-  "about the same, and its responses much longer (Alpaca: 1,000 -> 1,460 characters at alpha 5) "
-  "with about the same 2-gram repetition and diversity"
+  "LLaMA-2 7B on Alpaca: AlpacaEval win rate 29.8% -> 64.7% (abstract); Sec. 5 / Table 4: "
+  "NEFTune's training loss is higher and its test loss about the same, its responses markedly "
+  "longer on every dataset with about the same 2-gram repetition and diversity"
 )
 
 
