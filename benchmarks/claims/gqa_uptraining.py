@@ -37,10 +37,22 @@ from jaxtune.convert import export, uptrain
 from jaxtune.model import transformer
 
 FULL = dict(
-  source_steps=100, share=0.05, batches=(1, 16), decode=dict(prompt=128, new=32), runs=3, mqa=True
+  source_steps=100,
+  share=0.05,
+  batches=(1, 16),
+  decode=dict(prompt=128, new=32),
+  runs=3,
+  mqa=True,
+  data=[],
 )
 QUICK = dict(
-  source_steps=2, share=0.5, batches=(2,), decode=dict(prompt=8, new=4), runs=1, mqa=False
+  source_steps=2,
+  share=0.5,
+  batches=(2,),
+  decode=dict(prompt=8, new=4),
+  runs=1,
+  mqa=False,
+  data=["data.synthetic_examples=64"],  # Less of the mixture to build in every run.
 )
 COMMON = ["train.held_out_prompts=0", "train.checkpoint_every=100000", "train.log_every=5"]
 PAPER = (
@@ -119,7 +131,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     mha = [f"model.num_kv_heads={heads}"]
     src_dir = work / "source"
     src = claimlib.train(
-      [], [*COMMON, *mha, f"train.steps={steps}", f"train.eval_every={max(steps // 4, 1)}"], src_dir
+      [],
+      [
+        *COMMON,
+        *sizes["data"],
+        *mha,
+        f"train.steps={steps}",
+        f"train.eval_every={max(steps // 4, 1)}",
+      ],
+      src_dir,
     )
     source = jaxtune.load(src_dir)
     tokenizer = f"data.tokenizer={src_dir / runs.TOKENIZER}"
@@ -132,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
           [],
           [
             *COMMON,
+            *sizes["data"],
             f"model.num_kv_heads={kv}",
             tokenizer,
             f"train.init_from={folder / 'converted'}",
