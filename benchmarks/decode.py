@@ -109,7 +109,9 @@ def measure_batch(models: dict, batch: int, sizes: dict, runs: int) -> list[dict
   for name, (model, params) in models.items():
 
     def prefill(model=model, params=params):
-      return generate._Run(model, params, prompts, range(batch), sampling, (), 0, None, ())
+      return generate._Run(
+        model, params, prompts, range(batch), sampling, (), 0, None, (), images=None
+      )
 
     t0 = time.perf_counter()
     jax.block_until_ready(prefill().state)  # Compiles.

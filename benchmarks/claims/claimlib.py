@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -33,6 +35,7 @@ from jaxtune.train import loop  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 ROW = ("claim", "paper", "setting", "ours", "holds")
 VERDICTS = ("yes", "no", "partly")
+COMPILED = pathlib.Path.home() / ".cache" / "jaxtune-claims"  # share_compiles's default.
 
 
 def arguments(doc: str, argv: Sequence[str] | None, seeds: int = 3) -> argparse.Namespace:
@@ -87,8 +90,6 @@ def write(out: pathlib.Path, name: str, result: dict[str, Any], quick: bool) -> 
   return path
 
 
-# Shared by the claims of #22, part b (flan_cot, lima, parallel_block, in_context).
-
 # A smoke run's model and data: small enough that `--quick` compiles and steps in seconds.
 QUICK = (
   "model.dim=32",
@@ -105,7 +106,6 @@ QUICK = (
 
 def commit() -> str:
   """The commit the figures were measured on ("-dirty" when the tree has changes)."""
-  import subprocess
 
   def git(*args: str) -> str:
     return subprocess.run(
@@ -115,9 +115,10 @@ def commit() -> str:
   return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
 
 
-def share_compiles(directory: pathlib.Path) -> None:
+def share_compiles(directory: pathlib.Path = COMPILED) -> None:
   """Keeps compiled programs in `directory` (JAX's persistent cache), so that runs of the same
-  shapes (seeds of one setting) compile once. Call before the first run."""
+  shapes (seeds of one setting, the arms of a sweep that share a step) compile once. Call before
+  the first run."""
   import jax
 
   jax.config.update("jax_compilation_cache_dir", str(directory))
@@ -127,9 +128,55 @@ def share_compiles(directory: pathlib.Path) -> None:
 
 def data_dir() -> pathlib.Path:
   """The shared real data (`$JAXTUNE_DATA_DIR`, else `../shared/data` beside the project)."""
-  import os
-
   path = pathlib.Path(os.environ.get("JAXTUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
   if not path.is_dir():
     raise FileNotFoundError(f"shared data folder {path} not found (set JAXTUNE_DATA_DIR)")
   return path
+
+
+def lima_split(
+  work: pathlib.Path, held_out: int, train_records: int = 0
+) -> tuple[pathlib.Path, pathlib.Path]:
+  """LIMA split in two files under `work`: the last `held_out` single-turn records (held-out
+  instructions with their reference responses), and the rest (the training set; its first
+  `train_records` if not 0)."""
+  records = json.loads((data_dir() / "lima" / "lima_train_llamafactory.json").read_text())
+  single = [i for i, r in enumerate(records) if not r.get("history")]
+  kept = set(single[-held_out:])
+  train_path, eval_path = work / "lima_train.json", work / "lima_heldout.json"
+  train = [r for i, r in enumerate(records) if i not in kept]
+  train_path.write_text(json.dumps(train[:train_records] if train_records else train))
+  eval_path.write_text(json.dumps([records[i] for i in sorted(kept)]))
+  return train_path, eval_path
+
+
+def pyplot():
+  """matplotlib's pyplot on the Agg backend (no display)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def errorbars(ax, xs: Sequence[Any], spreads: Sequence[dict[str, Any]], **kwargs: Any) -> None:
+  """Means with one standard deviation over seeds as error bars, and each seed as a dot."""
+  means = [s["mean"] for s in spreads]
+  ax.errorbar(xs, means, yerr=[s["std"] for s in spreads], capsize=3, marker="o", **kwargs)
+  for x, s in zip(xs, spreads, strict=True):
+    ax.scatter([x] * len(s["values"]), s["values"], s=8, alpha=0.4, color="gray")
+
+
+def param_counts(files: Sequence[str], overrides: Sequence[str]) -> dict[str, int]:
+  """The parameters of a run's model (`params`, with any adapters), those it trains
+  (`trainable`) and those of its base model alone (`base`), from shapes only."""
+  from jaxtune import sharding
+
+  def counts(extra: Sequence[str]) -> tuple[int, int]:
+    cfg = config.load([str(ROOT / f) for f in files], [*overrides, *extra])
+    t = loop.build(cfg, sharding.make_mesh(cfg.mesh), 1, shapes_only=True)
+    return t.n_params, t.n_trainable
+
+  params, trainable = counts([])
+  return {"params": params, "trainable": trainable, "base": counts(["peft.method=none"])[0]}

@@ -148,8 +148,9 @@ def build(
   shardings = sharded.shardings["params"]
   params = sharded.variables["params"]
   if tokenizer is not None and not shapes_only:
-    with sharding.use(mesh, sharded.rules):
-      params = _init_peft_from_text(cfg, params, tokenizer, shardings)
+    # Outside the rules: the text is one row, which a `data` axis of several devices cannot
+    # split (the model's batch constraints would fail); JAX places the computation itself.
+    params = _init_peft_from_text(cfg, params, tokenizer, shardings)
   trains = objective.trains(cfg.train, llava_run.trains(cfg, methods.trains(cfg.peft)))
   trainable, frozen = partition.split(params, trains)
   trainable_sharding, frozen_sharding = partition.split(shardings, trains)
