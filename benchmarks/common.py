@@ -20,10 +20,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxtune import host
+from jaxtune.train import peak
 
 host.keep_freed_memory()
 
@@ -67,13 +67,14 @@ def timed(fn: Callable[[], Any], warmup: int = 1, iters: int = 5) -> Timing:
   return Timing(statistics.median(runs), first, runs)
 
 
-def matmul_peak(size: int = 2048, dtype: Any = jnp.float32, iters: int = 5) -> float:
-  """FLOP/s of a large square matmul on the default device: the peak the MFU figures of a CPU
-  run are measured against (2*n^3 FLOPs per matmul)."""
-  a = jnp.ones((size, size), dtype)
-  b = jnp.ones((size, size), dtype)
-  matmul = jax.jit(jnp.matmul)
-  return 2 * size**3 / timed(lambda: matmul(a, b), warmup=2, iters=iters).median_s
+def matmul_peak(size: int = 2048, dtype: str = "float32", iters: int = 5) -> peak.Peak:
+  """The peak the MFU figures of a run are measured against: on a known accelerator the
+  vendor's figure, else the best FLOP/s of a [size, size] matmul among XLA, NumPy's BLAS and
+  torch (where installed in this environment), with the source that set it
+  (`jaxtune.train.peak`). Never one framework's own matmul alone."""
+  if jax.devices()[0].device_kind in peak.VENDOR_PEAKS:
+    return peak.peak(dtype)
+  return peak.measure(dtype, size, iters)
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
