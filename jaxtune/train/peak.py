@@ -63,16 +63,6 @@ class Peak:
     )
 
 
-def _best_seconds(fn: Callable[[], object], iters: int) -> float:
-  fn()  # Warm-up (and compilation).
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return min(times)
-
-
 def _xla(size: int, dtype: str) -> Callable[[], object]:
   a = jnp.ones((size, size), dtype)
   matmul = jax.jit(jnp.matmul)
@@ -107,13 +97,20 @@ def measure(
 ) -> Peak:
   """The best FLOP/s of a [size, size] matmul in `dtype` over `sources` (XLA on the default
   device; NumPy and torch on the host's CPUs), each its best of `iters` timed calls after one
-  warm-up."""
-  rates = {}
-  for name in sources:
-    make = SOURCES[name]
-    fn = make(size, dtype)
-    if fn is not None:
-      rates[name] = 2 * size**3 / _best_seconds(fn, iters)
+  warm-up, the sources taking turns."""
+  calls = {name: SOURCES[name](size, dtype) for name in sources}
+  calls = {name: fn for name, fn in calls.items() if fn is not None}
+  for fn in calls.values():
+    fn()  # Warm-up (and compilation).
+  seconds = {name: float("inf") for name in calls}
+  # Rounds over the sources in turn: a pool still spinning after one source's call (XLA's,
+  # OpenMP's) or a burst of load then costs every source alike, and each keeps its best.
+  for _ in range(iters):
+    for name, fn in calls.items():
+      t0 = time.perf_counter()
+      fn()
+      seconds[name] = min(seconds[name], time.perf_counter() - t0)
+  rates = {name: 2 * size**3 / s for name, s in seconds.items()}
   best = max(rates, key=rates.get)
   return Peak(rates[best], best, dtype, rates)
 
