@@ -149,9 +149,10 @@ def dot_product_attention(
   """Softmax(q k^T / sqrt(H)) v over every key, with queries grouped over the KV heads and a
   float32 softmax; any mask. Decoding uses it (queries against the cache); training uses
   `causal_attention`. Rows with no visible key (padding queries) give zeros. A decoding step
-  (one query a row, bound by reading the cache) runs key-major (`_attend_key_major`)."""
+  of grouped queries (one query a row, G > 1: GQA, MQA) runs key-major (`_attend_key_major`);
+  with G = 1 (MHA) the query-major products are matrix-vector products, with no copy."""
   q_bkgth = _heads_major(q_btnh, k_bksh.shape[1])
-  if q_btnh.shape[1] == 1:
+  if q_btnh.shape[1] == 1 and q_bkgth.shape[2] > 1:
     out_bkgth = _attend_key_major(q_bkgth, k_bksh, v_bksh, mask_bts)
   else:
     out_bkgth, _ = _attend(q_bkgth, k_bksh, v_bksh, mask_bts)
