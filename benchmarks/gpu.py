@@ -150,7 +150,7 @@ def main() -> None:
   ]
   if decode_rows:
     parts += [
-      f"Decoding ({DTYPE} weights and cache), against {bandwidth / 1e12:.2f} TB/s of memory "
+      f"Decoding ({DTYPE} weights and cache), against {bandwidth / 1e9:.1f} GB/s of memory "
       "bandwidth (the vendor's HBM figure; on a CPU the measured STREAM copy):",
       common.markdown_table(
         decode_rows,
