@@ -24,16 +24,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune import host
+from jaxtune.train import peak
 
 host.keep_freed_memory()
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def cpu_model() -> str:
+  """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` says."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
   """The hardware and software the figures come from."""
   return {
-    "cpu": platform.processor() or platform.machine(),
+    "cpu": cpu_model(),
     "cores": os.cpu_count(),
     "devices": [d.device_kind for d in jax.devices()],
     "backend": jax.default_backend(),
@@ -67,13 +80,41 @@ def timed(fn: Callable[[], Any], warmup: int = 1, iters: int = 5) -> Timing:
   return Timing(statistics.median(runs), first, runs)
 
 
-def matmul_peak(size: int = 2048, dtype: Any = jnp.float32, iters: int = 5) -> float:
-  """FLOP/s of a large square matmul on the default device: the peak the MFU figures of a CPU
-  run are measured against (2*n^3 FLOPs per matmul)."""
-  a = jnp.ones((size, size), dtype)
-  b = jnp.ones((size, size), dtype)
-  matmul = jax.jit(jnp.matmul)
-  return 2 * size**3 / timed(lambda: matmul(a, b), warmup=2, iters=iters).median_s
+def matmul_peak(size: int = 2048, dtype: str = "float32", iters: int = 5) -> peak.Peak:
+  """The peak the MFU figures of a run are measured against: on a known accelerator the
+  vendor's figure, else the best FLOP/s of a [size, size] matmul among XLA, NumPy's BLAS and
+  torch (where installed in this environment), with the source that set it
+  (`jaxtune.train.peak`). Never one framework's own matmul alone."""
+  if jax.devices()[0].device_kind in peak.VENDOR_PEAKS:
+    return peak.peak(dtype)
+  return peak.measure(dtype, size, iters)
+
+
+def memory_bandwidth(megabytes: int = 256, iters: int = 5) -> dict[str, float]:
+  """The host's memory bandwidth in bytes/s, STREAM's way ("copy": a read and a write of each
+  element, 2 x the array's bytes per pass, on arrays far larger than the caches): NumPy's copy
+  and XLA's (a jitted x * 2, "scale", on the default device), each its best pass, and the best
+  of the two ("best"): the roofline of a step bound by reading memory."""
+  n = megabytes * 2**20 // 4
+  src, dst = np.ones(n, np.float32), np.empty(n, np.float32)
+  x = jnp.ones(n, jnp.float32)
+  scale = jax.jit(lambda x: x * 2)
+  passes = {
+    "numpy_copy": lambda: np.copyto(dst, src),
+    "xla_scale": lambda: scale(x).block_until_ready(),
+  }
+  rates = {}
+  for name, fn in passes.items():
+    fn()
+    best = min(timed_once(fn) for _ in range(iters))
+    rates[name] = 2 * n * 4 / best
+  return {**rates, "best": max(rates.values())}
+
+
+def timed_once(fn: Callable[[], Any]) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

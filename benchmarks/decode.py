@@ -101,8 +101,11 @@ def copy(state: Any) -> Any:
   return jax.tree.map(jnp.copy, state)
 
 
-def measure_batch(models: dict, batch: int, sizes: dict, runs: int) -> list[dict[str, Any]]:
-  """Prefill and decode timings of every variant at one batch size."""
+def measure_batch(
+  models: dict, batch: int, sizes: dict, runs: int, bandwidth: float
+) -> list[dict[str, Any]]:
+  """Prefill and decode timings of every variant at one batch size; `bandwidth`: the host's
+  measured memory bandwidth (bytes/s), which the decode read rates are divided by."""
   prompts = np.random.default_rng(batch).integers(1, 100, (batch, sizes["prompt"])).tolist()
   sampling = generate.Sampling(max_new_tokens=sizes["new"])
   engines, rows = {}, {}
@@ -155,34 +158,50 @@ def measure_batch(models: dict, batch: int, sizes: dict, runs: int) -> list[dict
     row["speedup_vs_mha"] = row["decode_tokens_per_s"] / baseline["decode_tokens_per_s"]
     read_bytes = (row["params_mb"] + row["kv_cache_mb"]) * 1e6
     row["read_gb_per_s"] = read_bytes / (row["ms_per_step"] / 1e3) / 1e9
+    row["roofline_frac"] = row["read_gb_per_s"] * 1e9 / bandwidth
+    row["prefill_tokens_per_s"] = batch * sizes["prompt"] / row["prefill_s"]
     print(
       f"batch {batch:3d} {row['variant']}: {row['decode_tokens_per_s']:9.1f} tokens/s "
       f"({row['ms_per_step']:.1f} ms/step, x{row['speedup_vs_mha']:.2f} MHA), "
-      f"prefill {row['prefill_s']:.2f} s, KV cache {row['kv_cache_mb']:.1f} MB",
+      f"reads {row['read_gb_per_s']:.1f} GB/s ({100 * row['roofline_frac']:.0f}% of the "
+      f"bandwidth), prefill {row['prefill_tokens_per_s']:.0f} tokens/s, "
+      f"KV cache {row['kv_cache_mb']:.1f} MB",
       flush=True,
     )
   return list(rows.values())
 
 
-def plot(rows: list[dict[str, Any]], path: str, title: str, batches=BATCHES) -> None:
+def plot(rows: list[dict[str, Any]], path: str, title: str, bandwidth: float | None = None) -> None:
+  """Decode tokens/s against batch, and (with `bandwidth`) the bytes each step must read per
+  second against the measured memory bandwidth: the roofline a decoding step is bound by."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(6, 4))
+  batches = sorted({r["batch"] for r in rows})
+  panels = 2 if bandwidth else 1
+  fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
   for name in dict.fromkeys(r["variant"] for r in rows):
     mine = [r for r in rows if r["variant"] == name]
-    ax.plot(
-      [r["batch"] for r in mine],
-      [r["decode_tokens_per_s"] for r in mine],
-      marker="o",
-      label=f"{name} (KV heads: {mine[0]['kv_heads']}, weights {mine[0]['params_mb']:.1f} MB)",
+    label = (
+      f"{name} (KV heads: {mine[0].get('kv_heads', '-')}, weights {mine[0]['params_mb']:.1f} MB)"
     )
-  ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s", title=title)
-  ax.set_xticks(batches, [str(b) for b in batches])
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend()
+    x = [r["batch"] for r in mine]
+    axes[0, 0].plot(x, [r["decode_tokens_per_s"] for r in mine], marker="o", label=label)
+    if bandwidth:
+      axes[0, 1].plot(x, [r["read_gb_per_s"] for r in mine], marker="o", label=name)
+  axes[0, 0].set(ylabel="decode tokens/s", title=title)
+  if bandwidth:
+    axes[0, 1].axhline(
+      bandwidth / 1e9, color="k", ls="--", label="measured bandwidth (STREAM copy)"
+    )
+    axes[0, 1].set(ylabel="GB/s read (weights + KV cache per step)", title="Memory roofline")
+  for ax in axes[0]:
+    ax.set(xscale="log", yscale="log", xlabel="batch")
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -203,13 +222,16 @@ def main() -> None:
   cfg = ModelConfig(**model)
   cfg.validate()
   models = variants(cfg)
+  bandwidth = common.memory_bandwidth(64 if args.quick else 256)
+  print(f"memory bandwidth (STREAM copy): {bandwidth['best'] / 1e9:.1f} GB/s", flush=True)
   rows = []
   for batch in BATCHES:
-    rows += measure_batch(models, batch, sizes, args.runs)
+    rows += measure_batch(models, batch, sizes, args.runs, bandwidth["best"])
 
   name = "decode_quick" if args.quick else "decode"
   at_64 = {r["variant"]: r["speedup_vs_mha"] for r in rows if r["batch"] == BATCHES[-1]}
   summary = ", ".join(f"{v} x{at_64[v]:.2f}" for v in ("GQA", "MQA"))
+  latency = ", ".join(f"{r['variant']} {r['ms_per_step']:.1f} ms" for r in rows if r["batch"] == 1)
   columns = [
     "batch",
     "variant",
@@ -218,7 +240,9 @@ def main() -> None:
     "speedup_vs_mha",
     "ms_per_step",
     "read_gb_per_s",
+    "roofline_frac",
     "prefill_s",
+    "prefill_tokens_per_s",
     "kv_cache_mb",
     "kv_formula_mb",
   ]
@@ -230,14 +254,25 @@ def main() -> None:
       f"Model: {shape}; float32; {KV_HEADS['GQA']} KV heads for GQA, pooled from MHA. Prompts of "
       f"{sizes['prompt']} tokens, {sizes['new']} new tokens (greedy); {args.runs} decode runs, "
       "median. One CPU device.",
-      f"Decode tokens/s against MHA at batch {BATCHES[-1]}: {summary}.",
+      f"Decode tokens/s against MHA at batch {BATCHES[-1]}: {summary}. Batch-1 latency per "
+      f"token: {latency}. Memory bandwidth measured in this run (STREAM copy, best of NumPy "
+      f"{bandwidth['numpy_copy'] / 1e9:.1f} and XLA {bandwidth['xla_scale'] / 1e9:.1f}): "
+      f"{bandwidth['best'] / 1e9:.1f} GB/s; read_gb_per_s is what a decoding step must read "
+      "(the weights once and the whole KV cache) over its time, roofline_frac that over the "
+      "bandwidth.",
       common.markdown_table(rows, columns),
       f"![decode tokens/s]({name}.png)",
     ]
   )
-  results = {"model": model, "sizes": sizes, "kv_heads": KV_HEADS, "rows": rows}
+  results = {
+    "model": model,
+    "sizes": sizes,
+    "kv_heads": KV_HEADS,
+    "memory_bandwidth": bandwidth,
+    "rows": rows,
+  }
   path = common.write(name, results, markdown)
-  plot(rows, os.path.join(common.RESULTS, f"{name}.png"), title)
+  plot(rows, os.path.join(common.RESULTS, f"{name}.png"), title, bandwidth["best"])
   print(markdown)
   print(f"written: {path}")
 
@@ -248,9 +283,10 @@ def main_bitnet(args: argparse.Namespace) -> None:
   cfg = ModelConfig(**model)
   cfg.validate()
   models = bitnet_variants(cfg)
+  bandwidth = common.memory_bandwidth(64 if args.quick else 256)
   rows = []
   for batch in BITNET_BATCHES:
-    rows += measure_batch(models, batch, sizes, args.runs)
+    rows += measure_batch(models, batch, sizes, args.runs, bandwidth["best"])
   name = "decode_bitnet_quick" if args.quick else "decode_bitnet"
   for row in rows:
     row["vs_dense"] = row.pop("speedup_vs_mha")
@@ -279,7 +315,7 @@ def main_bitnet(args: argparse.Namespace) -> None:
     ]
   )
   path = common.write(name, {"model": model, "sizes": sizes, "rows": rows}, markdown)
-  plot(rows, os.path.join(common.RESULTS, f"{name}.png"), title, BITNET_BATCHES)
+  plot(rows, os.path.join(common.RESULTS, f"{name}.png"), title)
   print(markdown)
   print(f"written: {path}")
 

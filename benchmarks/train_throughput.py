@@ -13,9 +13,10 @@ token is real: a first step, then the median of `--steps` more.
   for causality), for LoRA too: the figure of full fine-tuning at that rate. Hardware FLOPs are
   those the step executes (`metrics.hardware_flops_per_token`: remat's recomputation added, and
   under LoRA the frozen weights' gradients left out, so LoRA's hfu is below its mfu). The peak is
-  `common.matmul_peak()`, a 2048x2048 float32 matmul on one device: the emulated devices share
-  the machine's cores (XLA's CPU thread pool, which one device's matmul already uses whole), so
-  that is the whole machine's peak, and MFU divides by it once, not by devices x peak.
+  `common.matmul_peak()`: the best 2048x2048 float32 matmul of XLA, NumPy and torch. The
+  emulated devices share the machine's cores (XLA's CPU thread pool, which one device's matmul
+  already uses whole), so that is the whole machine's peak, and MFU divides by it once, not by
+  devices x peak.
 - compile_s: lower + compile; first_step_s: the first run of the compiled step.
 - Memory: XLA's analysis of the compiled step, MB per device (arguments: state, frozen
   parameters and batch; outputs; temporaries), and the process's peak resident memory over the
@@ -224,8 +225,9 @@ def main() -> None:
         f"unknown {name} {', '.join(sorted(given - set(known)))}; known: {', '.join(known)}"
       )
 
-  peak = matmul_peak()
-  print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
+  best = matmul_peak()
+  peak = best.flops
+  print(f"MFU against the {best.describe()}", flush=True)
   rows = []
   for size, layouts in grid.items():
     for layout in layouts:
@@ -233,12 +235,22 @@ def main() -> None:
         rows.append(measure(size, layout, method, length, args.steps, peak))
         print(markdown_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
   markdown = (
-    f"Rows of {ROWS} x {length} real tokens; matmul peak {peak / 1e9:.1f} GFLOP/s (the whole "
+    f"Rows of {ROWS} x {length} real tokens; MFU against the {best.describe()} (the whole "
     "machine); MFU: PaLM's 6N + 12LHQT per token; HFU: FLOPs executed (LoRA: no gradients of "
     "frozen weights); memory: MB per device of the compiled step.\n\n"
     + markdown_table(rows, COLUMNS)
   )
-  path = write("train_throughput", {"peak_flops": peak, "length": length, "rows": rows}, markdown)
+  path = write(
+    "train_throughput",
+    {
+      "peak_flops": peak,
+      "peak_source": best.source,
+      "peak_rates": best.rates,
+      "length": length,
+      "rows": rows,
+    },
+    markdown,
+  )
   if len(grid) > 1:
     plot(rows, os.path.join(RESULTS, "train_throughput.png"))
   print(f"written: {path}")

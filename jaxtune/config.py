@@ -136,7 +136,7 @@ class TrainConfig:
   resume: bool = False  # Continue from the latest checkpoint in output_dir.
   # Pretrained weights: a llama2.c .bin, a Hugging Face folder or a jaxtune run directory.
   init_from: str = ""
-  peak_flops: float = 0.0  # Per device, for MFU; 0: known accelerators only.
+  peak_flops: float = 0.0  # Per device, for MFU; 0: the vendor's, or measured (train/peak.py).
   output_dir: str = "runs/default"
 
   def validate(self) -> None:

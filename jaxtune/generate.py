@@ -164,9 +164,12 @@ def _compiled(model: transformer.Transformer, sampling: Sampling, stop_ids: tupl
       step=state.step + 1,
     )
 
-  def prefill(params, tokens_bt, positions_bt, segments_bt, rows_b, seed, images, cache_len):
-    b = tokens_bt.shape[0]
-    cache = _constrain_cache(transformer.init_cache(model, b, cache_len))
+  def prefill(
+    params, tokens_bt, positions_bt, segments_bt, rows_b, seed, images, cache_len, samples
+  ):
+    """The prompts' forward pass; with `samples` > 1 each prompt's cache, last logits and
+    positions are then repeated for its samples (rows_b: one entry per sample)."""
+    cache = _constrain_cache(transformer.init_cache(model, tokens_bt.shape[0], cache_len))
     logits_btv, mutated = model.apply(
       {"params": params, "cache": cache},
       tokens_bt,
@@ -176,9 +179,19 @@ def _compiled(model: transformer.Transformer, sampling: Sampling, stop_ids: tupl
       mutable=["cache"],
       **({} if images is None else {"images": images}),
     )
+    cache, logits_bv = mutated["cache"], logits_btv[:, -1]
+    if samples > 1:  # Each prompt's samples share its prefill: repeat its rows.
+      cache = {
+        name: jnp.repeat(x, samples, axis=CACHE_AXES[name].index("act_batch")) if x.ndim else x
+        for name, x in cache.items()
+      }
+      logits_bv, tokens_bt, positions_bt, segments_bt = (
+        jnp.repeat(x, samples, axis=0) for x in (logits_bv, tokens_bt, positions_bt, segments_bt)
+      )
+    b = tokens_bt.shape[0]
     seen_bv = None
     if sampling.repetition_penalty != 1.0:
-      seen_bv = jnp.zeros((b, logits_btv.shape[-1]), bool)
+      seen_bv = jnp.zeros((b, logits_bv.shape[-1]), bool)
       seen_bv = seen_bv.at[jnp.arange(b)[:, None], tokens_bt].max(segments_bt != 0)
     state = _State(
       cache=None,
@@ -190,7 +203,7 @@ def _compiled(model: transformer.Transformer, sampling: Sampling, stop_ids: tupl
       rows_b=rows_b,
       seed=seed,
     )
-    return advance(state, logits_btv[:, -1], mutated["cache"])
+    return advance(state, logits_bv, cache)
 
   def decode(params, state: _State, limit):
     """Produces tokens until `limit` tokens are out or every row has stopped."""
@@ -212,7 +225,7 @@ def _compiled(model: transformer.Transformer, sampling: Sampling, stop_ids: tupl
     return state, nn.with_logical_constraint(state.tokens_bo, (None, None))
 
   return (
-    jax.jit(prefill, static_argnames="cache_len"),
+    jax.jit(prefill, static_argnames=("cache_len", "samples")),
     jax.jit(decode, donate_argnames="state"),
   )
 
@@ -292,20 +305,37 @@ def _check_cache_fits(model, plan: _Plan, batch: int, mesh: jax.sharding.Mesh | 
 
 
 class _Run:
-  """One batch of prompts on the way: prefilled, then decoded by `advance`."""
+  """One batch of prompts on the way: prefilled, then decoded by `advance`. With `samples` K,
+  each prompt is prefilled once and decoded K times: sample j of the prompt of index i draws
+  as row i * K + j of a call would (`rows` are the prompts' indices i)."""
 
   def __init__(
-    self, model, params, prompts, rows, sampling, stop_ids, seed, mesh, rules, *, images
+    self,
+    model,
+    params,
+    prompts,
+    rows,
+    sampling,
+    stop_ids,
+    seed,
+    mesh,
+    rules,
+    *,
+    images,
+    samples=1,
   ):
     self.model, self.params, self.mesh, self.rules = model, params, mesh, rules
-    self.count = len(prompts)
+    self.count = len(prompts) * samples
     self.prefill, self.decode = _compiled(model, sampling, tuple(stop_ids))
     self.plan = _plan([len(p) for p in prompts], sampling.max_new_tokens, model.config.max_seq_len)
     data = 1 if mesh is None else mesh.shape[sharding.DATA]
     padded = -(-len(prompts) // data) * data
-    _check_cache_fits(model, self.plan, padded, mesh)
+    _check_cache_fits(model, self.plan, padded * samples, mesh)
     prompts = list(prompts) + [prompts[0]] * (padded - len(prompts))
-    rows = np.asarray(list(rows) + [rows[0]] * (padded - len(rows)), np.int32)
+    rows = [
+      r * samples + j for r in list(rows) + [rows[0]] * (padded - len(rows)) for j in range(samples)
+    ]
+    rows = np.asarray(rows, np.int32)
     tokens_bt, positions_bt, segments_bt = (
       np.zeros((padded, self.plan.slots), np.int32) for _ in range(3)
     )
@@ -327,6 +357,7 @@ class _Run:
         np.uint32(seed),
         images,
         cache_len=self.plan.cache_len,
+        samples=samples,
       )
 
   def advance(self, limit: int) -> np.ndarray:
@@ -376,12 +407,74 @@ def generate(
   that reads them, `model/llava.py`): each prompt's images [M, Y, X, C], whose features the
   prefill puts in the KV cache in place of the prompt's image tokens.
   """
+  return _generate(
+    model, params, prompts, sampling, stop_ids, seed, batch_size, mesh, rules, progress, images, 1
+  )
+
+
+def generate_samples(
+  model: transformer.Transformer,
+  params: Any,
+  prompts: Sequence[Sequence[int]],
+  sampling: Sampling = Sampling(),
+  *,
+  num_samples: int,
+  stop_ids: Sequence[int] = (),
+  seed: int = 0,
+  batch_size: int = 8,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: sharding.Rules = (),
+  progress: bool = False,
+) -> list[list[Completion]]:
+  """`num_samples` completions of each prompt (RLHF rollouts, best-of-K): each prompt is
+  prefilled once and its KV cache repeated for its samples, which then decode together.
+
+  Sample j of prompt i is the completion `generate` gives (same seed) for prompt i * K + j of
+  the prompts each repeated K times: the same RNG keys, so the same tokens. `batch_size`:
+  sequences decoded together (prompts x samples; at least one prompt a batch). What is saved is
+  the prefill (K times fewer prompt tokens computed); each sample's rows of the cache are still
+  its own, so a decoding step reads the prompt K times.
+  """
+  if num_samples < 1:
+    raise ConfigError(f"num_samples={num_samples} must be positive")
+  flat = _generate(
+    model,
+    params,
+    prompts,
+    sampling,
+    stop_ids,
+    seed,
+    max(1, batch_size // num_samples),
+    mesh,
+    rules,
+    progress,
+    None,
+    num_samples,
+  )
+  return [flat[i : i + num_samples] for i in range(0, len(flat), num_samples)]
+
+
+def _generate(
+  model,
+  params,
+  prompts,
+  sampling,
+  stop_ids,
+  seed,
+  batch_size,
+  mesh,
+  rules,
+  progress,
+  images,
+  samples,
+) -> list[Completion]:
+  """`generate` with `samples` completions of each prompt: prompt i's sample j at i * K + j."""
   sampling.validate()
   if batch_size < 1:
     raise ConfigError(f"batch_size={batch_size} must be positive")
   stop_ids = tuple(int(i) for i in stop_ids)
   order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-  out: list[Completion | None] = [None] * len(prompts)
+  out: list[Completion | None] = [None] * (len(prompts) * samples)
   chief = jax.process_index() == 0
   with tqdm(total=len(prompts), unit="prompt", disable=not (progress and chief)) as bar:
     for start in range(0, len(order), batch_size):
@@ -398,10 +491,12 @@ def generate(
         mesh,
         rules,
         images=batch_images,
+        samples=samples,
       )
       tokens_bo = run.advance(run.plan.steps)
-      for i, tokens in zip(rows, tokens_bo, strict=True):
-        out[i] = _completion(tokens, stop_ids)
+      slots = [i * samples + j for i in rows for j in range(samples)]
+      for slot, tokens in zip(slots, tokens_bo, strict=True):
+        out[slot] = _completion(tokens, stop_ids)
       bar.update(len(rows))
   return out  # type: ignore[return-value]
 

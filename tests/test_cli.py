@@ -55,6 +55,9 @@ def test_train_runs_and_lowers_held_out_loss(tmp_path):
   evals = [r["eval_loss"] for r in records if "eval_loss" in r]
   assert evals[-1] < 0.6 * evals[0]
   assert all(r["tokens_per_s"] > 0 and np.isfinite(r["loss"]) for r in records if "loss" in r)
+  # MFU against the best matmul of the CPU's sources (train/peak.py), named in the first record.
+  assert records[0]["peak_source"] in ("xla", "numpy", "torch") and records[0]["peak_flops"] > 0
+  assert all(0 < r["mfu"] < 1 for r in records if "loss" in r)
   assert (run / "checkpoints" / "60").is_dir() and (run / "config.yaml").is_file()
   assert list((run / "tensorboard").glob("events.out.tfevents.*"))
   assert (run / "tokenizer" / "tokenizer.model").is_file()

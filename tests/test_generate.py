@@ -121,6 +121,18 @@ def test_batched_prompts_equal_each_alone(stories):
   assert len({tuple(c.ids) for c in together}) == len(prompts)
 
 
+def test_shared_prefill_samples_equal_independent_samples(stories):
+  """K samples of a prompt from one prefill draw what K copies of the prompt draw (sample j of
+  prompt i: row i * K + j), with every transform on."""
+  model, params, _, prompts = stories
+  k, two = 3, prompts[1:3]
+  shared = generate.generate_samples(model, params, two, SAMPLED, num_samples=k, seed=7)
+  copies = [p for p in two for _ in range(k)]
+  alone = generate.generate(model, params, copies, SAMPLED, seed=7, batch_size=len(copies))
+  assert shared == [alone[:k], alone[k:]]
+  assert len({tuple(c.ids) for c in shared[0]}) == k  # The samples differ.
+
+
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(stories):
   model, params, _, prompts = stories
   first = generate.generate(model, params, prompts, SAMPLED, seed=3)

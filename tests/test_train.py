@@ -622,7 +622,12 @@ def test_train_logs_its_progress(background):
   """The INFO lines a user watches: data statistics, the model, the held-out loss."""
   _, code, output = background.wait("A")
   assert code == 0, output[-3000:]
-  for line in ("jaxtune.train.feed: data: ", "jaxtune.train.loop: model: ", "held-out loss "):
+  for line in (
+    "jaxtune.train.feed: data: ",
+    "jaxtune.train.loop: model: ",
+    "held-out loss ",
+    "MFU against the peak ",
+  ):
     assert line in output, f"no {line!r} in the output of `jaxtune train`:\n{output[-2000:]}"
 
 

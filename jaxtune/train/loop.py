@@ -25,6 +25,7 @@ from jaxtune.model import transformer
 from jaxtune.peft import methods, partition
 from jaxtune.train import held_out as held_out_eval
 from jaxtune.train import llava_run, metrics, objective, optim, precomputed, reference, reward
+from jaxtune.train import peak as peak_lib
 from jaxtune.train.feed import Feed, held_out_batches, make_feed, with_saved_tokenizer
 from jaxtune.train.step import TrainState, make_eval_step, make_train_step
 
@@ -353,6 +354,9 @@ def _train(
   report = _reporter(cfg, t, steps, first)
   summary = {"eval_loss_start": held_out_loss(state.params), "steps": steps, "start_step": first}
   start = {"eval_loss": summary["eval_loss_start"], **answers(first, state.params)}
+  if report.peak:
+    log.info("MFU against the %s", report.peak.describe())
+    start.update(peak_flops=report.peak.flops, peak_source=report.peak.source)
   report.writer.write(first, start)
   # XLA's CPU client can deadlock when programs with collectives overlap on emulated devices,
   # so there each step finishes before the next is dispatched. Accelerators overlap them.
@@ -395,7 +399,7 @@ def _reporter(cfg: Config, t: Trainer, steps: int, first: int) -> Reporter:
     writer=metrics.Writer(cfg.train.output_dir, enabled=chief),
     bar=tqdm(total=steps, initial=first, unit="step", disable=not chief, mininterval=1.0),
     flops_per_token=metrics.flops_per_token(cfg.model, t.n_params, cfg.data.max_length),
-    peak=metrics.peak_flops(cfg.train.peak_flops),
+    peak=peak_lib.peak(cfg.model.dtype, cfg.train.peak_flops) if chief else None,
   )
 
 
@@ -442,7 +446,7 @@ class Reporter:
   writer: metrics.Writer
   bar: Any  # tqdm
   flops_per_token: float
-  peak: float | None
+  peak: peak_lib.Peak | None  # Of all the devices together.
   t0: float = dataclasses.field(default_factory=time.perf_counter)
   tokens: int = 0
   skipped: int = 0  # Steps not applied (non-finite), with train.nonfinite=skip.
@@ -473,9 +477,7 @@ class Reporter:
     # The objective's own metrics (a DPO step's rewards, margin, accuracy and KL; SFT's nll).
     record.update({k: v for k, v in values.items() if k not in _STEP_INTERNALS})
     if self.peak:
-      record["mfu"] = (
-        record["tokens_per_s"] * self.flops_per_token / (self.peak * jax.device_count())
-      )
+      record["mfu"] = record["tokens_per_s"] * self.flops_per_token / self.peak.flops
     self.writer.write(step, record)
     bar.set_postfix(
       loss=f"{record['loss']:.3f}",

@@ -5,7 +5,7 @@ for a forward and backward pass, where N is the number of matmul parameters (eve
 input embedding lookup; a tied table counts once, as the output layer), L layers, H query heads,
 Q head dim and T the row length (attention over the whole row, not halved for causality). Only
 real (non-padding) tokens are counted, so packing shows up as throughput, and MFU is that rate
-over the devices' peak.
+over the devices' peak (`train/peak.py`: the best rate the hardware shows).
 """
 
 from __future__ import annotations
@@ -14,23 +14,8 @@ import json
 import os
 from typing import Any
 
-import jax
-
 from jaxtune.config_model import ModelConfig
 from jaxtune.model import attention
-
-# Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
-PEAK_FLOPS = {
-  "TPU v4": 275e12,
-  "TPU v5 lite": 197e12,
-  "TPU v5e": 197e12,
-  "TPU v5p": 459e12,
-  "TPU v6 lite": 918e12,
-  "NVIDIA H100 80GB HBM3": 989e12,
-  "NVIDIA H200": 989e12,
-  "NVIDIA A100-SXM4-80GB": 312e12,
-  "NVIDIA A100-SXM4-40GB": 312e12,
-}
 
 
 def matmul_params(cfg: ModelConfig, total_params: int) -> int:
@@ -77,13 +62,6 @@ def hardware_flops_per_token(
     "full": 2 * layers + 4 * attention_products,
   }[cfg.remat]
   return 4 * matmul + 2 * (matmul - frozen) + 14 * attention_products + recomputed
-
-
-def peak_flops(configured: float) -> float | None:
-  """Per-device peak: the configured one, else the table's for this device kind, else None."""
-  if configured:
-    return configured
-  return PEAK_FLOPS.get(jax.devices()[0].device_kind)
 
 
 class Writer:

@@ -1,0 +1,41 @@
+"""The MFU peak: the best of every matmul at hand, and the vendor's figure for known devices."""
+
+import dataclasses
+
+import jax
+
+from jaxtune.train import peak
+
+
+def test_measured_peak_is_the_fastest_source_and_names_it():
+  measured = peak.measure("float32", size=128, iters=1)
+  assert {"xla", "numpy", "torch"} <= set(measured.rates)  # torch: a test dependency.
+  assert measured.flops == max(measured.rates.values()) > 0
+  assert measured.rates[measured.source] == measured.flops
+  assert f"set by {measured.source}" in measured.describe()
+  # NumPy has no bfloat16 matmul; XLA and torch do.
+  assert set(peak.measure("bfloat16", size=128, iters=1).rates) == {"xla", "torch"}
+
+
+@dataclasses.dataclass
+class _Device:
+  device_kind: str
+  platform: str = "gpu"
+
+
+def test_vendor_and_configured_peaks(monkeypatch):
+  monkeypatch.setattr(jax, "devices", lambda: [_Device("NVIDIA H100 80GB HBM3")] * 8)
+  h100 = peak.peak("bfloat16")
+  assert (h100.flops, h100.source) == (8 * 989e12, "vendor:NVIDIA H100 80GB HBM3")
+  assert peak.peak("float32").flops == 8 * 494.5e12  # TF32, XLA's default precision there.
+  assert peak.peak("bfloat16", configured=1e12) == peak.Peak(8e12, "configured", "bfloat16", {})
+  monkeypatch.setattr(jax, "devices", lambda: [_Device("TPU v5 lite", "tpu")] * 4)
+  assert peak.peak("float32").flops == 4 * 197e12  # float32 matmuls run as bfloat16 passes.
+
+
+def test_cpu_peak_counts_the_host_once(monkeypatch):
+  # The emulated CPU devices share the host's cores: the peak is the host's, not devices x it.
+  host = peak.Peak(1e11, "numpy", "float32", {"xla": 9e10, "numpy": 1e11})
+  monkeypatch.setattr(peak, "measure", lambda dtype, **_: host)
+  assert jax.device_count() == 8
+  assert peak.peak("float32") is host
