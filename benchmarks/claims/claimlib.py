@@ -94,11 +94,14 @@ def write(out: pathlib.Path, name: str, result: dict[str, Any], quick: bool) -> 
 QUICK = (
   "model.dim=32",
   "model.num_layers=1",
-  "model.num_heads=2",
+  "model.num_heads=4",
+  "model.num_kv_heads=4",
   "model.mlp_dim=64",
-  "data.max_length=64",
+  "model.vocab_size=416",
+  "data.tokenizer_vocab_size=400",
+  "data.max_length=128",
   "train.batch_size=8",
-  "data.synthetic_examples=20",
+  "data.synthetic_examples=40",
   "train.held_out_prompts=0",
   "train.warmup_steps=1",
 )

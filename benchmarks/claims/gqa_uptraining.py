@@ -52,7 +52,7 @@ QUICK = dict(
   decode=dict(prompt=8, new=4),
   runs=1,
   mqa=False,
-  data=["data.synthetic_examples=64"],  # Less of the mixture to build in every run.
+  data=list(claimlib.QUICK),
 )
 COMMON = ["train.held_out_prompts=0", "train.checkpoint_every=100000", "train.log_every=5"]
 PAPER = (
@@ -98,9 +98,9 @@ def convert(source: jaxtune.api.Model, how: str, kv_heads: int, folder: pathlib.
 
 
 def decode_speed(models: dict[str, tuple[Any, Any]], sizes: dict) -> list[dict[str, Any]]:
-  rows = []
+  rows, bandwidth = [], decode.common.memory_bandwidth(64)["best"]
   for batch in sizes["batches"]:
-    rows += decode.measure_batch(models, batch, sizes["decode"], sizes["runs"])
+    rows += decode.measure_batch(models, batch, sizes["decode"], sizes["runs"], bandwidth)
   return rows
 
 
@@ -121,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   sizes = QUICK if args.quick else FULL
   if not args.quick:
     claimlib.share_compiles()
-  default = config.load([])  # The default config, by name: its model and mixture as they are now.
+  # The default config, by name: its model and mixture as they are now (in quick mode, shrunk).
+  default = config.load([], sizes["data"])
   heads = default.model.num_heads
   targets = {"GQA": max(heads // 4, 1), **({"MQA": 1} if sizes["mqa"] else {})}
   steps = sizes["source_steps"]

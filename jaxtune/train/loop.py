@@ -20,7 +20,7 @@ from jaxtune import checkpoint, runs, sharding
 from jaxtune.config import Config
 from jaxtune.convert import hf, llama2c
 from jaxtune.data import pipeline
-from jaxtune.errors import ConfigError, TrainingError
+from jaxtune.errors import ConfigError, DataError, TrainingError
 from jaxtune.model import transformer
 from jaxtune.peft import methods, partition
 from jaxtune.train import held_out as held_out_eval
@@ -348,6 +348,13 @@ def _train(
     for b in held_out:  # One at a time: see `serialize` below.
       sums, n = t.eval_step(trainable, t.frozen, b)
       total, count = total + float(sums[t.objective.eval_metric]), count + float(n)
+    if not count:
+      raise DataError(
+        "held-out data",
+        f"nothing to score in its {len(held_out)} batches: every held-out example was dropped "
+        f"or cut before its response at data.max_length={cfg.data.max_length}; raise it, or give "
+        "more held-out data",
+      )
     return total / count
 
   steps, first = feed.steps, int(state.step)
