@@ -2,6 +2,7 @@
 class), the questions' answers from the labels, and the LLaVA files jaxtune reads back."""
 
 import gzip
+import json
 import struct
 
 import numpy as np
@@ -82,3 +83,6 @@ def test_a_vit_pretrained_here_is_an_encoder_transformers_loads(data_dir, tmp_pa
     out = model(torch.from_numpy(pixels).permute(0, 3, 1, 2), output_hidden_states=True)
   for h_ours, h_hf in zip(ours, out.hidden_states, strict=True):
     np.testing.assert_allclose(np.asarray(h_ours), h_hf.numpy(), atol=1e-4)
+  # Its grayscale preparation as a preprocessor_config.json reads back the same.
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps(pre.to_hf()))
+  assert Preprocess.from_hf(tmp_path / "preprocessor_config.json") == pre

@@ -164,6 +164,12 @@ def test_a_siglip_llava_converts_to_transformers(tmp_path):
   assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "out"), "--to", "hf"]) == 0
   again = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
   np.testing.assert_allclose(hf_logits(ids, pixels, again), expected, atol=1e-4, rtol=0)
+  # The images' preparation travels too: transformers' processor and jaxtune's agree on it.
+  assert jaxtune.load(tmp_path / "out").preprocess == model.preprocess
+  photo = Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 30, 3), np.uint8))
+  processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "out")
+  theirs = processor(photo, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+  np.testing.assert_allclose(model.preprocess(photo), theirs, atol=2e-2)
 
   config.vision_feature_select_strategy = "default"  # Would drop the first patch.
   (tmp_path / "hf" / "config.json").write_text(config.to_json_string())

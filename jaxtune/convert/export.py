@@ -111,6 +111,9 @@ def _write_hf(model: api.Model, folder: pathlib.Path, dtype: str) -> None:
     if dtype != "float32":
       raise ConfigError(f"a LLaVA model exports in float32, not --dtype {dtype}")
     hf_vision.save_llava(model.llava, model.params, folder)
+    if model.preprocess is not None:  # How its images are prepared travels with it.
+      preprocess = json.dumps(model.preprocess.to_hf(), indent=2)
+      (folder / "preprocessor_config.json").write_text(preprocess + "\n")
   else:
     hf.save_hf(model.config, model.params, folder, dtype)
   if model.tokenizer is not None:

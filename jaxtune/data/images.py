@@ -54,13 +54,40 @@ class Preprocess:
       resize, side = "square", size["height"]
     else:
       raise DataError(str(path), f"size {size!r}: expected shortest_edge or height and width")
+    mean = tuple(hf.get("image_mean", CLIP_MEAN))
     return cls(
       size=int(side),
       resize=resize,
-      mean=tuple(hf.get("image_mean", CLIP_MEAN)),
+      mean=mean,
       std=tuple(hf.get("image_std", CLIP_STD)),
+      channels=1 if len(mean) == 1 else 3,  # A grayscale encoder's one mean and deviation.
       pad_to_square=pad_to_square,
     )
+
+  def to_hf(self) -> dict[str, Any]:
+    """This preprocessing as a `preprocessor_config.json` (what `from_hf` reads back):
+    CLIPImageProcessor's fields for a shortest-edge resize and crop, SiglipImageProcessor's for
+    a square resize (bicubic, rescaled by 1/255, normalized)."""
+    side = {"height": self.size, "width": self.size}
+    common = {
+      "do_resize": True,
+      "resample": 3,  # Bicubic, as `__call__` resizes.
+      "do_rescale": True,
+      "rescale_factor": 1 / 255,
+      "do_normalize": True,
+      "image_mean": list(self.mean[: self.channels]),
+      "image_std": list(self.std[: self.channels]),
+      "do_convert_rgb": self.channels == 3,
+    }
+    if self.resize == "square":
+      return {"image_processor_type": "SiglipImageProcessor", **common, "size": side}
+    return {
+      "image_processor_type": "CLIPImageProcessor",
+      **common,
+      "size": {"shortest_edge": self.size},
+      "do_center_crop": True,
+      "crop_size": side,
+    }
 
   def __call__(self, image: Any) -> np.ndarray:
     """A Pillow image as the encoder's input [size, size, C], float32."""

@@ -135,14 +135,17 @@ def main(argv: list[str] | None = None) -> None:
   vision = cfg.vision.vision_config(cfg.model)
   settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
   t0 = time.time()
+  preprocess = llava_data.preprocess(cfg)
   params, accuracy = pretrain(
     vision,
-    llava_data.preprocess(cfg),
+    preprocess,
     fashion_mnist.load(args.source, "train"),
     fashion_mnist.load(args.source, "test"),
     settings,
   )
   hf_vision.save_vision(vision, params, args.out)
+  hf_preprocess = json.dumps(preprocess.to_hf(), indent=2) + "\n"
+  (pathlib.Path(args.out) / "preprocessor_config.json").write_text(hf_preprocess)
   results = {"test_accuracy": accuracy, "seconds": time.time() - t0, **dataclasses.asdict(settings)}
   (pathlib.Path(args.out) / RESULTS).write_text(json.dumps(results, indent=1) + "\n")
   log.info("test accuracy %.3f on Fashion-MNIST's t10k; encoder written to %s", accuracy, args.out)
