@@ -89,7 +89,9 @@ def initialize(cfg: DistributedConfig) -> Process:
       heartbeat_timeout_seconds=cfg.heartbeat_timeout_s,
       shutdown_timeout_seconds=cfg.shutdown_timeout_s,
     )
-  except RuntimeError:  # JAX already started in this Python process (a notebook, a script).
+  except RuntimeError as e:  # JAX already started in this Python process (a notebook, a script).
+    if type(e) is not RuntimeError:  # XLA's errors (a coordinator not reached) are subclasses.
+      raise
     if given or cfg.mode == "required":
       raise ConfigError(
         "cannot join a multi-process run: JAX already started in this Python process; run "

@@ -9,7 +9,7 @@ JAXTUNE = [sys.executable, "-m", "jaxtune.cli"]
 # A GQA model and data small enough that a run of a few steps takes seconds.
 TINY_RUN = [
   "data.synthetic_examples=40",
-  "data.max_length=64",
+  "data.max_length=128",
   "data.tokenizer_vocab_size=400",
   "model.vocab_size=416",
   "model.dim=32",

@@ -19,7 +19,9 @@ def _load(path: pathlib.Path):
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
-def test_quick_mode_writes_its_row(script, tmp_path, monkeypatch):
+def test_quick_mode_writes_its_row(script, tmp_path, monkeypatch, data_dir):
+  monkeypatch.setenv("JAXTUNE_DATA_DIR", str(data_dir))  # Several claims fine-tune stories260K.
+  monkeypatch.syspath_prepend(str(CLAIMS_DIR.parent))  # benchmarks/: common.py, decode.py.
   monkeypatch.syspath_prepend(str(CLAIMS_DIR))
   _load(script).main(["--quick", "--out", str(tmp_path)])
   row = json.loads((tmp_path / f"claim_{script.stem}.json").read_text())

@@ -542,7 +542,7 @@ class _Background:
     self.dirs = {"A": root / "uninterrupted", "S": root / "short_model"}
     self.runs = {
       "A": _Run(self.dirs["A"]),
-      "S": _Run(self.dirs["S"], "train.steps=2", "model.max_seq_len=64"),
+      "S": _Run(self.dirs["S"], "train.steps=2", "model.max_seq_len=96", "data.max_length=96"),
     }
 
   def wait(self, name: str) -> tuple[pathlib.Path, int, str]:
@@ -632,7 +632,7 @@ def test_train_logs_its_progress(background):
 
 
 def test_run_finishes_when_held_out_prompts_fill_the_model(background):
-  """model.max_seq_len = data.max_length = 64: some held-out prompts are longer than the model's
+  """model.max_seq_len = data.max_length = 96: some held-out prompts are longer than the model's
   positions; the greedy answers printed at the end must not crash a finished run."""
   output_dir, code, output = background.wait("S")
   assert 2 in _steps(output_dir / "checkpoints")  # Training itself finished.

@@ -35,6 +35,7 @@ from jaxtune.train import loop  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 ROW = ("claim", "paper", "setting", "ours", "holds")
 VERDICTS = ("yes", "no", "partly")
+SHARED = "../shared/data/"  # How the recipes name the shared data.
 COMPILED = pathlib.Path.home() / ".cache" / "jaxtune-claims"  # share_compiles's default.
 
 
@@ -50,10 +51,28 @@ def arguments(doc: str, argv: Sequence[str] | None, seeds: int = 3) -> argparse.
   return args
 
 
+def load(files: Sequence[str], overrides: Sequence[str]) -> config.Config:
+  """The config of recipe `files` (relative to the project root) and `overrides`, its files in
+  the shared data (`../shared/data/...` in the recipes) read from `data_dir()`."""
+  files = [str(ROOT / f) for f in files]
+  recipe = config.load(files, [])
+  moved = [
+    f"{key}={data_dir() / value.removeprefix(SHARED)}"
+    for key, value in (
+      ("data.path", recipe.data.path),
+      ("data.tokenizer", recipe.data.tokenizer),
+      ("data.eval_path", recipe.data.eval_path),
+      ("train.init_from", recipe.train.init_from),
+    )
+    if value.startswith(SHARED)
+  ]
+  return config.load(files, [*moved, *overrides])
+
+
 def train(files: Sequence[str], overrides: Sequence[str], out: pathlib.Path) -> dict[str, Any]:
   """One `jaxtune train` run (config files relative to the project root, then `overrides`), in
   process; returns its summary with the loss curves from its `metrics.jsonl`."""
-  cfg = config.load([str(ROOT / f) for f in files], [*overrides, f"train.output_dir={out}"])
+  cfg = load(files, [*overrides, f"train.output_dir={out}"])
   t0 = time.perf_counter()
   summary = loop.run(cfg)
   records = [json.loads(line) for line in open(pathlib.Path(out) / "metrics.jsonl")]
@@ -177,7 +196,7 @@ def param_counts(files: Sequence[str], overrides: Sequence[str]) -> dict[str, in
   from jaxtune import sharding
 
   def counts(extra: Sequence[str]) -> tuple[int, int]:
-    cfg = config.load([str(ROOT / f) for f in files], [*overrides, *extra])
+    cfg = load(files, [*overrides, *extra])
     t = loop.build(cfg, sharding.make_mesh(cfg.mesh), 1, shapes_only=True)
     return t.n_params, t.n_trainable
 

@@ -148,7 +148,7 @@ def stories_runs(work: pathlib.Path, sizes: dict, seeds: int) -> dict[str, Any]:
         **m,
       }
       print(f"alpha {alpha:g} seed {seed}: {runs[f'{alpha:g}/{seed}']}", flush=True)
-  cfg = config.load([str(claimlib.ROOT / f) for f in RECIPE], base_overrides)
+  cfg = claimlib.load(RECIPE, base_overrides)
   # Where the two noises differ: the embedded mixture's short examples, several to a row.
   return {"runs": runs, "noise": noise_ratio(cfg), "noise_mixture": noise_ratio(config.load([]))}
 

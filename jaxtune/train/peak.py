@@ -115,11 +115,11 @@ def measure(
   return Peak(rates[best], best, dtype, rates)
 
 
-def peak(dtype: str = "float32", configured: float = 0.0) -> Peak:
+def peak(dtype: str = "float32", configured: float = 0.0) -> Peak | None:
   """The peak of all of this process's devices together: `configured` (per device) when set,
   else the vendor's figure for a known accelerator times the devices, else measured. CPU
   devices (emulated ones too) share the host's cores, so a CPU's measured peak is the host's,
-  counted once."""
+  counted once. None: a multi-process CPU run, which reports no MFU."""
   devices = jax.devices()
   if configured:
     return Peak(configured * len(devices), "configured", dtype, {})
@@ -129,6 +129,11 @@ def peak(dtype: str = "float32", configured: float = 0.0) -> Peak:
     flops = vendor.get(dtype, vendor["bfloat16"])
     return Peak(flops * len(devices), f"vendor:{kind}", dtype, {})
   if devices[0].platform == "cpu":
+    if jax.process_count() > 1:
+      # Measuring on one process of a multi-process CPU run (an emulated pod) stalls the
+      # others' first collective past gloo's deadline; such a run's throughput says nothing of
+      # a pod's, so it reports no MFU.
+      return None
     return measure(dtype)
   # An accelerator not in the table: its own matmul is the only rate at hand.
   measured = measure(dtype, sources=("xla",))
