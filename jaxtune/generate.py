@@ -9,10 +9,8 @@ next token then goes into the same cache slot. The batch is padded to a multiple
 data axis (with copies of its first prompt) and sharded over it like training batches, with the
 cache sharded over batch and KV heads.
 
-Each token: repetition penalty (CTRL, Keskar et al. 2019, as Hugging Face applies it: on every
-token of the prompt and of the output so far, positive logits are divided by the penalty,
-negative ones multiplied), then greedy (temperature 0), or temperature, top-k and top-p (nucleus,
-Holtzman et al. 2020) sampling. Row b draws with `fold_in(fold_in(key(seed), i_b), step)`, where
+Each token is chosen by `sampling.pick` (penalty, greedy or temperature / top-k / top-p). Row b
+draws with `fold_in(fold_in(key(seed), i_b), step)`, where
 i_b is its prompt's index in the call, so a sample does not depend on the batch it was drawn in.
 
 Stop ids (EOS, a template's end-of-turn token) end a row inside the loop, and the loop ends when
@@ -41,85 +39,16 @@ from jaxtune.data import templates
 from jaxtune.errors import ConfigError, GenerationError
 from jaxtune.model import transformer
 from jaxtune.model.attention import CACHE_AXES
+from jaxtune.sampling import Sampling, pick
 
+_DEFAULT = Sampling()  # Greedy, 256 new tokens.
 _SLOT_BUCKET = 32  # Prompt slots are rounded up to a multiple of this, to reuse compilations.
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-  """How each new token is chosen. `temperature` 0 is greedy; `top_k` 0 and `top_p` 1 are off;
-  `repetition_penalty` 1 is off (the NEFTune paper evaluates greedy with 1.2)."""
-
-  max_new_tokens: int = 256
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
-  repetition_penalty: float = 1.0
-
-  def validate(self) -> None:
-    checks = (
-      (self.max_new_tokens > 0, "max_new_tokens must be positive"),
-      (
-        all(map(math.isfinite, (self.temperature, self.top_p, self.repetition_penalty))),
-        "temperature, top_p and repetition_penalty must be finite",
-      ),
-      (self.temperature >= 0, "temperature must not be negative"),
-      (self.top_k >= 0, "top_k must not be negative"),
-      (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-      (self.repetition_penalty > 0, "repetition_penalty must be positive"),
-    )
-    for ok, message in checks:
-      if not ok:
-        raise ConfigError(f"sampling: {message}, got {self}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
   ids: list[int]  # The new tokens, without the stop id.
   finish: str  # "stop" (a stop id) or "length" (max_new_tokens or the model's positions).
-
-
-# The pure sampling transforms, on logits [B, V].
-
-
-def penalize_repetition(logits_bv: jax.Array, seen_bv: jax.Array, penalty: float) -> jax.Array:
-  """CTRL's penalty on the tokens `seen`: positive logits / penalty, negative ones * penalty."""
-  penalized_bv = jnp.where(logits_bv > 0, logits_bv / penalty, logits_bv * penalty)
-  return jnp.where(seen_bv, penalized_bv, logits_bv)
-
-
-def top_k_filter(logits_bv: jax.Array, k: int) -> jax.Array:
-  """Keeps the k largest logits of each row (and any tied with the k-th); the rest -inf."""
-  kth_b1 = jax.lax.top_k(logits_bv, k)[0][:, -1:]
-  return jnp.where(logits_bv < kth_b1, -jnp.inf, logits_bv)
-
-
-def top_p_filter(logits_bv: jax.Array, p: float) -> jax.Array:
-  """Keeps the smallest set of most likely tokens whose probability reaches p: a token stays if
-  the tokens more likely than it hold less than p (so the most likely one always stays)."""
-  sorted_bv = -jnp.sort(-logits_bv, axis=-1)
-  probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
-  before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
-  kept_b1 = jnp.sum(before_bv < p, axis=-1, keepdims=True)
-  threshold_b1 = jnp.take_along_axis(sorted_bv, kept_b1 - 1, axis=-1)
-  return jnp.where(logits_bv < threshold_b1, -jnp.inf, logits_bv)
-
-
-def pick(
-  logits_bv: jax.Array, seen_bv: jax.Array | None, sampling: Sampling, keys_b: jax.Array
-) -> jax.Array:
-  """The next token of each row: penalty, then argmax or temperature / top-k / top-p sampling."""
-  logits_bv = logits_bv.astype(jnp.float32)
-  if sampling.repetition_penalty != 1.0:
-    logits_bv = penalize_repetition(logits_bv, seen_bv, sampling.repetition_penalty)
-  if sampling.temperature == 0.0:
-    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-  logits_bv = logits_bv / sampling.temperature
-  if sampling.top_k:
-    logits_bv = top_k_filter(logits_bv, min(sampling.top_k, logits_bv.shape[-1]))
-  if sampling.top_p < 1.0:
-    logits_bv = top_p_filter(logits_bv, sampling.top_p)
-  return jax.vmap(jax.random.categorical)(keys_b, logits_bv).astype(jnp.int32)
 
 
 # The engine.
@@ -390,7 +319,7 @@ def generate(
   model: transformer.Transformer,
   params: Any,
   prompts: Sequence[Sequence[int]],
-  sampling: Sampling = Sampling(),
+  sampling: Sampling = _DEFAULT,
   *,
   stop_ids: Sequence[int] = (),
   seed: int = 0,
@@ -416,7 +345,7 @@ def generate_samples(
   model: transformer.Transformer,
   params: Any,
   prompts: Sequence[Sequence[int]],
-  sampling: Sampling = Sampling(),
+  sampling: Sampling = _DEFAULT,
   *,
   num_samples: int,
   stop_ids: Sequence[int] = (),
@@ -505,7 +434,7 @@ def stream(
   model: transformer.Transformer,
   params: Any,
   prompt: Sequence[int],
-  sampling: Sampling = Sampling(),
+  sampling: Sampling = _DEFAULT,
   *,
   stop_ids: Sequence[int] = (),
   seed: int = 0,

@@ -12,6 +12,7 @@ import transformers
 from test_llama2c import FIRST_IDS, PUBLISHED
 
 from jaxtune import generate, sharding
+from jaxtune import sampling as sampling_lib
 from jaxtune.config import MeshConfig
 from jaxtune.config_model import ModelConfig
 from jaxtune.convert import llama2c
@@ -205,7 +206,7 @@ def _hf(processor, logits_bv=LOGITS_BV):
 def test_repetition_penalty_equals_hugging_face():
   seen_bv = np.zeros_like(LOGITS_BV, bool)
   np.put_along_axis(seen_bv, SEEN_BT, True, axis=1)
-  got = generate.penalize_repetition(jnp.asarray(LOGITS_BV), jnp.asarray(seen_bv), 1.3)
+  got = sampling_lib.penalize_repetition(jnp.asarray(LOGITS_BV), jnp.asarray(seen_bv), 1.3)
   want = _hf(transformers.RepetitionPenaltyLogitsProcessor(1.3))
   np.testing.assert_allclose(got, want, rtol=1e-6)
   assert not np.allclose(got, LOGITS_BV)
@@ -213,14 +214,14 @@ def test_repetition_penalty_equals_hugging_face():
 
 @pytest.mark.parametrize("k", [1, 5, 49])
 def test_top_k_equals_hugging_face(k):
-  got = generate.top_k_filter(jnp.asarray(LOGITS_BV), k)
+  got = sampling_lib.top_k_filter(jnp.asarray(LOGITS_BV), k)
   np.testing.assert_array_equal(got, _hf(transformers.TopKLogitsWarper(k)))
   assert (np.isfinite(got).sum(-1) == k).all()
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
 def test_top_p_equals_hugging_face(p):
-  got = generate.top_p_filter(jnp.asarray(LOGITS_BV), p)
+  got = sampling_lib.top_p_filter(jnp.asarray(LOGITS_BV), p)
   np.testing.assert_array_equal(got, _hf(transformers.TopPLogitsWarper(p)))
 
 
@@ -230,13 +231,13 @@ def test_pick_draws_from_the_filtered_distribution():
   sampling = generate.Sampling(temperature=1.5, top_k=6)
   n = 20_000
   keys = jax.random.split(jax.random.key(0), n)
-  draws = generate.pick(jnp.broadcast_to(logits_v, (n, 50)), None, sampling, keys)
+  draws = sampling_lib.pick(jnp.broadcast_to(logits_v, (n, 50)), None, sampling, keys)
   hf = _hf(transformers.TopKLogitsWarper(6), LOGITS_BV / 1.5)[0]
   want = np.exp(hf - hf.max()) / np.exp(hf - hf.max()).sum()
   got = np.bincount(np.asarray(draws), minlength=50) / n
   np.testing.assert_allclose(got, want, atol=0.012)
   assert set(np.flatnonzero(got)) == set(np.flatnonzero(want))
-  greedy = generate.pick(jnp.asarray(LOGITS_BV), None, generate.Sampling(), keys[:4])
+  greedy = sampling_lib.pick(jnp.asarray(LOGITS_BV), None, generate.Sampling(), keys[:4])
   np.testing.assert_array_equal(greedy, LOGITS_BV.argmax(-1))
 
 
