@@ -172,6 +172,29 @@ def lima_split(
   return train_path, eval_path
 
 
+def lima_finetune(work: pathlib.Path, sizes: dict[str, Any], lr: float, quick: bool) -> list[str]:
+  """Overrides of a stories260K fine-tune on a LIMA split written under `work` (`sizes`:
+  held_out, train_records, length, steps), NEFTune off, learning rate `lr` decaying to a tenth:
+  the setting the LoRA and prefix-tuning claims compare methods in."""
+  train_path, eval_path = lima_split(work, sizes["held_out"], sizes["train_records"])
+  return [
+    f"data.path={train_path}",
+    f"data.eval_path={eval_path}",
+    "data.eval_size=0",
+    f"data.max_length={sizes['length']}",
+    "train.batch_size=8",
+    f"train.steps={sizes['steps']}",
+    f"train.eval_every={max(sizes['steps'] // 6, 1)}",
+    "train.neftune_alpha=0",
+    "train.held_out_prompts=0",
+    "train.checkpoint_every=100000",
+    "train.log_every=5",
+    f"train.learning_rate={lr}",
+    f"train.end_learning_rate={lr / 10}",
+    *(["train.warmup_steps=1"] if quick else []),
+  ]
+
+
 def pyplot():
   """matplotlib's pyplot on the Agg backend (no display)."""
   import matplotlib

@@ -52,24 +52,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     claimlib.share_compiles()
   with tempfile.TemporaryDirectory(prefix="claim_lora_") as tmp:
     work = pathlib.Path(tmp)
-    train_path, eval_path = claimlib.lima_split(work, sizes["held_out"], sizes["train_records"])
-    common = [
-      f"data.path={train_path}",
-      f"data.eval_path={eval_path}",
-      "data.eval_size=0",
-      f"data.max_length={sizes['length']}",
-      "train.batch_size=8",
-      f"train.steps={sizes['steps']}",
-      f"train.eval_every={max(sizes['steps'] // 6, 1)}",
-      "train.neftune_alpha=0",
-      "train.held_out_prompts=0",
-      "train.checkpoint_every=100000",
-      "train.log_every=5",
-      f"train.learning_rate={FULL_LR}",
-      f"train.end_learning_rate={FULL_LR / 10}",
-    ]
-    if args.quick:
-      common.append("train.warmup_steps=1")
+    common = claimlib.lima_finetune(work, sizes, FULL_LR, args.quick)
     arms = {"full": [], **{f"r{r}": lora(r) for r in sizes["ranks"]}}
     runs = {}
     for name, extra in arms.items():
