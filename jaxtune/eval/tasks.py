@@ -233,59 +233,32 @@ def find(name: str) -> Task:
 
 
 _FLAN = "flan/cot_data"
-_COT_COLUMNS = ("question", "answer", "rationale")
-# Flan's CoT sources, used as evaluation sets: the first 64 records are the exemplars.
+
+
+def _flan(name: str, template: str, metrics: tuple[str, ...] = ("acc",), **choices) -> Task:
+  """One of Flan's CoT sources as an evaluation set: the first 64 records are the exemplars."""
+  return Task(
+    name=name,
+    data=f"{_FLAN}/{name}_train.tsv",
+    columns=("question", "answer", "rationale"),
+    unescape=True,
+    template=template,
+    target="{answer}",
+    metrics=metrics,
+    fewshot_pool=64,
+    shots=8,
+    **choices,
+  )
+
+
+_MULTIPLE_CHOICE = ("acc", "acc_norm", "acc_mutual_info")
 BUILTIN: dict[str, Task] = {
   t.name: t
   for t in (
-    Task(
-      name="ecqa",
-      data=f"{_FLAN}/ecqa_train.tsv",
-      columns=_COT_COLUMNS,
-      unescape=True,
-      choices_from="flan_options",
-      template="Question: {stem}\nAnswer:",
-      target="{answer}",
-      metrics=("acc", "acc_norm", "acc_mutual_info"),
-      fewshot_pool=64,
-      shots=8,
-    ),
-    Task(
-      name="qasc",
-      data=f"{_FLAN}/qasc_train.tsv",
-      columns=_COT_COLUMNS,
-      unescape=True,
-      choices_from="flan_options",
-      template="Question: {stem}\nAnswer:",
-      target="{answer}",
-      metrics=("acc", "acc_norm", "acc_mutual_info"),
-      fewshot_pool=64,
-      shots=8,
-    ),
-    Task(
-      name="strategyqa",
-      data=f"{_FLAN}/strategyqa_train.tsv",
-      columns=_COT_COLUMNS,
-      unescape=True,
-      choices=("yes", "no"),
-      template="Question: {question}\nAnswer (yes or no):",
-      target="{answer}",
-      metrics=("acc",),
-      fewshot_pool=64,
-      shots=8,
-    ),
-    Task(
-      name="creak",
-      data=f"{_FLAN}/creak_train.tsv",
-      columns=_COT_COLUMNS,
-      unescape=True,
-      choices_from="flan_yes_no",
-      template="{stem}\nAnswer:",
-      target="{answer}",
-      metrics=("acc",),
-      fewshot_pool=64,
-      shots=8,
-    ),
+    _flan("ecqa", "Question: {stem}\nAnswer:", _MULTIPLE_CHOICE, choices_from="flan_options"),
+    _flan("qasc", "Question: {stem}\nAnswer:", _MULTIPLE_CHOICE, choices_from="flan_options"),
+    _flan("strategyqa", "Question: {question}\nAnswer (yes or no):", choices=("yes", "no")),
+    _flan("creak", "{stem}\nAnswer:", choices_from="flan_yes_no"),
     Task(
       name="gsm8k_answer",
       data="gsm8k/train.jsonl",
