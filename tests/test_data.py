@@ -9,6 +9,7 @@ import pytest
 from jaxtune import config
 from jaxtune.data import formats, mixtures, packing, pipeline, preference, templates, tfds
 from jaxtune.data import tokenizer as tokenizer_lib
+from jaxtune.data.batches import Batches
 from jaxtune.data.sources import read_records
 from jaxtune.errors import DataError
 from jaxtune.sharding import BatchRows
@@ -198,8 +199,8 @@ def small_data():
 def test_packed_segments_never_mix_and_masks_match_unpacked(small_data):
   cfg, data = small_data
   # One pass (each row stays empty once it has used its examples).
-  packed = pipeline.Batches(data.train, 8, 96, pack=True, seed=0, shuffle=False, repeat=False)
-  unpacked = pipeline.Batches(data.train, 8, 96, pack=False, seed=0, shuffle=False, repeat=False)
+  packed = Batches(data.train, 8, 96, pack=True, seed=0, shuffle=False, repeat=False)
+  unpacked = Batches(data.train, 8, 96, pack=False, seed=0, shuffle=False, repeat=False)
   seen_packed, seen_unpacked = [], []
   while packed.epoch == 0:
     b = next(packed)
@@ -226,24 +227,24 @@ def test_packed_segments_never_mix_and_masks_match_unpacked(small_data):
 
 def test_resumed_iterator_yields_the_same_batches(small_data):
   _, data = small_data
-  first = pipeline.Batches(data.train, 4, 96, pack=True, seed=7)
+  first = Batches(data.train, 4, 96, pack=True, seed=7)
   for _ in range(40):  # Crosses an epoch boundary.
     next(first)
   state = dict(first.state())
   expected = [next(first) for _ in range(10)]
-  resumed = pipeline.Batches(data.train, 4, 96, pack=True, seed=7)
+  resumed = Batches(data.train, 4, 96, pack=True, seed=7)
   resumed.restore(state)
   for a, b in zip(expected, [next(resumed) for _ in range(10)], strict=True):
     for k in vars(a):
       np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
 
 
-def _process(data, mine: tuple[int, ...]) -> pipeline.Batches:
+def _process(data, mine: tuple[int, ...]) -> Batches:
   """The iterator of a process that holds rows `mine` of 8 and has read only their examples."""
   rows = BatchRows(8, mine)
   kept = [i for i in range(len(data.train)) if rows.keeps(i)]
   examples = [data.train[i] for i in kept]
-  return pipeline.Batches(examples, 8, 96, pack=True, seed=5, positions=kept, rows=rows)
+  return Batches(examples, 8, 96, pack=True, seed=5, positions=kept, rows=rows)
 
 
 # How meshes split the 8 rows of a batch over processes: 2 processes (a 2x4 or 8x1 mesh over
@@ -257,7 +258,7 @@ SPLITS = [
 
 def test_the_rows_of_every_split_stack_into_the_single_process_batch(small_data):
   _, data = small_data
-  single = pipeline.Batches(data.train, 8, 96, pack=True, seed=5)
+  single = Batches(data.train, 8, 96, pack=True, seed=5)
   splits = [[_process(data, mine) for mine in split] for split in SPLITS]
   while single.epoch < 2:  # Every row crosses an epoch boundary.
     want = next(single)
@@ -268,7 +269,7 @@ def test_the_rows_of_every_split_stack_into_the_single_process_batch(small_data)
       assert all(p.state() == single.state() for p in parts)
   assert want.segment_ids.max() > 1  # Not vacuous: rows hold several examples.
   # The processes agree on the epoch: the most batches any of them needs is the whole batch's.
-  plan = pipeline.Batches(data.train, 8, 96, pack=True, seed=5).batches_per_epoch()
+  plan = Batches(data.train, 8, 96, pack=True, seed=5).batches_per_epoch()
   for split in SPLITS:
     plans = [_process(data, mine).batches_per_epoch() for mine in split]
     assert max(p.batches for p in plans) == plan.batches
@@ -276,7 +277,7 @@ def test_the_rows_of_every_split_stack_into_the_single_process_batch(small_data)
     assert sum(p.slots for p in plans) == plan.slots
   # Complete, each row from its own examples: in its epoch 0, row r trains on each example at the
   # positions p with p % 8 = r once.
-  one_pass, seen = pipeline.Batches(data.train, 8, 96, pack=True, seed=5, repeat=False), {}
+  one_pass, seen = Batches(data.train, 8, 96, pack=True, seed=5, repeat=False), {}
   while one_pass.epoch == 0:
     b = next(one_pass)
     for r in range(8):
@@ -288,7 +289,7 @@ def test_the_rows_of_every_split_stack_into_the_single_process_batch(small_data)
 
 def test_a_restore_on_another_split_of_the_rows_goes_on_in_the_same_order(small_data, caplog):
   _, data = small_data
-  single = pipeline.Batches(data.train, 8, 96, pack=True, seed=5)
+  single = Batches(data.train, 8, 96, pack=True, seed=5)
   for _ in range(5):
     next(single)
   state = single.state()
@@ -301,7 +302,7 @@ def test_a_restore_on_another_split_of_the_rows_goes_on_in_the_same_order(small_
       got = np.concatenate([next(p).inputs for p in parts])
       np.testing.assert_array_equal(got, want.inputs)
   assert not caplog.records
-  resumed = pipeline.Batches(data.train, 8, 96, pack=True, seed=5)
+  resumed = Batches(data.train, 8, 96, pack=True, seed=5)
   resumed.restore({"batches": 5, "blocks": 4})  # An older jaxtune's state: batches of row blocks.
   assert "the checkpoint's batches came from an older data order" in caplog.text
   np.testing.assert_array_equal(next(resumed).inputs, expected[0].inputs)
@@ -310,10 +311,8 @@ def test_a_restore_on_another_split_of_the_rows_goes_on_in_the_same_order(small_
 def test_a_row_without_examples_is_an_error_naming_it():
   ex = packing.Example(np.arange(5, dtype=np.int32), np.ones(5, bool))
   with pytest.raises(DataError, match=r"row 3 of the batch: has no training example: 3 examples"):
-    pipeline.Batches([ex] * 3, 8, 16, pack=True, seed=0)
-  one_pass = pipeline.Batches(
-    [ex] * 3, 8, 16, pack=True, seed=0, repeat=False
-  )  # Held-out data may.
+    Batches([ex] * 3, 8, 16, pack=True, seed=0)
+  one_pass = Batches([ex] * 3, 8, 16, pack=True, seed=0, repeat=False)  # Held-out data may.
   assert (next(one_pass).segment_ids.max(1) == [1, 1, 1, 0, 0, 0, 0, 0]).all()
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from jaxtune import config
 from jaxtune.data import pipeline, preference, tfds
+from jaxtune.data.batches import Batches
 from jaxtune.data.packing import Group, Stats
 from jaxtune.data.sources import Record
 from jaxtune.errors import ConfigError, DataError
@@ -148,7 +149,7 @@ def test_responses_have_sft_loss_masks_and_pack_whole_into_rows(prefs):
   sft = pipeline.examples([pref.best], cfg.data, data.tokenizer, Stats())[0]
   np.testing.assert_array_equal(data.train[3].responses[0].ids, sft.ids)
   np.testing.assert_array_equal(data.train[3].responses[0].supervised, sft.supervised)
-  batches = pipeline.Batches(data.train, 4, 64, pack=True, seed=0, repeat=False)  # One pass.
+  batches = Batches(data.train, 4, 64, pack=True, seed=0, repeat=False)  # One pass.
   seen = 0
   for _ in range(batches.batches_per_epoch().batches):
     b = next(batches)
@@ -225,7 +226,7 @@ def test_rows_hold_at_most_the_static_number_of_segments(prefs):
   shortest = min(r.pairs for g in (*data.train, *data.eval) for r in g.responses)
   assert derived == 64 // shortest
   for cap, bound in ((0, derived), (3, 3)):
-    batches = pipeline.Batches(data.train, 4, 64, pack=True, seed=0, repeat=False, max_segments=cap)
+    batches = Batches(data.train, 4, 64, pack=True, seed=0, repeat=False, max_segments=cap)
     most, placed = 0, 0
     for _ in range(batches.batches_per_epoch().batches):
       b = next(batches)
@@ -235,4 +236,4 @@ def test_rows_hold_at_most_the_static_number_of_segments(prefs):
   limited = dataclasses.replace(cfg.data, max_segments=3)
   assert pipeline.max_segments(data, limited) == 3
   with pytest.raises(ConfigError, match="data.max_segments=1 is below the 3 responses"):
-    pipeline.Batches(data.train, 4, 64, pack=True, seed=0, max_segments=1)
+    Batches(data.train, 4, 64, pack=True, seed=0, max_segments=1)

@@ -31,6 +31,7 @@ import numpy as np
 import jaxtune
 from jaxtune import config
 from jaxtune.data import pipeline
+from jaxtune.data.batches import Batches
 from jaxtune.eval import base, perplexity, responses
 from jaxtune.model import neftune
 
@@ -73,7 +74,7 @@ def noise_ratio(cfg: config.Config) -> dict[str, float]:
   sqrt(T / L_segment) (how much larger jaxtune's noise is than the row-length version's) and of
   the segments per row."""
   feed_cfg = cfg.data
-  batches = pipeline.Batches(
+  batches = Batches(
     pipeline.load(feed_cfg, 0).train,
     32,
     feed_cfg.max_length,

@@ -1,7 +1,7 @@
 """A LLaVA run's data (`vision.encoder` set): LLaVA JSON read by `multimodal`, tokenized with
 `<image>` expanded to the encoder's tokens, and batches that carry each row's images.
 
-The batches are `pipeline.Batches` (rows' streams, packing, resumable state) whose rows also
+The batches are `batches.Batches` (rows' streams, packing, resumable state) whose rows also
 hold `images` [B, M, Y, X, C]: row b's images in the order of its image tokens, zeros after.
 M = data.max_length // image tokens per image, the most a row can hold (image tokens are all
 inputs: a conversation ends with its answer).
@@ -17,6 +17,7 @@ import numpy as np
 from jaxtune.config import Config
 from jaxtune.data import multimodal, packing, pipeline, templates
 from jaxtune.data import tokenizer as tokenizer_lib
+from jaxtune.data.batches import Batches
 from jaxtune.data.images import Preprocess
 from jaxtune.errors import ConfigError, DataError
 from jaxtune.sharding import BatchRows
@@ -27,8 +28,8 @@ class ImageBatch(packing.Batch):
   images: np.ndarray  # [B, M, Y, X, C]
 
 
-class ImageBatches(pipeline.Batches):
-  """`pipeline.Batches` of `multimodal.ImageExample`s, with their images read."""
+class ImageBatches(Batches):
+  """`Batches` of `multimodal.ImageExample`s, with their images read."""
 
   def __init__(self, *args, preprocess: Preprocess, slots: int, **kwargs):
     super().__init__(*args, **kwargs)

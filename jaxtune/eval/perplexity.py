@@ -17,6 +17,7 @@ from tqdm import tqdm
 from jaxtune import sharding
 from jaxtune.config import DataConfig
 from jaxtune.data import pipeline
+from jaxtune.data.batches import Batches
 from jaxtune.errors import DataError
 from jaxtune.eval import base
 from jaxtune.train.sft import SFT
@@ -32,9 +33,7 @@ def run(model: Any, options: base.Options) -> base.Result:
     raise DataError(options.data, "no example with a supervised token")
   data = 1 if model.mesh is None else model.mesh.shape[sharding.DATA]
   rows = -(-options.batch_size // data) * data
-  batches = pipeline.Batches(
-    examples, rows, cfg.max_length, pack=True, seed=0, shuffle=False, repeat=False
-  )
+  batches = Batches(examples, rows, cfg.max_length, pack=True, seed=0, shuffle=False, repeat=False)
   sft = SFT(model.module)
   eval_step = jax.jit(make_eval_step(sft))
   total = count = 0.0

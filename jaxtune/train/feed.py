@@ -13,6 +13,7 @@ import jax
 from jaxtune import distributed, runs, sharding
 from jaxtune.config import Config
 from jaxtune.data import pipeline
+from jaxtune.data.batches import Batches
 from jaxtune.errors import ConfigError
 from jaxtune.train import llava_run
 
@@ -41,7 +42,7 @@ def check_fits(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh) -> None:
   sharding.check_batch(cfg.train.batch_size // cfg.train.micro_batches, mesh)
 
 
-def held_out_batches(data: pipeline.Data, cfg: Config, rows) -> pipeline.Batches:
+def held_out_batches(data: pipeline.Data, cfg: Config, rows) -> Batches:
   """One pass over the held-out examples of this process's rows; without held-out data, over
   the first batch of training examples (source positions below the batch size)."""
   examples, positions = data.eval, data.eval_positions
@@ -54,10 +55,10 @@ def held_out_batches(data: pipeline.Data, cfg: Config, rows) -> pipeline.Batches
   return in_order(data, examples, positions, cfg, rows)
 
 
-def in_order(data: pipeline.Data, examples, positions, cfg: Config, rows) -> pipeline.Batches:
+def in_order(data: pipeline.Data, examples, positions, cfg: Config, rows) -> Batches:
   """One pass over `examples` of this process's rows, in their order, planned as training plans
   its batches (the data's own batch type: with images for a LLaVA run)."""
-  return (data.batches or pipeline.Batches)(
+  return (data.batches or Batches)(
     examples,
     cfg.train.batch_size,
     cfg.data.max_length,
@@ -76,8 +77,8 @@ class Feed:
   """This process's data, its training and held-out batches, and the run's length in steps."""
 
   data: pipeline.Data
-  batches: pipeline.Batches
-  held_out: pipeline.Batches
+  batches: Batches
+  held_out: Batches
   held_out_batches: int  # Held-out batches per pass, agreed by every process.
   steps: int
   segments: int  # The most segments a row can have, agreed (`pipeline.max_segments`).

@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 from jaxtune import distributed, runs
 from jaxtune.config import Config
 from jaxtune.data import pipeline
+from jaxtune.data.batches import Batches
 from jaxtune.data.packing import Example, Group
 from jaxtune.errors import ConfigError
 from jaxtune.model import transformer
@@ -71,7 +72,7 @@ def log_probs_step(model: transformer.Transformer, params: Any) -> Callable[[dic
 
 
 def compute(
-  batches: pipeline.Batches, count: int, put: Callable, step: Callable, rows: Sequence[int]
+  batches: Batches, count: int, put: Callable, step: Callable, rows: Sequence[int]
 ) -> dict[int, np.ndarray]:
   """id(response) -> its [pairs] reference log-probabilities, over `count` batches of one pass
   (`rows`: this process's rows of the global batch)."""
