@@ -11,7 +11,7 @@ import pytest
 
 from jaxtune import cli
 from jaxtune.errors import ConfigError, DataError
-from jaxtune.eval import incontext, tasks
+from jaxtune.eval import incontext, mmlu, tasks
 
 CHOICES = {"ecqa": 5, "qasc": 8, "strategyqa": 2, "creak": 2}
 
@@ -58,6 +58,23 @@ def test_prompts_equal_hand_written_ones(data_dir):
   assert len({tuple(d.where for d in x) for x in draws}) > 1  # and per question.
   with pytest.raises(ConfigError, match="65 shots, but only 64 exemplars"):
     incontext.exemplars(task, pool, 65, 0)
+
+
+def test_mmlu_subject_task_prompts_as_the_mmlu_benchmark(data_dir):
+  """`--tasks mmlu:SUBJECT` and `--task mmlu` (`eval/mmlu.py`) ask the same question the same way:
+  Hendrycks et al.'s subject line, the first k dev exemplars answered, the question."""
+  task = tasks.find("mmlu:high_school_us_history")
+  questions, pool = incontext.split_docs(task, str(data_dir))
+  folder = data_dir / "mmlu" / "data"
+  dev = mmlu.read_questions(str(folder / "dev" / "high_school_us_history_dev.csv"))
+  val = mmlu.read_questions(str(folder / "val" / "high_school_us_history_val.csv"))
+  assert len(questions) == len(val) and [d.target for d in questions] == [q.answer for q in val]
+  for k in (0, 5):
+    for i in (0, len(val) - 1):
+      want = mmlu.header("high_school_us_history") + "".join(
+        [*(mmlu.format_question(q, True) for q in dev[:k]), mmlu.format_question(val[i], False)]
+      )
+      assert incontext.context(task, incontext.exemplars(task, pool, k, i), questions[i]) == want
 
 
 def test_a_yaml_task_is_the_same_task(tmp_path):

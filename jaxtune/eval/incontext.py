@@ -93,7 +93,9 @@ def exemplars(task: tasks.Task, pool: Sequence[tasks.Doc], k: int, index: int) -
 
 def context(task: tasks.Task, shown: Sequence[tasks.Doc], doc: tasks.Doc) -> str:
   parts = [task.template.format(**e.fields) + task.target_delimiter + e.target for e in shown]
-  return task.fewshot_delimiter.join([*parts, task.template.format(**doc.fields)])
+  return task.description + task.fewshot_delimiter.join(
+    [*parts, task.template.format(**doc.fields)]
+  )
 
 
 def _choice_cell(model, task, contexts, questions, batch_size):

@@ -26,7 +26,12 @@ from jaxtune.eval import base, scoring
 
 CHOICES = ("A", "B", "C", "D")
 DEFAULT_SHOTS = 5
-_HEAD = "The following are multiple choice questions (with answers) about {}.\n\n"
+
+
+def header(subject: str) -> str:
+  """Hendrycks et al.'s first line, before the exemplars."""
+  about = subject.replace("_", " ")
+  return f"The following are multiple choice questions (with answers) about {about}.\n\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +101,7 @@ def run(model: Any, options: base.Options) -> base.Result:
     dev = read_questions(dev_path)
     if len(dev) < shots:
       raise DataError(dev_path, f"{len(dev)} exemplars, fewer than the {shots} shots asked for")
-    head = _HEAD.format(subject.replace("_", " "))
+    head = header(subject)
     exemplars = [format_question(q, True) for q in dev[:shots]]
     path = os.path.join(options.data, options.split, f"{subject}_{options.split}.csv")
     for q in base.limited(read_questions(path), options.limit):

@@ -8,9 +8,9 @@ A task says:
 - few-shot exemplars: `fewshot_data` (another file), else the first `fewshot_pool` records of
   `data`, which are then not evaluated; `sampling` "first" (the first k) or "seeded" (k drawn per
   question with `seed` and the question's index, never the question itself);
-- the prompt: `template` (a `str.format` string over the record's fields), the
-  `target_delimiter` between prompt and answer (" "), the `fewshot_delimiter` between
-  exemplars ("\\n\\n");
+- the prompt: `description` (text before the exemplars, as the harness's: MMLU's subject line),
+  `template` (a `str.format` string over the record's fields), the `target_delimiter` between
+  prompt and answer (" "), the `fewshot_delimiter` between exemplars ("\\n\\n");
 - the answer: `target` (a format string); for multiple choice, `choices` (format strings, or
   literals such as "yes") or `choices_from` (a parser of `PARSERS`: the choices listed in a field,
   as Flan's "Options:\\n- a\\n- b" questions list them), the gold being the choice equal to the
@@ -36,6 +36,7 @@ import yaml
 
 from jaxtune.errors import ConfigError, DataError
 from jaxtune.eval import choice
+from jaxtune.eval import mmlu as mmlu_benchmark
 
 GENERATION_METRICS = ("exact_match",)
 ROLLING_METRICS = ("bits_per_byte",)
@@ -87,6 +88,7 @@ class Task:
   unescape: bool = False
   choices: tuple[str, ...] = ()
   choices_from: str = ""
+  description: str = ""
   target_delimiter: str = " "
   fewshot_delimiter: str = "\n\n"
   fewshot_data: str = ""
@@ -201,9 +203,10 @@ def docs(task: Task, path: str) -> list[Doc]:
 
 def mmlu(subject: str) -> Task:
   """MMLU (Hendrycks et al. 2021) as data: a subject's val questions, its dev exemplars, the
-  letter scored after "Answer:"."""
+  letter scored after "Answer:", the prompt that of `jaxtune eval --task mmlu` (`eval/mmlu.py`)."""
   return Task(
     name=f"mmlu:{subject}",
+    description=mmlu_benchmark.header(subject),
     data=f"mmlu/data/val/{subject}_val.csv",
     fewshot_data=f"mmlu/data/dev/{subject}_dev.csv",
     columns=("question", "A", "B", "C", "D", "answer"),
