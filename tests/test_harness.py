@@ -38,6 +38,7 @@ validation_split: validation
 fewshot_split: dev
 fewshot_config: {{sampler: first_n}}
 output_type: multiple_choice
+description: "The following are multiple choice questions (with answers) about {subject}.\\n\\n"
 doc_to_text: "{{{{question}}}}\\nA. {{{{choices[0]}}}}\\nB. {{{{choices[1]}}}}\\n\
 C. {{{{choices[2]}}}}\\nD. {{{{choices[3]}}}}\\nAnswer:"
 doc_to_choice: ["A", "B", "C", "D"]
