@@ -187,7 +187,8 @@ def save(
   arrays = {}
   for part, items in (("train", data.train), ("held_out", data.eval)):
     mine = [values[id(r)] for r in _responses(items)]
-    empty = Values(np.zeros(0, np.float32), TopK(*np.zeros((2, 0, k), np.float32), np.zeros(0)))
+    none = TopK(np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), np.zeros(0, np.float32))
+    empty = Values(np.zeros(0, np.float32), none)
     for suffix, read in _ARRAYS.items():
       arrays[part + suffix] = np.concatenate([read(v) for v in mine] or [read(empty)])
   tmp = path + ".tmp.npz"
