@@ -95,6 +95,7 @@ def test_resume_reads_it_and_a_stale_or_missing_one_is_refused(pairs, run, caplo
     summary = loop.run(_config(pairs, run, *resume, "train.steps=3"))
   assert summary["start_step"] == 2 and np.isfinite(summary["eval_loss_end"])
   assert os.stat(cache).st_mtime_ns == stamp  # Read, not computed again.
+  assert {(s, k) for s, k, v in _losses(run) if v > 0} >= {(3, "loss"), (3, "kl")}  # Top-k too.
   assert any("reference log-probabilities from" in r.getMessage() for r in caplog.records)
   with pytest.raises(ConfigError, match=f"{cache}: .*stale .*template: raw then, chatml now"):
     loop.run(_config(pairs, run, *resume, "train.steps=4", "data.template=chatml"))
