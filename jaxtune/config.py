@@ -121,6 +121,9 @@ class TrainConfig:
   # DPO's reference (`train/reference.py`): auto (the base under an adapter method, else a
   # frozen copy), base, copy, or precomputed (log-probabilities computed once, in the run folder).
   reference: Literal["auto", "base", "copy", "precomputed"] = "auto"
+  # A precomputed reference also keeps its k most likely next tokens at each supervised token,
+  # for the `kl` metric (k * 8 + 4 bytes per supervised token; `train/precomputed.py`).
+  reference_top_k: int = 16
   # NEFTune: 0 is off; the paper uses 5, 10, 15 on 4096-wide models. Its noise, alpha/sqrt(L*d),
   # is sqrt(4096/128) = 5.7 times stronger against a 128-wide model's embeddings: on the default
   # run (400 steps) alpha 5 gave 17.5% held-out exact match, alpha 0 28.7%.
@@ -165,6 +168,7 @@ class TrainConfig:
     _check(
       self.preference_beta > 0, f"train.preference_beta={self.preference_beta} must be positive"
     )
+    _check(self.reference_top_k >= 1, f"train.reference_top_k={self.reference_top_k} must be >= 1")
     _check(
       0 <= self.label_smoothing < 0.5,
       f"train.label_smoothing={self.label_smoothing} must be in [0, 0.5)",

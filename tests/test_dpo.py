@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.special import logsumexp
 
 from jaxtune import config, sharding
 from jaxtune.config_model import ModelConfig
@@ -22,7 +23,7 @@ from jaxtune.errors import ConfigError
 from jaxtune.model import transformer
 from jaxtune.model.adapters import Adapters
 from jaxtune.peft import partition
-from jaxtune.train import dpo, loop, precomputed, reference
+from jaxtune.train import dpo, loop, precomputed, preference, reference
 
 VOCAB = 64
 MODEL = ModelConfig(
@@ -187,7 +188,7 @@ def test_full_fine_tuning_without_a_reference_copy_is_an_error(policy_and_refere
     _objective("dpo", model).loss(params, _batch(_groups(3), 3, True), None)
 
 
-def _run(mesh_shape, peft, batch, goal="dpo", micro_batches=1, ref="auto"):
+def _run(mesh_shape, peft, batch, goal="dpo", micro_batches=1, ref="auto", top_k=VOCAB):
   cfg = config.load(
     None,
     [
@@ -197,6 +198,7 @@ def _run(mesh_shape, peft, batch, goal="dpo", micro_batches=1, ref="auto"):
     + [
       f"train.objective={goal}",
       f"train.reference={ref}",
+      f"train.reference_top_k={top_k}",
       "train.batch_size=8",
       f"train.micro_batches={micro_batches}",
       "train.learning_rate=1e-2",
@@ -219,7 +221,7 @@ def _run(mesh_shape, peft, batch, goal="dpo", micro_batches=1, ref="auto"):
     }
     if ref == "precomputed":  # The initial policy's, as the loop computes them.
       initial = partition.combine(t.state.params, t.frozen)
-      put["reference"] = precomputed.log_probs_step(*reference.initial(t.model, initial))(put)
+      put.update(precomputed.log_probs_step(*reference.initial(t.model, initial), top_k)(put))
     for _ in range(2):
       state, metrics = t.train_step(state, t.frozen, put)
       out.append(jax.device_get(metrics))
@@ -249,15 +251,39 @@ def test_sharded_steps_equal_one_device(shape, micro_batches, one_device):
   assert one_device[-1]["loss"] < one_device[0]["loss"]
 
 
+PRECOMPUTED_KEYS = ("loss", "grad_norm", "rewards_chosen", "rewards_rejected", "accuracy", "margin")
+
+
 def test_precomputed_reference_steps_equal_the_live_copy(one_device):
-  """train.reference=precomputed: two steps with each token's reference log-probability in the
-  batch give the frozen copy's losses, gradients and metrics (but for the KL, which needs the
-  reference's distributions), with no reference model in the step."""
-  out = _run((1, 1), "none", SHARDED_BATCH, ref="precomputed")
+  """train.reference=precomputed: two steps with each token's reference log-probability and its
+  top-k next tokens in the batch give the frozen copy's losses, gradients and metrics, with no
+  reference model in the step; with k = the vocabulary the top-k KL is the copy's token KL."""
+  out = _run((1, 1), "none", SHARDED_BATCH, ref="precomputed", top_k=VOCAB)
   for a, b in zip(one_device, out, strict=True):
-    for key in ("loss", "grad_norm", "rewards_chosen", "rewards_rejected", "accuracy", "margin"):
+    for key in (*PRECOMPUTED_KEYS, "kl"):
       np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
-  assert "kl" not in out[0]
+  assert one_device[1]["kl"] > 1e-3  # The second step's policy has moved.
+
+
+@pytest.mark.parametrize("k", [4, VOCAB])
+def test_top_k_kl_is_numpys_coarsened_kl_and_a_lower_bound(k):
+  """`token_kl_top_k` against NumPy's KL of the two distributions coarsened to the reference's
+  top k ids and the rest: below the token KL for k = 4 of 64, equal to it for k = 64."""
+  rng = np.random.default_rng(0)
+  logits_btv, ref_btv = (rng.normal(0, 2, (2, 5, VOCAB)).astype(np.float32) for _ in "pq")
+  top_k_kl = jax.jit(lambda p, q: preference.token_kl_top_k(p, *preference.top_k(q, k)))
+  kl_bt = np.asarray(top_k_kl(logits_btv, ref_btv))
+  p_btv, q_btv = (np.exp(x - logsumexp(x, -1, keepdims=True)) for x in (logits_btv, ref_btv))
+  top_btk = np.argsort(-q_btv, axis=-1)[..., :k]
+  p_btk, q_btk = (np.take_along_axis(x, top_btk, -1) for x in (p_btv, q_btv))
+  p_rest, q_rest = 1 - p_btk.sum(-1), 1 - q_btk.sum(-1)
+  want_bt = np.sum(p_btk * np.log(p_btk / q_btk), -1)
+  if k < VOCAB:
+    want_bt += p_rest * np.log(p_rest / q_rest)
+  np.testing.assert_allclose(kl_bt, want_bt, rtol=1e-5, atol=1e-6)
+  full_bt = np.asarray(preference.token_kl(logits_btv, ref_btv))
+  assert np.all(kl_bt <= full_bt + 1e-6) and (k < VOCAB or np.allclose(kl_bt, full_bt, rtol=1e-5))
+  assert k == VOCAB or np.all(kl_bt < full_bt - 1e-4)
 
 
 def test_reference_choices(policy_and_reference):

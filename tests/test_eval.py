@@ -15,6 +15,7 @@ import jaxtune
 from jaxtune import generate, sharding
 from jaxtune.config import MeshConfig
 from jaxtune.convert import export, hf
+from jaxtune.data import answers
 from jaxtune.errors import DataError
 from jaxtune.eval import base, bbh, gsm8k, metrics, mmlu, runner
 
@@ -167,7 +168,7 @@ def test_gsm8k_prompt_and_scoring(stories, data_dir):
   result = runner.evaluate(stories, "gsm8k", options)
   assert [e["answer"] for e in result.examples] == ["72", "10"]
   for e in result.examples:
-    assert e["predicted"] == gsm8k.extract_answer(e["output"])
+    assert e["predicted"] == answers.final_number(e["output"])
     assert e["correct"] == (e["predicted"] == e["answer"])
     assert "\n\n" not in e["output"] and "Question:" not in e["output"]  # Cut at the stops.
   assert result.metrics["exact_match"] == np.mean([e["correct"] for e in result.examples])
@@ -184,7 +185,7 @@ def test_gsm8k_prompt_and_scoring(stories, data_dir):
   ],
 )
 def test_gsm8k_answer_extraction(text, answer):
-  assert gsm8k.extract_answer(text) == answer
+  assert answers.final_number(text) == answer
 
 
 def test_bbh_prompts_and_scoring(stories, data_dir):

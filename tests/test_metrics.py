@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from jaxtune.data import answers
 from jaxtune.eval import metrics
 
 # "a b a b a": 2-grams ab ba ab ba (2 unique of 4), 3-grams aba bab aba (2 of 3), 4-grams abab baba
@@ -84,4 +85,4 @@ def test_reference_scores():
   [("$1,234.50", "1234.5"), ("72.", "72"), (" 5.0 ", "5"), ("-3", "-3"), ("abc.", "abc")],
 )
 def test_normalize_number(text, want):
-  assert metrics.normalize_number(text) == want
+  assert answers.normalize_number(text) == want

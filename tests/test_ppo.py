@@ -218,6 +218,7 @@ def test_a_resumed_run_draws_the_same_rollouts(tmp_path):
     "ppo.ptx_coef=1.0",
     "ppo.adaptive_kl=true",
     "ppo.kl_horizon=16",
+    "train.peak_flops=1e11",  # No MFU peak measured (16 s of a loaded 2-core host's matmuls).
     f"train.output_dir={out}",
   ]
   first = ppo_run.run(config.load(None, overrides))

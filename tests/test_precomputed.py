@@ -60,7 +60,9 @@ def _config(data, output_dir, *overrides: str) -> config.Config:
 def _losses(run) -> list[tuple[int, str, float]]:
   with open(run / runs.METRICS) as f:
     records = [json.loads(line) for line in f]
-  return [(r["step"], k, r[k]) for r in records for k in ("loss", "eval_loss", "margin") if k in r]
+  return [
+    (r["step"], k, r[k]) for r in records for k in ("loss", "eval_loss", "margin", "kl") if k in r
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +82,8 @@ def test_the_values_find_their_tokens_in_every_batch(run):
   assert losses[1, "loss"] == pytest.approx(np.log(2), abs=1e-6)
   assert losses[1, "margin"] == pytest.approx(0.0, abs=1e-6)
   assert losses[2, "loss"] < np.log(2) - 1e-3  # It trains.
+  # The top-16 KL: 0 at the reference, positive once the policy has moved.
+  assert losses[1, "kl"] == pytest.approx(0.0, abs=1e-5) and losses[2, "kl"] > 1e-4
   assert (run / runs.REFERENCE_LOG_PROBS).is_file()
 
 
@@ -91,11 +95,15 @@ def test_resume_reads_it_and_a_stale_or_missing_one_is_refused(pairs, run, caplo
     summary = loop.run(_config(pairs, run, *resume, "train.steps=3"))
   assert summary["start_step"] == 2 and np.isfinite(summary["eval_loss_end"])
   assert os.stat(cache).st_mtime_ns == stamp  # Read, not computed again.
+  assert {(s, k) for s, k, v in _losses(run) if v > 0} >= {(3, "loss"), (3, "kl")}  # Top-k too.
   assert any("reference log-probabilities from" in r.getMessage() for r in caplog.records)
   with pytest.raises(ConfigError, match=f"{cache}: .*stale .*template: raw then, chatml now"):
     loop.run(_config(pairs, run, *resume, "train.steps=4", "data.template=chatml"))
   with pytest.raises(ConfigError, match=f"{cache}: .*stale .*reference weights: "):
     loop.run(_config(pairs, run, *resume, "train.steps=4", "train.seed=1"))
+  with pytest.raises(ConfigError, match=f"{cache}: .*stale \\(top k: 16 then, 4 now\\)"):
+    loop.run(_config(pairs, run, *resume, "train.steps=4", "train.reference_top_k=4"))
+  assert os.stat(cache).st_mtime_ns == stamp  # Refused, not replaced.
   os.rename(cache, str(cache) + ".moved")
   with pytest.raises(ConfigError, match=f"{cache}: missing"):
     loop.run(_config(pairs, run, *resume, "train.steps=4"))

@@ -83,15 +83,22 @@ def test_the_scalar_head_trains_under_lora():
   assert not trains(("layers", "q", "kernel"))
 
 
-def test_sharded_step_equals_one_device():
-  """LoRA and the scalar head on a 2x4 mesh: two steps give one device's losses and metrics
-  (8x1 is the DPO test's)."""
-  batch = _batch(_groups(7, sizes=(4, 3, 2) * 4), rows=8, pack=True)
-  single = _run((1, 1), "lora", batch, "reward")
-  for a, b in zip(single, _run((2, 4), "lora", batch, "reward"), strict=True):
+SHARDED_BATCH = _batch(_groups(7, sizes=(4, 3, 2) * 4), rows=8, pack=True)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+  return _run((1, 1), "lora", SHARDED_BATCH, "reward")
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (8, 1)])
+def test_sharded_step_equals_one_device(shape, one_device):
+  """LoRA and the scalar head on 2x4 and 8x1 meshes: two steps give one device's losses and
+  metrics (each step compiled once: `_run`)."""
+  for a, b in zip(one_device, _run(shape, "lora", SHARDED_BATCH, "reward"), strict=True):
     for key in ("loss", "grad_norm", "rewards_chosen", "margin"):
-      np.testing.assert_allclose(a[key], b[key], rtol=2e-5, atol=1e-6, err_msg=key)
-  assert single[-1]["loss"] < single[0]["loss"]
+      np.testing.assert_allclose(a[key], b[key], rtol=2e-5, atol=1e-6, err_msg=f"{shape} {key}")
+  assert one_device[-1]["loss"] < one_device[0]["loss"]
 
 
 def test_a_reward_run_loads_and_scores_as_it_was_evaluated(tmp_path, capsys):

@@ -41,12 +41,25 @@ class TokenizerLike(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
+class TopK:
+  """A reference model's k most likely next tokens at each of a response's s supervised pairs
+  (`train/precomputed.py`): their ids int32 [s, k] and log-probabilities float32 [s, k], and the
+  log of the rest of the probability mass float32 [s] (-inf when k is the vocabulary)."""
+
+  ids: np.ndarray
+  log_probs: np.ndarray
+  rest: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
 class Example:
   ids: np.ndarray  # int32 [n]
   supervised: np.ndarray  # bool [n]
   # A reference model's log p(ids[i + 1] | ids[: i + 1]) of each next-token pair, float32 [n - 1],
   # times its supervision (`train/precomputed.py`); None: not computed.
   reference: np.ndarray | None = dataclasses.field(default=None, compare=False)
+  # Its top-k next-token distribution at each supervised pair; None: not computed.
+  reference_top: TopK | None = dataclasses.field(default=None, compare=False)
 
   def __len__(self) -> int:
     return len(self.ids)
@@ -174,7 +187,8 @@ class Batch:
   positions restarting at each segment; for preference data, each token's group in its row
   (1, 2, ...; the responses to one prompt; 0 = padding) and its response's rank in the group
   (an example alone is a group of one, of rank 0); each pair's precomputed reference
-  log-probability where the examples have one (else 0)."""
+  log-probability where the examples have one (else 0), and at supervised pairs the reference's
+  top-k ids, log-probabilities [B, T, k] and rest mass [B, T] (k = 0 without them; else 0)."""
 
   inputs: np.ndarray
   targets: np.ndarray
@@ -184,6 +198,9 @@ class Batch:
   groups: np.ndarray
   ranks: np.ndarray
   reference: np.ndarray
+  reference_ids: np.ndarray
+  reference_top: np.ndarray
+  reference_rest: np.ndarray
 
 
 def assign_rows(lengths: Sequence[int], rows: int, length: int, pack: bool) -> list[list[int]]:
@@ -207,6 +224,13 @@ def make_batch(examples: Sequence[Example | Group], placed: list[list[int]], len
   arrays = {k: np.zeros((rows, length), np.int32) for k in keys}
   weights = np.zeros((rows, length), np.float32)
   reference = np.zeros((rows, length), np.float32)
+  tops = [ex.reference_top for item in examples for ex in item.responses if ex.reference_top]
+  k = tops[0].ids.shape[1] if tops else 0
+  top = {
+    "reference_ids": np.zeros((rows, length, k), np.int32),
+    "reference_top": np.zeros((rows, length, k), np.float32),
+    "reference_rest": np.zeros((rows, length), np.float32),
+  }
   for r, indices in enumerate(placed):
     start, segment = 0, 0
     for group, i in enumerate(indices, 1):
@@ -223,5 +247,10 @@ def make_batch(examples: Sequence[Example | Group], placed: list[list[int]], len
         weights[r, span] = ex.supervised[1:]
         if ex.reference is not None:
           reference[r, span] = ex.reference
+        if ex.reference_top is not None:
+          at = start + np.flatnonzero(ex.supervised[1:])
+          top["reference_ids"][r, at] = ex.reference_top.ids
+          top["reference_top"][r, at] = ex.reference_top.log_probs
+          top["reference_rest"][r, at] = ex.reference_top.rest
         start += ex.pairs
-  return Batch(weights=weights, reference=reference, **arrays)
+  return Batch(weights=weights, reference=reference, **top, **arrays)

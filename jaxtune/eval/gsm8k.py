@@ -15,13 +15,13 @@ import dataclasses
 import re
 from typing import Any
 
+from jaxtune.data import answers
 from jaxtune.data.sources import read_records
 from jaxtune.errors import DataError
-from jaxtune.eval import base, metrics
+from jaxtune.eval import base
 
 DEFAULT_SHOTS = 8
 STOP = ("\n\n", "Question:")
-_NUMBER = r"-?[$]?\d[\d,]*(?:\.\d+)?"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,21 +47,11 @@ def read_problems(path: str) -> list[Problem]:
       raise DataError(record.where, "field 'answer': no final answer '#### N'")
     solution = re.sub(r"<<[^>]*>>", "", solution).strip()
     problems.append(
-      Problem(fields["question"].strip(), solution, metrics.normalize_number(final), record.where)
+      Problem(fields["question"].strip(), solution, answers.normalize_number(final), record.where)
     )
   if not problems:
     raise DataError(path, "no records")
   return problems
-
-
-def extract_answer(text: str) -> str:
-  """The final number of a generated solution (see the module docstring); "" if none."""
-  for pattern in (rf"####\s*({_NUMBER})", rf"answer is\s*:?\s*({_NUMBER})"):
-    found = re.findall(pattern, text, flags=re.IGNORECASE)
-    if found:
-      return metrics.normalize_number(found[-1])
-  numbers = re.findall(_NUMBER, text)
-  return metrics.normalize_number(numbers[-1]) if numbers else ""
 
 
 def exemplar(p: Problem) -> str:
@@ -87,7 +77,7 @@ def run(model: Any, options: base.Options) -> base.Result:
   outputs = base.complete(model, [p.ids for p in prompts], options, template, STOP)
   examples = []
   for p, prompt, output in zip(problems, prompts, outputs, strict=True):
-    predicted = extract_answer(output)
+    predicted = answers.final_number(output)
     examples.append(
       {
         "where": p.where,

@@ -1,5 +1,5 @@
 """Text metrics of generated responses: the NEFTune paper's length and diversity statistics,
-ROUGE-L and BLEU against references, and exact match of final answers.
+ROUGE-L and BLEU against references (final answers: `data/answers.py`).
 
 Length and diversity (Jain et al. 2023, NEFTune, Section 5, who follow Kirchenbauer et al. 2023
 and Li et al. 2022), on whitespace tokens (`str.split`), per response:
@@ -113,14 +113,3 @@ def reference_scores(responses: Sequence[str], references: Sequence[str]) -> dic
     "rouge_l": _mean([rouge_l(c, r) for c, r in zip(responses, references, strict=True)]),
     "bleu": bleu(responses, references),
   }
-
-
-def normalize_number(text: str) -> str:
-  """A numeric answer in a canonical form: "$1,234.50" -> "1234.5", "72." -> "72"; other text
-  stripped of surrounding spaces and a final period."""
-  text = text.strip().rstrip(".").strip()
-  plain = text.replace(",", "").replace("$", "")
-  if not re.fullmatch(r"-?(\d+\.?\d*|\.\d+)", plain):
-    return text
-  value = float(plain)
-  return str(int(value)) if value.is_integer() else repr(value)

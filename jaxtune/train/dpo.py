@@ -12,9 +12,12 @@ pairs. For a pair (w better than l) with u = (log pi(w) - log ref(w)) - (log pi(
 
 A ranking of K responses is C(K, 2) pairs, averaged per prompt; the loss is a mean over prompts.
 The reference model is `train/reference.py`'s. Metrics: the better and worse responses' implicit
-rewards beta (log pi - log ref) (SimPO's: beta a(y)), their margin, the preference accuracy and the
-KL from the policy to the reference per response (summed over its supervised tokens; not with a
-precomputed reference, which keeps no reference distributions).
+rewards beta (log pi - log ref) (SimPO's: beta a(y)), their margin, the preference accuracy and
+`kl`, the KL from the policy to the reference per response (summed over its supervised tokens).
+With a precomputed reference, which keeps only the reference's top-k next tokens at each
+supervised token (`train.reference_top_k`), `kl` is the KL of the two distributions coarsened to
+{those k ids, the rest of the vocabulary}: a lower bound of the token KL, exact when k is the
+vocabulary (`preference.token_kl_top_k`).
 Dropout applies to the policy only; NEFTune is not used.
 
 Shape letters: B batch, T length, V vocab, S segments of a row.
@@ -70,7 +73,7 @@ class DPO:
   @property
   def batch_keys(self) -> tuple[str, ...]:
     keys = ("inputs", "targets", "weights", "positions", "segment_ids", "groups", "ranks")
-    return (*keys, "reference") if self.precomputed else keys
+    return (*keys, *preference.PRECOMPUTED) if self.precomputed else keys
 
   @classmethod
   def maker(cls, kind: str) -> Callable[[transformer.Transformer, TrainConfig], DPO]:
@@ -94,6 +97,13 @@ class DPO:
     log_p_bt = preference.token_log_probs(logits_btv, batch["targets"]) * batch["weights"]
     return preference.segment_sums(log_p_bt, batch["segment_ids"], self.segments)
 
+  def _kl(self, kl_bt: jax.Array, batch: preference.Batch) -> jax.Array:
+    """The batch's KL sum (of responses per group, as the loss counts groups) from each token's."""
+    kl_bt = jax.lax.stop_gradient(jnp.where(batch["weights"] > 0, kl_bt, 0.0))
+    kl_bs = preference.segment_sums(kl_bt * batch["weights"], batch["segment_ids"], self.segments)
+    k_bs = preference.group_sizes(batch, self.segments)
+    return jnp.sum(jnp.where(k_bs > 1, kl_bs / jnp.maximum(k_bs, 1), 0.0))
+
   def loss(
     self, params: Any, batch: preference.Batch, rng: jax.Array | None
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -106,23 +116,19 @@ class DPO:
     log_p_bs = self._log_probs(logits_btv, batch)
     w_bss = preference.pair_weights(batch, self.segments)
     metrics = {}
-    if self.precomputed:  # No reference logits: no KL metric.
+    if self.precomputed:
       ref_bs = preference.segment_sums(batch["reference"], batch["segment_ids"], self.segments)
       ratio_bs = log_p_bs - ref_bs
       reward_bs = self.beta * ratio_bs
       u_bss = preference.pairwise(ratio_bs)
+      tops = (batch["reference_ids"], batch["reference_top"], batch["reference_rest"])
+      metrics["kl"] = self._kl(preference.token_kl_top_k(logits_btv, *tops), batch)
     elif self.needs_reference:
       ref_btv = jax.lax.stop_gradient(ref_model.apply({"params": ref_params}, *inputs))
       ratio_bs = log_p_bs - self._log_probs(ref_btv, batch)
       reward_bs = self.beta * ratio_bs
       u_bss = preference.pairwise(ratio_bs)
-      kl_bs = preference.segment_sums(
-        preference.token_kl(logits_btv, ref_btv) * batch["weights"],
-        batch["segment_ids"],
-        self.segments,
-      )
-      k_bs = preference.group_sizes(batch, self.segments)
-      metrics["kl"] = jnp.sum(jnp.where(k_bs > 1, kl_bs / jnp.maximum(k_bs, 1), 0.0))
+      metrics["kl"] = self._kl(preference.token_kl(logits_btv, ref_btv), batch)
     else:
       lengths_bs = preference.segment_sums(batch["weights"], batch["segment_ids"], self.segments)
       mean_bs = log_p_bs / jnp.maximum(lengths_bs, 1.0)

@@ -88,13 +88,13 @@ def pretrained(cfg: Config, initialized: Any, mesh) -> Any:
   then `vision.init_from`'s encoder."""
   import jax
 
-  from jaxtune import api  # Reads every checkpoint format; imported when a run starts from one.
   from jaxtune.convert import hf_vision
   from jaxtune.peft import partition
+  from jaxtune.train import loading  # Every checkpoint format; it imports this module.
 
   params = initialized
   if path := cfg.train.init_from:
-    loaded = api.load(path, mesh=mesh, strategy=cfg.mesh.strategy).merged().params
+    loaded = loading.load(path, mesh=mesh, strategy=cfg.mesh.strategy).merged().params
     loaded = transformer.grow_vocab(partition.base(loaded), cfg.model.vocab_size)
     base = {k: v for k, v in partition.base(initialized).items() if k in loaded}
     got, want = (jax.tree.map(lambda x: x.shape, t) for t in (loaded, base))

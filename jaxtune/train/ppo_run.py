@@ -7,9 +7,9 @@ Each iteration i:
    parameters (no copy, no second server), with the sampling seed made of `train.seed` and i: a
    run resumed at an iteration's start draws the same prompts and the same responses;
 2. scores them: the reward callable (`ppo.reward`, `train/rewards.py`) against the prompt's
-   reference answer, or the reward model of `ppo.reward_model` (a reward run, `jaxtune.load`ed on
-   the same mesh); then `PPO.score` (compiled once) for log-probabilities, values, the KL
-   penalty, GAE;
+   reference answer, or the reward model of `ppo.reward_model` (a reward run, read by
+   `train/loading.py` onto the same mesh); then `PPO.score` (compiled once) for
+   log-probabilities, values, the KL penalty, GAE;
 3. runs the generic train step (`train/step.py`) on `ppo.epochs` shuffled passes of minibatches
    of `train.batch_size` rollouts, each with a batch of the data's SFT rows for the ptx loss.
 
@@ -32,14 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune import api, checkpoint, generate, runs, sharding
+from jaxtune import checkpoint, generate, runs, sharding
 from jaxtune.config import Config
 from jaxtune.data import packing, pipeline
 from jaxtune.data.formats import Conversation
 from jaxtune.errors import ConfigError
 from jaxtune.peft import partition, prefix
 from jaxtune.train import held_out as held_out_eval
-from jaxtune.train import loop, ppo, reference, reward, rewards
+from jaxtune.train import loading, loop, ppo, reference, reward, rewards
 from jaxtune.train.feed import make_feed, with_saved_tokenizer
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class Rewards:
 
   def __init__(self, cfg: Config, mesh: jax.sharding.Mesh):
     self.cfg = cfg
-    self.model = api.load(cfg.ppo.reward_model, mesh=mesh) if cfg.ppo.reward_model else None
+    self.model = loading.load(cfg.ppo.reward_model, mesh=mesh) if cfg.ppo.reward_model else None
     self.fn = None if self.model else rewards.named(cfg.ppo.reward)
 
   def __call__(self, convs: Sequence[Conversation], responses: Sequence[str]) -> np.ndarray:

@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 
 Batch = dict[str, jax.Array]
+# The batch keys of a precomputed reference (`train/precomputed.py`): each pair's log-probability
+# [B, T], and at supervised pairs the top-k ids and log-probabilities [B, T, k] and rest [B, T].
+PRECOMPUTED = ("reference", "reference_ids", "reference_top", "reference_rest")
 
 
 def _count(segment_ids_bt: jax.Array, segments: int | None) -> int:
@@ -81,6 +84,43 @@ def token_kl(logits_btv: jax.Array, reference_btv: jax.Array) -> jax.Array:
   log_p_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
   log_q_btv = jax.nn.log_softmax(reference_btv.astype(jnp.float32), axis=-1)
   return jnp.sum(jnp.exp(log_p_btv) * (log_p_btv - log_q_btv), axis=-1)
+
+
+def _outside(log_p_btv: jax.Array, ids_btk: jax.Array) -> jax.Array:
+  """[B, T]: log of the probability mass outside the ids (-inf where they cover the vocabulary)."""
+  b, t, _ = ids_btk.shape
+  inside_btv = (
+    jnp.zeros(log_p_btv.shape, bool)
+    .at[jnp.arange(b)[:, None, None], jnp.arange(t)[None, :, None], ids_btk]
+    .set(True)
+  )
+  return jax.nn.logsumexp(jnp.where(inside_btv, -jnp.inf, log_p_btv), axis=-1)
+
+
+def top_k(logits_btv: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The k most likely next tokens at each position: ids [B, T, k] int32, their
+  log-probabilities [B, T, k] and the log of the rest of the mass [B, T] (float32)."""
+  log_p_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+  log_p_btk, ids_btk = jax.lax.top_k(log_p_btv, k)
+  return ids_btk.astype(jnp.int32), log_p_btk, _outside(log_p_btv, ids_btk)
+
+
+def token_kl_top_k(
+  logits_btv: jax.Array, ids_btk: jax.Array, ref_btk: jax.Array, ref_rest_bt: jax.Array
+) -> jax.Array:
+  """[B, T]: KL(policy || reference) of the next-token distributions coarsened to the
+  reference's top-k ids and one outcome for the rest of the vocabulary (`top_k`'s three arrays).
+
+  Coarsening never increases a KL (the log-sum inequality), so this is a lower bound of
+  `token_kl`, exact when the k ids cover the vocabulary (both rests are then empty)."""
+  log_p_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+  log_p_btk = jnp.take_along_axis(log_p_btv, ids_btk, axis=-1)
+  rest_bt = _outside(log_p_btv, ids_btk)
+  inside_bt = jnp.sum(jnp.exp(log_p_btk) * (log_p_btk - ref_btk), axis=-1)
+  has_rest_bt = rest_bt > -jnp.inf
+  safe_rest_bt = jnp.where(has_rest_bt, rest_bt, 0.0)
+  outside_bt = jnp.exp(safe_rest_bt) * (safe_rest_bt - jnp.where(has_rest_bt, ref_rest_bt, 0.0))
+  return inside_bt + jnp.where(has_rest_bt, outside_bt, 0.0)
 
 
 def pairwise(x_bs: jax.Array) -> jax.Array:

@@ -4,7 +4,7 @@ A reward is a Python callable `f(response, reference) -> float`, named `module:f
 importable module, so a user's own checker works too): the response is the policy's sampled text,
 the reference the training conversation's answer. The two here are the tasks' own checkers:
 `exact_match` for the embedded tasks (what their held-out score counts, `train/held_out.py`) and
-`gsm8k_answer` for GSM8K (the final number, as `jaxtune eval gsm8k` extracts it).
+`gsm8k_answer` for GSM8K (the final number, `data/answers.py`, as `jaxtune eval gsm8k` reads it).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+from jaxtune.data import answers
 from jaxtune.errors import ConfigError
-from jaxtune.eval import gsm8k
 from jaxtune.train import held_out
 
 Reward = Callable[[str, str], float]
@@ -26,8 +26,8 @@ def exact_match(response: str, reference: str) -> float:
 
 def gsm8k_answer(response: str, reference: str) -> float:
   """1 if the response's final number is the reference's (GSM8K's '#### N'), else 0."""
-  want = gsm8k.extract_answer(reference)
-  return float(bool(want) and gsm8k.extract_answer(response) == want)
+  want = answers.final_number(reference)
+  return float(bool(want) and answers.final_number(response) == want)
 
 
 def named(path: str) -> Reward:
