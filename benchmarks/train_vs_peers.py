@@ -48,7 +48,7 @@ from peers import harness
 
 from jaxtune import config as config_lib
 from jaxtune import sharding
-from jaxtune.train import loop, metrics
+from jaxtune.train import loop, metrics, peak
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENVS = os.path.join(HERE, ".envs")
@@ -316,7 +316,7 @@ def main() -> None:
   markdown = "\n\n".join(
     [
       f"# Training step vs peers ({'quick' if args.quick else 'full'})",
-      f"Machine: {common.cpu_model()}, {threads} CPU(s) per framework. Model: {shape}; "
+      f"Machine: {peak.cpu_model()}, {threads} CPU(s) per framework. Model: {shape}; "
       f"float32 weights, AdamW; LoRA rank {TRAINING['lora_rank']} on "
       f"{', '.join(TRAINING['lora_targets'])}. "
       "MFU against the honest peak of each dtype (the best of XLA, NumPy and torch): "
