@@ -331,7 +331,9 @@ def main() -> None:
     ]
   )
   path = common.write(
-    "train_vs_peers_quick" if args.quick else "train_vs_peers",
+    "train_vs_peers"
+    + ("_quick" if args.quick else "")
+    + (f"_{threads}cpu" if args.threads else ""),  # A run on fewer CPUs beside the full one.
     {
       "model": model,
       "training": TRAINING,

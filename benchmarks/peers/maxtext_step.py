@@ -44,6 +44,9 @@ def overrides(cfg: dict, output_dir: str) -> list[str]:
   return [
     "run_name=bench",
     f"base_output_directory={output_dir}",
+    # Its persistent compilation cache (default ~/jax_cache) would skip the compile of a rerun:
+    # each run compiles afresh, as the other frameworks do.
+    f"jax_cache_dir={os.path.join(output_dir, 'jax_cache')}",
     "hardware=cpu",
     "skip_jax_distributed_system=true",
     "enable_checkpointing=false",
@@ -105,7 +108,12 @@ def main() -> None:
       "benchmarked as the tunix peer)"
     )
   jax.config.update("jax_default_prng_impl", "unsafe_rbg")  # As MaxText's train.initialize.
-  output_dir = tempfile.mkdtemp(prefix="maxtext-bench-")
+  with tempfile.TemporaryDirectory(prefix="maxtext-bench-") as output_dir:
+    run(cfg, output_dir)
+
+
+def run(cfg: dict, output_dir: str) -> None:
+  """Builds MaxText's state and jitted step for the run, and serves it."""
   config = pyconfig.initialize(["maxtext_step", BASE_YML, *overrides(cfg, output_dir)])
   jax.config.update("jax_use_shardy_partitioner", config.shardy)
   (_, _, state_shardings, _, mesh, *_, state) = train_utils.setup_train_loop(config, None)
