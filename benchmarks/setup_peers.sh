@@ -3,7 +3,7 @@
 #   benchmarks/.envs/tunix   google-tunix (brings its own jax, flax nnx, optax, qwix)
 #   benchmarks/.envs/torch   torch (CPU) + transformers + peft
 #   benchmarks/.envs/maxtext maxtext[tpu] 0.2.5: needs Python 3.12+ ($MAXTEXT_PYTHON, else the first
-#                            of python3.13 / python3.12 on PATH; none: skipped, and
+#                            of python3.13 / python3.12 that runs; none: skipped, and
 #                            train_vs_peers.py says so). Its TPU extra is the one that brings jax,
 #                            flax and the rest (~230 packages, libtpu among them: the runner keeps
 #                            JAX on the CPU). SLOW: ~47 minutes to resolve and install on a 2-core
@@ -34,8 +34,9 @@ make_env() {
 
 make_env tunix "${TUNIX[@]}"
 make_env torch "${TORCH[@]}"
-# The first of $MAXTEXT_PYTHON, python3.13, python3.12 and $PYTHON that runs and is 3.12+.
-for candidate in "${MAXTEXT_PYTHON:-}" python3.13 python3.12 "$PYTHON"; do
+# The first of $MAXTEXT_PYTHON, the existing maxtext environment's, python3.13, python3.12 and
+# $PYTHON that runs and is 3.12+.
+for candidate in "${MAXTEXT_PYTHON:-}" "$ENVS/maxtext/bin/python" python3.13 python3.12 "$PYTHON"; do
   MAXTEXT_PYTHON=""
   if [[ -n "$candidate" ]] \
     && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
