@@ -163,14 +163,20 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
+def _cpus() -> int | None:
+  """The CPUs this process may use (macOS has no affinity: all of them)."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count()
+
+
 def cache_key(dtype: str, size: int) -> str:
   """What a measured rate depends on: the CPU, the CPUs this process may use, the matmul, and
   the libraries (and XLA's flags) that run it."""
   libraries = ", ".join(f"{p} {_version(p)}" for p in ("jax", "jaxlib", "numpy", "torch"))
   flags = os.environ.get("XLA_FLAGS", "").strip()
-  return f"{cpu_model()}; {len(os.sched_getaffinity(0))} CPUs; {dtype} {size}^2; {libraries}" + (
-    f"; XLA_FLAGS {flags}" if flags else ""
-  )
+  key = f"{cpu_model()}; {_cpus()} CPUs; {dtype} {size}^2; {libraries}"
+  return key + (f"; XLA_FLAGS {flags}" if flags else "")
 
 
 def cached_measure(dtype: str = "float32", size: int = 2048) -> Peak:
