@@ -205,7 +205,7 @@ def flops_per_token(cfg: config_lib.Config, n_params: int, n_trainable: int) -> 
   return flops
 
 
-def run_mode(spec: dict[str, Any], peers: list[str], steps: int, peak: float) -> list[dict]:
+def run_mode(spec: dict[str, Any], peers: list[str], steps: int, peak_flops: float) -> list[dict]:
   """One mode and dtype's rows: every framework's first step, then `steps` interleaved timed
   steps."""
   mode, dtype = spec["mode"], spec["dtype"]
@@ -220,7 +220,8 @@ def run_mode(spec: dict[str, Any], peers: list[str], steps: int, peak: float) ->
   cfg = contestants[0].cfg
   flops = flops_per_token(cfg, results[0]["n_params"], results[0]["n_trainable"])
   rows = [
-    {"mode": mode, "dtype": dtype, **r, "mfu": flops * r["tokens_per_s"] / peak} for r in results
+    {"mode": mode, "dtype": dtype, **r, "mfu": flops * r["tokens_per_s"] / peak_flops}
+    for r in results
   ]
   for row in rows:
     row["jaxtune_ratio"] = rows[0]["tokens_per_s"] / row["tokens_per_s"]
