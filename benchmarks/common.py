@@ -31,22 +31,10 @@ host.keep_freed_memory()
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def cpu_model() -> str:
-  """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` says."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def machine() -> dict[str, Any]:
   """The hardware and software the figures come from."""
   return {
-    "cpu": cpu_model(),
+    "cpu": peak.cpu_model(),
     "cores": os.cpu_count(),
     "devices": [d.device_kind for d in jax.devices()],
     "backend": jax.default_backend(),

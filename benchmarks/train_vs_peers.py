@@ -1,31 +1,35 @@
 """jaxtune's training step side by side with its peers', on one model, on this machine, in one run.
 
-The peers are Google's tunix (JAX, flax nnx, qwix LoRA) and PyTorch `transformers` (+ `peft`),
-each in its own environment made by `benchmarks/setup_peers.sh` and driven through a runner in
-`benchmarks/peers/`. All three train the same Llama-style model (GQA, RoPE, SwiGLU, RMSNorm,
-untied output layer) in float32 with AdamW and global-norm clipping on the same random batch of
-real tokens (no padding), by full fine-tuning and by LoRA (same rank, alpha and projections).
+The peers are Google's tunix (JAX, flax nnx, qwix LoRA), Google's MaxText (JAX, its
+pre-training step) and PyTorch `transformers` (+ `peft`), each in its own environment made by
+`benchmarks/setup_peers.sh` and driven through a runner in `benchmarks/peers/`. All train the
+same Llama-style model (GQA, RoPE, SwiGLU, RMSNorm, untied output layer) with float32 weights,
+AdamW and global-norm clipping on the same random batch of real tokens (no padding), by full
+fine-tuning and by LoRA (same rank, alpha and projections), computing in float32 and in
+bfloat16 (mixed precision: float32 weights, optimizer and softmax; jaxtune's `model.dtype`,
+torch's `autocast`, MaxText's `dtype`). Not every peer runs every case (`PEERS`): MaxText's step
+has no LoRA (its LoRA is tunix's PeftTrainer), and tunix's Llama has no compute dtype.
 
-Measured: first the peak of a large matmul (`common.matmul_peak`), then, for each mode, every
-framework's first step (compile included) and a warm-up step, then its timed steps, one step of
-each framework in turn (jaxtune, tunix, transformers, then tunix, transformers, jaxtune, ...) so
-that the load of a shared machine falls on all alike. jaxtune runs in this process (one CPU
-device, built by `jaxtune.train.loop.build`, the objects `jaxtune train` uses); each peer is a
-process of its own, idle while another steps. `--threads N` keeps every framework to the first N
-CPUs (default: all).
+Measured: first the peak of a large matmul per dtype (`common.matmul_peak`), then, for each
+mode and dtype, every framework's first step (compile included) and a warm-up step, then its
+timed steps, one step of each framework in turn (jaxtune, tunix, maxtext, transformers, then
+tunix, maxtext, transformers, jaxtune, ...) so that the load of a shared machine falls on all
+alike. jaxtune runs in this process (one CPU device, built by `jaxtune.train.loop.build`, the
+objects `jaxtune train` uses); each peer is a process of its own, idle while another steps.
+`--threads N` keeps every framework to the first N CPUs (default: all).
 
-Reported per framework and mode: median step time, tokens/s (batch * sequence / step), the
-ratio jaxtune / peer of tokens/s (>= 1: jaxtune at least as fast) and of CPU time per step,
-first-step time, peak resident memory (of jaxtune's run alone: the peak is reset before it), and
-MFU against the honest peak (`common.matmul_peak`: the best 2048^2 float32 matmul of XLA,
-NumPy's BLAS and torch, so no framework is scored against its own matmul). FLOPs per token
-follow PaLM (6N + 12*L*H*Q*T, `jaxtune.train.metrics`; N the matmul parameters, counted once
-by jaxtune for all three); for LoRA the frozen weights get no gradients, so their 2N of
-weight-gradient FLOPs are left out
-(4N_frozen + 6N_adapters + 12*L*H*Q*T).
+Reported per framework, mode and dtype: median step time, tokens/s (batch * sequence / step),
+the ratio jaxtune / peer of tokens/s (>= 1: jaxtune at least as fast) and of CPU time per step,
+for bfloat16 the speed-up over the same framework's float32 step, first-step time, peak resident
+memory (of jaxtune's run alone: the peak is reset before it), and MFU against the honest peak of
+its dtype (`common.matmul_peak`: the best 2048^2 matmul of XLA, NumPy's BLAS (float32 only) and
+torch, so no framework is scored against its own matmul). FLOPs per token follow PaLM
+(6N + 12*L*H*Q*T, `jaxtune.train.metrics`; N the matmul parameters, counted once by jaxtune for
+all); for LoRA the frozen weights get no gradients, so their 2N of weight-gradient FLOPs are left
+out (4N_frozen + 6N_adapters + 12*L*H*Q*T).
 
-  python benchmarks/train_vs_peers.py [--quick] [--steps N] [--peers tunix,transformers]
-                                      [--modes full,lora]
+  python benchmarks/train_vs_peers.py [--quick] [--steps N] [--peers tunix,maxtext,transformers]
+                                      [--modes full,lora] [--dtypes float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -44,15 +48,30 @@ from peers import harness
 
 from jaxtune import config as config_lib
 from jaxtune import sharding
-from jaxtune.train import loop, metrics
+from jaxtune.train import loop, metrics, peak
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PEERS = {  # name -> (environment's python, runner)
-  "tunix": (os.path.join(HERE, ".envs", "tunix", "bin", "python"), "tunix_step.py"),
-  "transformers": (os.path.join(HERE, ".envs", "torch", "bin", "python"), "torch_step.py"),
+ENVS = os.path.join(HERE, ".envs")
+BOTH = ("float32", "bfloat16")
+# name -> (environment's python, runner, the modes it trains, the compute dtypes it runs).
+PEERS = {
+  "tunix": (
+    os.path.join(ENVS, "tunix", "bin", "python"),
+    "tunix_step.py",
+    ("full", "lora"),
+    ("float32",),
+  ),
+  "maxtext": (os.path.join(ENVS, "maxtext", "bin", "python"), "maxtext_step.py", ("full",), BOTH),
+  "transformers": (
+    os.path.join(ENVS, "torch", "bin", "python"),
+    "torch_step.py",
+    ("full", "lora"),
+    BOTH,
+  ),
 }
 MODEL = dict(vocab=8192, dim=512, layers=8, heads=8, kv_heads=2, mlp=1408, seq=512, batch=2)
 QUICK_MODEL = dict(vocab=1024, dim=128, layers=2, heads=4, kv_heads=2, mlp=352, seq=128, batch=2)
+VERSION_KEYS = ("jax", "flax", "google-tunix", "qwix", "maxtext", "torch", "transformers", "peft")
 TRAINING = dict(
   lora_rank=8,
   lora_alpha=16.0,
@@ -75,6 +94,7 @@ def jaxtune_config(spec: dict[str, Any]) -> config_lib.Config:
     f"model.num_kv_heads={spec['kv_heads']}",
     f"model.mlp_dim={spec['mlp']}",
     f"model.max_seq_len={spec['seq']}",
+    f"model.dtype={spec['dtype']}",
     "model.tie_embeddings=false",
     f"data.max_length={spec['seq']}",
     f"train.batch_size={spec['batch']}",
@@ -144,7 +164,7 @@ class Peer:
   """A peer's runner in its own environment, stepping when told (see `peers/harness.py`)."""
 
   def __init__(self, name: str, spec: dict[str, Any]):
-    python, runner = PEERS[name]
+    python, runner, _, _ = PEERS[name]
     self.name = name
     self.log = tempfile.NamedTemporaryFile("w+", prefix=f"{name}-", suffix=".log", delete=False)
     self.proc = subprocess.Popen(
@@ -185,9 +205,12 @@ def flops_per_token(cfg: config_lib.Config, n_params: int, n_trainable: int) -> 
   return flops
 
 
-def run_mode(spec: dict[str, Any], peers: list[str], steps: int, peak: float) -> list[dict]:
-  """One mode's rows: every framework's first step, then `steps` interleaved timed steps."""
-  print(f"== {spec['mode']}: building and compiling (jaxtune, then {', '.join(peers)})", flush=True)
+def run_mode(spec: dict[str, Any], peers: list[str], steps: int, peak_flops: float) -> list[dict]:
+  """One mode and dtype's rows: every framework's first step, then `steps` interleaved timed
+  steps."""
+  mode, dtype = spec["mode"], spec["dtype"]
+  peers = [name for name in peers if mode in PEERS[name][2] and dtype in PEERS[name][3]]
+  print(f"== {mode} {dtype}: building and compiling (jaxtune, then {', '.join(peers)})", flush=True)
   contestants = [Jaxtune(spec)] + [Peer(name, spec) for name in peers]
   for i in range(steps):
     for c in contestants[i % len(contestants) :] + contestants[: i % len(contestants)]:
@@ -196,7 +219,10 @@ def run_mode(spec: dict[str, Any], peers: list[str], steps: int, peak: float) ->
   results = [c.result() for c in contestants]
   cfg = contestants[0].cfg
   flops = flops_per_token(cfg, results[0]["n_params"], results[0]["n_trainable"])
-  rows = [{"mode": spec["mode"], **r, "mfu": flops * r["tokens_per_s"] / peak} for r in results]
+  rows = [
+    {"mode": mode, "dtype": dtype, **r, "mfu": flops * r["tokens_per_s"] / peak_flops}
+    for r in results
+  ]
   for row in rows:
     row["jaxtune_ratio"] = rows[0]["tokens_per_s"] / row["tokens_per_s"]
     row["jaxtune_cpu_ratio"] = row["step_cpu_s_median"] / rows[0]["step_cpu_s_median"]
@@ -219,6 +245,11 @@ def main() -> None:
     help=f"which peers, comma-separated (default: all of {list(PEERS)})",
   )
   parser.add_argument("--modes", default="full,lora", help="full, lora or both (default)")
+  parser.add_argument(
+    "--dtypes",
+    default=",".join(BOTH),
+    help="compute dtypes: float32, bfloat16 or both (default)",
+  )
   parser.add_argument(
     "--threads",
     type=int,
@@ -243,22 +274,32 @@ def main() -> None:
         f"SKIPPED {name}: no environment at {os.path.dirname(os.path.dirname(python))}; "
         "run `bash benchmarks/setup_peers.sh` to make it"
       )
-  best = common.matmul_peak(512 if args.quick else 2048)
-  peak = best.flops
-  print(f"MFU against the {best.describe()}", flush=True)
-  rows = []
-  modes = args.modes.split(",")
+  modes, dtypes = args.modes.split(","), args.dtypes.split(",")
   if not set(modes) <= {"full", "lora"}:
     parser.error(f"--modes: choose among full, lora; got {args.modes!r}")
+  if not set(dtypes) <= set(BOTH):
+    parser.error(f"--dtypes: choose among {', '.join(BOTH)}; got {args.dtypes!r}")
+  peaks = {dtype: common.matmul_peak(512 if args.quick else 2048, dtype) for dtype in dtypes}
+  for best in peaks.values():
+    print(f"MFU against the {best.describe()}", flush=True)
+  rows = []
   for mode in modes:
-    rows += run_mode({**model, **TRAINING, "mode": mode, "threads": threads}, peers, steps, peak)
+    for dtype in dtypes:
+      spec = {**model, **TRAINING, "mode": mode, "dtype": dtype, "threads": threads}
+      rows += run_mode(spec, peers, steps, peaks[dtype].flops)
+  speeds = {(r["mode"], r["framework"]): r["tokens_per_s"] for r in rows if r["dtype"] == BOTH[0]}
+  for row in rows:
+    if row["dtype"] != BOTH[0] and (row["mode"], row["framework"]) in speeds:
+      row["vs_float32"] = row["tokens_per_s"] / speeds[row["mode"], row["framework"]]
 
   columns = [
     "mode",
+    "dtype",
     "framework",
     "tokens_per_s",
     "jaxtune_ratio",
     "jaxtune_cpu_ratio",
+    "vs_float32",
     "step_s_median",
     "step_cpu_s_median",
     "first_step_s",
@@ -267,32 +308,38 @@ def main() -> None:
     "n_params",
     "n_trainable",
   ]
-  versions = {
-    k: v
-    for r in rows
-    for k, v in r.items()
-    if k in ("jax", "flax", "google-tunix", "qwix", "torch", "transformers", "peft")
-  }
+  versions: dict[str, dict[str, str]] = {}
+  for r in rows:
+    versions.setdefault(r["framework"], {}).update(
+      (k, v) for k, v in r.items() if k in VERSION_KEYS
+    )
   shape = ", ".join(f"{k} {v}" for k, v in model.items())
   markdown = "\n\n".join(
     [
       f"# Training step vs peers ({'quick' if args.quick else 'full'})",
-      f"Model: {shape}; float32; AdamW; LoRA rank {TRAINING['lora_rank']} on "
-      f"{', '.join(TRAINING['lora_targets'])}; {threads} CPU(s) per framework. "
-      f"MFU against the {best.describe()} (the best of XLA, NumPy and torch).",
-      "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
+      f"Machine: {peak.cpu_model()}, {threads} CPU(s) per framework. Model: {shape}; "
+      f"float32 weights, AdamW; LoRA rank {TRAINING['lora_rank']} on "
+      f"{', '.join(TRAINING['lora_targets'])}. "
+      "MFU against the honest peak of each dtype (the best of XLA, NumPy and torch): "
+      + "; ".join(best.describe() for best in peaks.values())
+      + ".",
+      "Versions: "
+      + "; ".join(
+        f"{name}: " + ", ".join(f"{k} {v}" for k, v in sorted(found.items()))
+        for name, found in versions.items()
+      ),
       common.markdown_table(rows, columns),
     ]
   )
   path = common.write(
-    "train_vs_peers_quick" if args.quick else "train_vs_peers",
+    "train_vs_peers"
+    + ("_quick" if args.quick else "")
+    + (f"_{threads}cpu" if args.threads else ""),  # A run on fewer CPUs beside the full one.
     {
       "model": model,
       "training": TRAINING,
       "threads": threads,
-      "matmul_peak_flops": peak,
-      "peak_source": best.source,
-      "peak_rates": best.rates,
+      "peaks": {dtype: vars(best) for dtype, best in peaks.items()},
       "rows": rows,
     },
     markdown,

@@ -1,6 +1,7 @@
 """The MFU peak: the best of every matmul at hand, and the vendor's figure for known devices."""
 
 import dataclasses
+import json
 
 import jax
 
@@ -36,6 +37,37 @@ def test_vendor_and_configured_peaks(monkeypatch):
 def test_cpu_peak_counts_the_host_once(monkeypatch):
   # The emulated CPU devices share the host's cores: the peak is the host's, not devices x it.
   host = peak.Peak(1e11, "numpy", "float32", {"xla": 9e10, "numpy": 1e11})
-  monkeypatch.setattr(peak, "measure", lambda dtype, **_: host)
+  monkeypatch.setattr(peak, "cached_measure", lambda dtype: host)
   assert jax.device_count() == 8
   assert peak.peak("float32") is host
+
+
+def test_measured_peak_is_cached_per_machine(monkeypatch, tmp_path):
+  calls = []
+
+  def fake_measure(dtype, size):
+    calls.append((dtype, size))
+    return peak.Peak(5e10, "numpy", dtype, {"xla": 4e10, "numpy": 5e10})
+
+  monkeypatch.setattr(peak, "measure", fake_measure)
+  path = tmp_path / "cache" / "peak.json"
+  monkeypatch.setenv("JAXTUNE_PEAK_CACHE", str(path))
+  first = peak.cached_measure("float32")
+  assert calls == [("float32", 2048)] and first.origin == ""
+  again = peak.cached_measure("float32")
+  assert calls == [("float32", 2048)], "read from the cache, not measured"
+  assert (again.flops, again.source, again.rates) == (first.flops, first.source, first.rates)
+  assert f"cached in {path}" in again.describe() and "measured 20" in again.origin
+  (key,) = json.loads(path.read_text())
+  assert key == peak.cache_key("float32", 2048) and peak.cpu_model() in key
+  assert "jax " in key and "numpy " in key and "torch " in key
+  peak.cached_measure("bfloat16")  # Another key: measured.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_xnnpack=true")
+  peak.cached_measure("float32")  # Other XLA flags: measured.
+  assert len(calls) == 3
+  path.write_text("{not json")
+  assert peak.cached_measure("float32").origin == ""  # Unreadable: measured and rewritten.
+  assert len(calls) == 4 and len(json.loads(path.read_text())) == 1
+  monkeypatch.setenv("JAXTUNE_PEAK_CACHE", "off")
+  peak.cached_measure("float32")
+  assert len(calls) == 5

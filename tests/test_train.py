@@ -278,6 +278,21 @@ def test_micro_batches_equal_one_batch_and_a_plain_gradient():
     assert float(metrics["supervised_tokens"]) == float(np.sum(batch["weights"]))
 
 
+def test_bfloat16_step_runs_on_cpu_and_follows_float32():
+  # XLA:CPU refused this step's attention products (BF16 x BF16 -> F32: UNIMPLEMENTED).
+  optimizer = optim.optimizer(ADAMW, 100)
+  params, batch = _base_params(), _batch(7, rows=4)
+  metrics = {}
+  for dtype in ("float32", "bfloat16"):
+    model = transformer.Transformer(dataclasses.replace(BASE, dtype=dtype))
+    step = jax.jit(make_train_step(SFT(model), optimizer, jax.random.key(0)))
+    metrics[dtype] = step(_state(params, optimizer), {}, batch)[1]
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose(
+      metrics["bfloat16"][key], metrics["float32"][key], rtol=2e-2, err_msg=key
+    )
+
+
 # 3. z-loss.
 
 

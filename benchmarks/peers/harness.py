@@ -11,10 +11,10 @@ or warm-up included) and then:
   steps as a JSON line, and the result line at the end of stdin.
 
 The configuration (every runner reads the same keys): vocab, dim, layers, heads, kv_heads, mlp,
-seq, batch, mode ("full" or "lora"), lora_rank, lora_alpha, lora_targets (jaxtune's names: q, k,
-v, o, gate, up, down), lr, weight_decay, clip_norm, steps, warmup, seed, interactive, and
-threads (the process keeps to that many CPUs, see `pin`, and torch uses as many intra-op
-threads; default: all).
+seq, batch, mode ("full" or "lora"), dtype (of the products: "float32" or "bfloat16"),
+lora_rank, lora_alpha, lora_targets (jaxtune's names: q, k, v, o, gate, up, down), lr,
+weight_decay, clip_norm, steps, warmup, seed, interactive, and threads (the process keeps to
+that many CPUs, see `pin`, and torch uses as many intra-op threads; default: all).
 """
 
 from __future__ import annotations

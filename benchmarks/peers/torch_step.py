@@ -5,7 +5,8 @@ Used the way Hugging Face's Trainer uses it by default: `LlamaForCausalLM` (SDPA
 the CPU with one intra-op thread per CPU it may use (`threads`), `loss.backward()`,
 gradients clipped to global norm `clip_norm`, and `torch.optim.AdamW(fused=True)` (the Trainer's
 default optimizer for torch >= 2.8). LoRA through `peft` on the same projections, with the same
-rank and alpha.
+rank and alpha. `"dtype": "bfloat16"` runs the forward pass under `torch.autocast` in bfloat16
+(the Trainer's `bf16=True`): float32 weights, bfloat16 products.
 """
 
 from __future__ import annotations
@@ -56,8 +57,12 @@ def main() -> None:
   generator = torch.Generator().manual_seed(cfg["seed"])
   ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=generator)
 
+  dtype = cfg.get("dtype", "float32")
+  info["dtype"] = dtype
+
   def step() -> float:
-    loss = model(input_ids=ids, labels=ids).loss
+    with torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bfloat16"):
+      loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trainable, cfg["clip_norm"])
     optimizer.step()

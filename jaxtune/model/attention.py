@@ -87,6 +87,17 @@ def _heads_major(x_btnh: jax.Array, k: int) -> jax.Array:
   return x_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
 
 
+def _einsum_f32(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """`einsum` of (possibly bfloat16) operands, accumulated and returned in float32.
+
+  XLA:CPU has no BF16 x BF16 -> F32 dot (`UNIMPLEMENTED ... DotThunk`) and runs its bfloat16 dots
+  in float32 anyway, so on CPU the operands are upcast first: the same result, since each product
+  of two bfloat16 numbers is exact in float32. Accelerators multiply bfloat16 natively."""
+  if jax.default_backend() == "cpu":
+    return jnp.einsum(equation, a.astype(jnp.float32), b.astype(jnp.float32))
+  return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
+
+
 def _tokens_major(x_bkgth: jax.Array) -> jax.Array:
   b, k, g, t, h = x_bkgth.shape
   return x_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, h)
@@ -100,19 +111,16 @@ def _attend(
   Rows with no visible key (padding queries) give zeros."""
   scale = np.float32(1 / np.sqrt(q_bkgth.shape[-1]))
   mask_b11ts = mask_bts[:, None, None]
-  scores_bkgts = (
-    jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh, preferred_element_type=jnp.float32) * scale
-  )
+  scores_bkgts = _einsum_f32("bkgth,bksh->bkgts", q_bkgth, k_bksh) * scale
   scores_bkgts = jnp.where(mask_b11ts, scores_bkgts, jnp.finfo(jnp.float32).min)
   max_bkgt1 = jnp.max(scores_bkgts, axis=-1, keepdims=True)
   exp_bkgts = jnp.where(mask_b11ts, jnp.exp(scores_bkgts - max_bkgt1), 0.0)
   sum_bkgt1 = jnp.sum(exp_bkgts, axis=-1, keepdims=True)
   sum_bkgt1 = jnp.where(sum_bkgt1 == 0.0, 1.0, sum_bkgt1)  # Padding queries.
-  out_bkgth = jnp.einsum(
+  out_bkgth = _einsum_f32(
     "bkgts,bksh->bkgth",
     exp_bkgts.astype(v_bksh.dtype),
     v_bksh,
-    preferred_element_type=jnp.float32,
   )
   return out_bkgth / sum_bkgt1, (max_bkgt1 + jnp.log(sum_bkgt1))[..., 0]
 
@@ -126,19 +134,16 @@ def _attend_key_major(
   then spent as long transposing its cache as reading it."""
   scale = np.float32(1 / np.sqrt(q_bkgth.shape[-1]))
   mask_b1s1t = jnp.swapaxes(mask_bts, 1, 2)[:, None, :, None, :]
-  scores_bksgt = (
-    jnp.einsum("bksh,bkgth->bksgt", k_bksh, q_bkgth, preferred_element_type=jnp.float32) * scale
-  )
+  scores_bksgt = _einsum_f32("bksh,bkgth->bksgt", k_bksh, q_bkgth) * scale
   scores_bksgt = jnp.where(mask_b1s1t, scores_bksgt, jnp.finfo(jnp.float32).min)
   max_bk1gt = jnp.max(scores_bksgt, axis=2, keepdims=True)
   exp_bksgt = jnp.where(mask_b1s1t, jnp.exp(scores_bksgt - max_bk1gt), 0.0)
   sum_bkgt = jnp.sum(exp_bksgt, axis=2)
   sum_bkgt = jnp.where(sum_bkgt == 0.0, 1.0, sum_bkgt)  # Padding queries.
-  out_bkgth = jnp.einsum(
+  out_bkgth = _einsum_f32(
     "bksgt,bksh->bkgth",
     exp_bksgt.astype(v_bksh.dtype),
     v_bksh,
-    preferred_element_type=jnp.float32,
   )
   return out_bkgth / sum_bkgt[..., None]
 
@@ -219,9 +224,7 @@ def _causal_bwd(prefix, residuals, dout_btnh):
   _, k, _, t, h = q_bkgth.shape
   scale = np.float32(1 / np.sqrt(h))
   dout_bkgth = _heads_major(dout_btnh, k)
-  delta_bkgt = jnp.einsum(
-    "bkgth,bkgth->bkgt", dout_bkgth, out_bkgth, preferred_element_type=jnp.float32
-  )
+  delta_bkgt = _einsum_f32("bkgth,bkgth->bkgt", dout_bkgth, out_bkgth)
   dk_bksh = jnp.zeros(k_bksh.shape, jnp.float32)
   dv_bksh = jnp.zeros(v_bksh.shape, jnp.float32)
   dq_blocks = []
@@ -229,29 +232,24 @@ def _causal_bwd(prefix, residuals, dout_btnh):
     e = prefix + t1
     q_i, dout_i = q_bkgth[:, :, :, t0:t1], dout_bkgth[:, :, :, t0:t1]
     k_i, v_i = k_bksh[:, :, :e], v_bksh[:, :, :e]
-    scores_bksgt = jnp.einsum("bksh,bkgth->bksgt", k_i, q_i, preferred_element_type=jnp.float32)
+    scores_bksgt = _einsum_f32("bksh,bkgth->bksgt", k_i, q_i)
     mask_b1s1t = jnp.swapaxes(mask_bts[:, t0:t1, :e], 1, 2)[:, None, :, None, :]
     lse_bk1gt = lse_bkgt[:, :, None, :, t0:t1]
     probs_bksgt = jnp.where(mask_b1s1t, jnp.exp(scores_bksgt * scale - lse_bk1gt), 0.0)
     dv_bksh = dv_bksh.at[:, :, :e].add(
-      jnp.einsum(
+      _einsum_f32(
         "bksgt,bkgth->bksh",
         probs_bksgt.astype(dout_i.dtype),
         dout_i,
-        preferred_element_type=jnp.float32,
       )
     )
-    dprobs_bksgt = jnp.einsum("bksh,bkgth->bksgt", v_i, dout_i, preferred_element_type=jnp.float32)
+    dprobs_bksgt = _einsum_f32("bksh,bkgth->bksgt", v_i, dout_i)
     dscores_bksgt = (
       probs_bksgt * (dprobs_bksgt - delta_bkgt[:, :, None, :, t0:t1]) * scale
     ).astype(q_i.dtype)
-    dk_bksh = dk_bksh.at[:, :, :e].add(
-      jnp.einsum("bksgt,bkgth->bksh", dscores_bksgt, q_i, preferred_element_type=jnp.float32)
-    )
+    dk_bksh = dk_bksh.at[:, :, :e].add(_einsum_f32("bksgt,bkgth->bksh", dscores_bksgt, q_i))
     # dq^T = k^T ds^T: contracts the keys, the major axis of both (no copy of the scores).
-    dq_blocks.append(
-      jnp.einsum("bksh,bksgt->bkhgt", k_i, dscores_bksgt, preferred_element_type=jnp.float32)
-    )
+    dq_blocks.append(_einsum_f32("bksh,bksgt->bkhgt", k_i, dscores_bksgt))
 
   dq_bkgth = jnp.concatenate(dq_blocks, axis=-1).transpose(0, 1, 3, 4, 2)
   return (

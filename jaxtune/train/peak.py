@@ -11,19 +11,34 @@ the best of every source at hand, per dtype:
 
 `Peak.source` names the winner, and `Peak.rates` keeps every measurement, so a report can say
 which one set the figure.
+
+A CPU's measured peak is cached per machine (`cached_measure`), so that a training process does
+not spend ~3 s (and torch's import) measuring it again: in `$JAXTUNE_PEAK_CACHE` (default
+`$XDG_CACHE_HOME/jaxtune/peak.json`, i.e. `~/.cache/jaxtune/peak.json`; "off" measures every
+time), keyed by everything the rates depend on: the CPU model, the CPUs this process may use, the
+dtype and size, and the versions of jax, jaxlib, NumPy and torch. `Peak.origin` then says where
+and when it was measured. Benchmarks measure afresh (`measure`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
+import importlib.metadata
 import importlib.util
+import json
+import logging
+import os
+import platform
 import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # Dense peak FLOP/s per device and dtype, from the vendors' data sheets. float32 on NVIDIA is
 # TF32 on the tensor cores (what XLA's default precision runs); on TPUs float32 matmuls run as
@@ -49,17 +64,21 @@ VENDOR_PEAKS = {
 class Peak:
   """Peak FLOP/s of the whole host's devices of one kind (`flops`), the source that set it
   (`source`: "vendor:<device kind>", "configured", or the winning matmul "xla", "numpy",
-  "torch"), and each source's rate."""
+  "torch"), each source's rate, and, for a measurement read from the cache, where and when it
+  was made (`origin`)."""
 
   flops: float
   source: str
   dtype: str
   rates: dict[str, float]
+  origin: str = ""
 
   def describe(self) -> str:
     others = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in self.rates.items())
-    return f"peak {self.flops / 1e9:.1f} GFLOP/s {self.dtype}, set by {self.source}" + (
-      f" (GFLOP/s: {others})" if others else ""
+    return (
+      f"peak {self.flops / 1e9:.1f} GFLOP/s {self.dtype}, set by {self.source}"
+      + (f" (GFLOP/s: {others})" if others else "")
+      + (f"; {self.origin}" if self.origin else "")
     )
 
 
@@ -115,6 +134,87 @@ def measure(
   return Peak(rates[best], best, dtype, rates)
 
 
+def cache_path() -> str | None:
+  """The peak cache's file (`$JAXTUNE_PEAK_CACHE`, else under the user's cache directory);
+  None when the variable is "off"."""
+  path = os.environ.get("JAXTUNE_PEAK_CACHE", "")
+  if path == "off":
+    return None
+  cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return path or os.path.join(cache_home, "jaxtune", "peak.json")
+
+
+def _version(package: str) -> str:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return "none"
+
+
+def cpu_model() -> str:
+  """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` says."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _cpus() -> int | None:
+  """The CPUs this process may use (macOS has no affinity: all of them)."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count()
+
+
+def cache_key(dtype: str, size: int) -> str:
+  """What a measured rate depends on: the CPU, the CPUs this process may use, the matmul, and
+  the libraries (and XLA's flags) that run it."""
+  libraries = ", ".join(f"{p} {_version(p)}" for p in ("jax", "jaxlib", "numpy", "torch"))
+  flags = os.environ.get("XLA_FLAGS", "").strip()
+  key = f"{cpu_model()}; {_cpus()} CPUs; {dtype} {size}^2; {libraries}"
+  return key + (f"; XLA_FLAGS {flags}" if flags else "")
+
+
+def cached_measure(dtype: str = "float32", size: int = 2048) -> Peak:
+  """`measure(dtype, size)`, read from the cache when this machine has measured it (its
+  `origin` says so), else measured and stored there."""
+  path = cache_path()
+  if path is None:
+    return measure(dtype, size)
+  key = cache_key(dtype, size)
+  entries: dict = {}
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        entries = json.load(f)
+    except (OSError, ValueError) as e:
+      log.warning("peak cache %s unreadable (%s): measuring again and rewriting it", path, e)
+  if key in entries:
+    hit = entries[key]
+    origin = f"measured {hit['measured']}, cached in {path}"
+    return Peak(hit["flops"], hit["source"], dtype, hit["rates"], origin)
+  measured = measure(dtype, size)
+  entries[key] = {
+    "flops": measured.flops,
+    "source": measured.source,
+    "rates": measured.rates,
+    "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+  }
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = f"{path}.{os.getpid()}"
+    with open(partial, "w") as f:
+      json.dump(entries, f, indent=1)
+    os.replace(partial, path)  # Whole: a process reading it never sees half a file.
+  except OSError as e:
+    log.warning("peak cache %s not written (%s): the next run measures again", path, e)
+  return measured
+
+
 def peak(dtype: str = "float32", configured: float = 0.0) -> Peak | None:
   """The peak of all of this process's devices together: `configured` (per device) when set,
   else the vendor's figure for a known accelerator times the devices, else measured. CPU
@@ -134,7 +234,7 @@ def peak(dtype: str = "float32", configured: float = 0.0) -> Peak | None:
       # others' first collective past gloo's deadline; such a run's throughput says nothing of
       # a pod's, so it reports no MFU.
       return None
-    return measure(dtype)
+    return cached_measure(dtype)
   # An accelerator not in the table: its own matmul is the only rate at hand.
   measured = measure(dtype, sources=("xla",))
   return dataclasses.replace(measured, flops=measured.flops * len(devices))
