@@ -1,5 +1,5 @@
-"""Test setup: 8 emulated CPU devices (set before JAX initializes), one compilation cache for the
-whole run, and the shared data folder."""
+"""Test setup: 8 emulated CPU devices (set before JAX initializes), one compilation cache and one
+measured peak for the whole run, and the shared data folder."""
 
 import os
 import pathlib
@@ -24,6 +24,9 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+# The CPU's matmul peak (for MFU) is measured once per run of the suite and shared the same way,
+# never read from or written to the user's own cache (`train/peak.py`).
+os.environ["JAXTUNE_PEAK_CACHE"] = os.path.join(tempfile.gettempdir(), f"jaxtune-peak-{_RUN}.json")
 
 _DATA_DIR = pathlib.Path(
   os.environ.get("JAXTUNE_DATA_DIR", pathlib.Path(__file__).parents[1] / ".." / "shared" / "data")
