@@ -315,8 +315,10 @@ def run(cfg: Config) -> dict[str, Any]:
     finally:
       ckpt.close()
   _check_skipped(summary)
+  metric = t.objective.eval_metric  # The reward model's is its pairwise accuracy.
   log.info(
-    "held-out loss %.4f -> %.4f; checkpoints in %s",
+    "held-out %s %.4f -> %.4f; checkpoints in %s",
+    "loss" if metric in ("loss", "nll") else metric,
     summary["eval_loss_start"],
     summary["eval_loss_end"],
     ckpt.directory,
