@@ -38,7 +38,7 @@ from jaxtune import sharding
 from jaxtune.data import templates
 from jaxtune.errors import ConfigError, GenerationError
 from jaxtune.model import transformer
-from jaxtune.model.attention import CACHE_AXES
+from jaxtune.model.attention import cache_axes
 from jaxtune.sampling import Sampling, pick
 
 _DEFAULT = Sampling()  # Greedy, 256 new tokens.
@@ -71,8 +71,12 @@ def _keys(seed: jax.Array, rows_b: jax.Array, step: jax.Array) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(root, i), step))(rows_b)
 
 
-def _constrain_cache(cache: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  return {name: nn.with_logical_constraint(x, CACHE_AXES[name]) for name, x in cache.items()}
+def _constrain_cache(cache: dict[str, Any]) -> dict[str, Any]:
+  """The cache's arrays (keys and values: one per layer) constrained to their logical axes."""
+  return {
+    name: jax.tree.map(lambda x, n=name: nn.with_logical_constraint(x, cache_axes(n, x.ndim)), tree)
+    for name, tree in cache.items()
+  }
 
 
 @functools.cache
@@ -111,8 +115,10 @@ def _compiled(model: transformer.Transformer, sampling: Sampling, stop_ids: tupl
     cache, logits_bv = mutated["cache"], logits_btv[:, -1]
     if samples > 1:  # Each prompt's samples share its prefill: repeat its rows.
       cache = {
-        name: jnp.repeat(x, samples, axis=CACHE_AXES[name].index("act_batch")) if x.ndim else x
-        for name, x in cache.items()
+        name: jax.tree.map(lambda x: jnp.repeat(x, samples, axis=0), tree)
+        if name != "index"
+        else tree
+        for name, tree in cache.items()
       }
       logits_bv, tokens_bt, positions_bt, segments_bt = (
         jnp.repeat(x, samples, axis=0) for x in (logits_bv, tokens_bt, positions_bt, segments_bt)
@@ -136,6 +142,7 @@ def _compiled(model: transformer.Transformer, sampling: Sampling, stop_ids: tupl
 
   def decode(params, state: _State, limit):
     """Produces tokens until `limit` tokens are out or every row has stopped."""
+    params = transformer.unstack_layers(params)  # Once, outside the loop.
 
     def step(s: _State) -> _State:
       token_b = jax.lax.dynamic_index_in_dim(s.tokens_bo, s.step - 1, axis=1, keepdims=False)

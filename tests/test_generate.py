@@ -106,7 +106,9 @@ def test_cache_is_sized_by_kv_heads():
       ModelConfig(dim=32, num_layers=2, num_heads=4, num_kv_heads=kv, max_seq_len=48)
     )
     cache = transformer.init_cache(model, batch=3, max_length=20)
-    assert cache["key"].shape == cache["value"].shape == (2, 3, kv, 20, 8)
+    heads = (kv,) if kv > 1 else ()  # One KV head: no heads' axis.
+    for name in ("key", "value"):  # One array per layer.
+      assert [x.shape for x in cache[name]] == [(3, *heads, 20, 8)] * 2
     sizes[kv] = sum(x.size for x in jax.tree.leaves(cache))
   positions = 3 * 20 + 1  # segment ids and the index
   assert (sizes[2] - positions) * 2 == sizes[4] - positions

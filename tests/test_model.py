@@ -90,7 +90,9 @@ def test_cache_is_sized_by_kv_heads():
   for name, kv in [("mha", 8), ("gqa", 2), ("mqa", 1)]:
     model = transformer.Transformer(VARIANTS[name])
     cache = transformer.init_cache(model, batch=3, max_length=16)
-    assert cache["key"].shape == cache["value"].shape == (2, 3, kv, 16, 8)
+    heads = (kv,) if kv > 1 else ()  # One KV head: no heads' axis.
+    for name in ("key", "value"):  # One array per layer.
+      assert [x.shape for x in cache[name]] == [(3, *heads, 16, 8)] * 2
 
 
 def test_decoding_step_writes_the_cache_in_place():
@@ -100,7 +102,7 @@ def test_decoding_step_writes_the_cache_in_place():
   model = transformer.Transformer(dataclasses.replace(BASE, num_layers=8, max_seq_len=256))
   params = nn.meta.unbox(jax.eval_shape(transformer.init_fn(model), jax.random.key(0)))
   cache = jax.eval_shape(lambda: transformer.init_cache(model, batch=4, max_length=256))
-  kv_bytes = sum(cache[name].size * cache[name].dtype.itemsize for name in ("key", "value"))
+  kv_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((cache["key"], cache["value"])))
   step = jax.jit(
     lambda v, c, x: model.apply({**v, "cache": c}, x, x, decode=True, mutable=["cache"]),
     donate_argnums=1,
