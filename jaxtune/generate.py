@@ -9,7 +9,8 @@ next token then goes into the same cache slot. The batch is padded to a multiple
 data axis (with copies of its first prompt) and sharded over it like training batches, with the
 cache sharded over batch and KV heads.
 
-Each token is chosen by `sampling.pick` (penalty, greedy or temperature / top-k / top-p). Row b
+Each token is chosen by `sampling.pick` (ids past the tokenizer's `vocab_size` never; penalty,
+greedy or temperature / top-k / top-p). Row b
 draws with `fold_in(fold_in(key(seed), i_b), step)`, where
 i_b is its prompt's index in the call, so a sample does not depend on the batch it was drawn in.
 
@@ -335,17 +336,24 @@ def generate(
   rules: sharding.Rules = (),
   progress: bool = False,
   images: Sequence[np.ndarray] | None = None,
+  vocab_size: int = 0,
 ) -> list[Completion]:
   """Completions of `prompts` (token ids), in their order, `batch_size` prompts at a time
   (longest first, so that a batch's prompts are of similar lengths).
 
   With a `mesh`, `params` are sharded on it under `rules` and so is each batch. `images` (a model
   that reads them, `model/llava.py`): each prompt's images [M, Y, X, C], whose features the
-  prefill puts in the KV cache in place of the prompt's image tokens.
+  prefill puts in the KV cache in place of the prompt's image tokens. `vocab_size`: the
+  tokenizer's; ids at or past it, which it cannot decode, are never chosen (0: any id).
   """
+  sampling = _known(sampling, vocab_size)
   return _generate(
     model, params, prompts, sampling, stop_ids, seed, batch_size, mesh, rules, progress, images, 1
   )
+
+
+def _known(sampling: Sampling, vocab_size: int) -> Sampling:
+  return dataclasses.replace(sampling, vocab_size=vocab_size) if vocab_size else sampling
 
 
 def generate_samples(
@@ -361,6 +369,7 @@ def generate_samples(
   mesh: jax.sharding.Mesh | None = None,
   rules: sharding.Rules = (),
   progress: bool = False,
+  vocab_size: int = 0,
 ) -> list[list[Completion]]:
   """`num_samples` completions of each prompt (RLHF rollouts, best-of-K): each prompt is
   prefilled once and its KV cache repeated for its samples, which then decode together.
@@ -369,7 +378,7 @@ def generate_samples(
   the prompts each repeated K times: the same RNG keys, so the same tokens. `batch_size`:
   sequences decoded together (prompts x samples; at least one prompt a batch). What is saved is
   the prefill (K times fewer prompt tokens computed); each sample's rows of the cache are still
-  its own, so a decoding step reads the prompt K times.
+  its own, so a decoding step reads the prompt K times. `vocab_size`: as in `generate`.
   """
   if num_samples < 1:
     raise ConfigError(f"num_samples={num_samples} must be positive")
@@ -377,7 +386,7 @@ def generate_samples(
     model,
     params,
     prompts,
-    sampling,
+    _known(sampling, vocab_size),
     stop_ids,
     seed,
     max(1, batch_size // num_samples),
@@ -448,10 +457,12 @@ def stream(
   mesh: jax.sharding.Mesh | None = None,
   rules: sharding.Rules = (),
   images: np.ndarray | None = None,
+  vocab_size: int = 0,
 ) -> Iterator[int]:
   """The tokens of one completion as they come (the stop id is not yielded): `generate`'s
   compiled loop, run one token at a time. The same seed gives the same tokens as `generate`.
-  `images`: the prompt's images [M, Y, X, C], as in `generate`."""
+  `images`: the prompt's images [M, Y, X, C], and `vocab_size`, as in `generate`."""
+  sampling = _known(sampling, vocab_size)
   sampling.validate()
   stop_ids = tuple(int(i) for i in stop_ids)
   batch_images = None if images is None else [np.asarray(images)]
