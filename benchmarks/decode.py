@@ -28,15 +28,27 @@ With `--bitnet`, the variants are one random BitNet b1.58 model (HF BitNet's lay
 dense, fake-quantized (as QAT trains it) and with its weights packed at 2 bits each
 (`model.linear=bitnet158_packed`), at batch 1 and 16.
 
-  python benchmarks/decode.py [--quick] [--runs N] [--bitnet]
+With `--profile`, each variant's decode loop at batch 64 runs under `jax.profiler.trace`; the
+time of each XLA op (the trace's events, named as the compiled HLO's instructions) is put in a
+part of the step by the op's source (its HLO `op_name`): the weights' matmuls (q, k, v, o, MLP),
+the attention over the cache (products and softmax), the cache write, the output layer, and the
+rest (norms, RoPE, sampling, the loop). Shares of the ops' summed time, and ms a step.
+
+  python benchmarks/decode.py [--quick] [--runs N] [--bitnet] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import glob
+import gzip
+import json
 import os
+import re
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -93,8 +105,7 @@ def bitnet_variants(cfg: ModelConfig) -> dict[str, tuple[transformer.Transformer
 
 def kv_bytes(cache: Any) -> int:
   """Bytes of the key and value arrays of a cache."""
-  leaves = jax.tree_util.tree_flatten_with_path(cache)[0]
-  return sum(x.nbytes for path, x in leaves if path[-1].key in ("key", "value"))
+  return sum(x.nbytes for x in jax.tree.leaves((cache["key"], cache["value"])))
 
 
 def copy(state: Any) -> Any:
@@ -171,6 +182,74 @@ def measure_batch(
   return list(rows.values())
 
 
+# Where each XLA op of a decoding step comes from, by its HLO op_name: first match wins.
+PARTS = {
+  "weights' matmuls": re.compile(r"/(attn/[qkvo]|mlp)/"),
+  "cache write": re.compile(r"/attn/dynamic_update_slice"),
+  "attention over the cache": re.compile(r"/attn/"),
+  "output layer": re.compile(r"Transformer\.logits|/embed/.*dot_general"),
+}
+OTHER = "other (norms, RoPE, sampling, loop)"
+
+
+def op_parts(hlo_text: str) -> dict[str, str]:
+  """Instruction name -> part of the step (`PARTS`), from a compiled module's text. An op that
+  lost its op_name (XLA:CPU drops it from MHA's attention products) and reads a cache buffer
+  (an operand written by a dynamic-update-slice) is the attention's."""
+  parts = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%(\S+) = \S+ [\w-]+\(([^)]*)\)(.*)", line)
+    if not m:
+      continue
+    name, operands, rest = m.groups()
+    op = re.search(r'op_name="([^"]+)"', rest)
+    if op:
+      parts[name] = next((part for part, rx in PARTS.items() if rx.search(op[1])), OTHER)
+    else:
+      parts[name] = "attention over the cache" if "dynamic-update-slice" in operands else OTHER
+  return parts
+
+
+def profile_batch(models: dict, batch: int, sizes: dict) -> list[dict[str, Any]]:
+  """Each variant's decode loop under the profiler: ms a step in each part (`PARTS`)."""
+  prompts = np.random.default_rng(batch).integers(1, 100, (batch, sizes["prompt"])).tolist()
+  sampling = generate.Sampling(max_new_tokens=sizes["new"])
+  rows = []
+  for name, (model, params) in models.items():
+    run = generate._Run(
+      model, params, prompts, range(batch), sampling, (), 0, None, (), images=None
+    )
+    prefilled = run.state
+    run.state = copy(prefilled)
+    run.advance(2)  # Compiles.
+    hlo = run.decode.lower(params, prefilled, np.int32(2)).compile().as_text()
+    parts = op_parts(hlo)
+    run.state = copy(prefilled)
+    jax.block_until_ready(run.state)
+    folder = tempfile.mkdtemp()
+    t0 = time.perf_counter()
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+      run.advance(sizes["new"])
+    wall = time.perf_counter() - t0
+    (path,) = glob.glob(f"{folder}/**/*.trace.json.gz", recursive=True)
+    with gzip.open(path) as f:
+      events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    spent = collections.Counter()
+    for e in events:
+      if e.get("ph") == "X" and e.get("name") in parts:
+        spent[parts[e["name"]]] += e["dur"] / 1e3  # ms
+    steps = sizes["new"] - 1
+    row = {"batch": batch, "variant": name, "ms_per_step_traced": 1e3 * wall / steps}
+    total = sum(spent.values())
+    for part in [*PARTS, OTHER]:
+      row[f"{part} ms"] = spent[part] / steps
+      row[f"{part} %"] = 100 * spent[part] / total
+    print(row, flush=True)
+    rows.append(row)
+  return rows
+
+
 def plot(rows: list[dict[str, Any]], path: str, title: str, bandwidth: float | None = None) -> None:
   """Decode tokens/s against batch, and (with `bandwidth`) the bytes each step must read per
   second against the measured memory bandwidth: the roofline a decoding step is bound by."""
@@ -214,9 +293,14 @@ def main() -> None:
   parser.add_argument(
     "--bitnet", action="store_true", help="dense against BitNet b1.58 (QAT and packed weights)"
   )
+  parser.add_argument(
+    "--profile", action="store_true", help="where a decoding step's time goes, at batch 64"
+  )
   args = parser.parse_args()
   if args.bitnet:
     return main_bitnet(args)
+  if args.profile:
+    return main_profile(args)
   model = QUICK_MODEL if args.quick else MODEL
   sizes = QUICK_SIZES if args.quick else SIZES
   cfg = ModelConfig(**model)
@@ -273,6 +357,33 @@ def main() -> None:
   }
   path = common.write(name, results, markdown)
   plot(rows, os.path.join(common.RESULTS, f"{name}.png"), title, bandwidth["best"])
+  print(markdown)
+  print(f"written: {path}")
+
+
+def main_profile(args: argparse.Namespace) -> None:
+  model = QUICK_MODEL if args.quick else MODEL
+  sizes = QUICK_SIZES if args.quick else dict(SIZES, new=32)
+  cfg = ModelConfig(**model)
+  cfg.validate()
+  rows = profile_batch(variants(cfg), BATCHES[-1], sizes)
+  name = "decode_profile_quick" if args.quick else "decode_profile"
+  parts = [*PARTS, OTHER]
+  columns = ["batch", "variant", "ms_per_step_traced", *(f"{p} ms" for p in parts)]
+  shares = ["variant", *(f"{p} %" for p in parts)]
+  shape = ", ".join(f"{k} {v}" for k, v in model.items())
+  markdown = "\n\n".join(
+    [
+      "# Where a decoding step's time goes",
+      f"Model: {shape}; float32. Prompts of {sizes['prompt']} tokens, {sizes['new']} new tokens, "
+      f"batch {BATCHES[-1]}; one decode loop a variant under `jax.profiler.trace`. Each XLA op's "
+      "time is put in a part of the step by its HLO op_name; ms a step, then shares of the ops' "
+      "summed time.",
+      common.markdown_table(rows, columns),
+      common.markdown_table(rows, shares),
+    ]
+  )
+  path = common.write(name, {"model": model, "sizes": sizes, "rows": rows}, markdown)
   print(markdown)
   print(f"written: {path}")
 

@@ -105,12 +105,13 @@ class Model(loading.Loaded):
   ) -> list[generate.Completion]:
     """Completions of token-id `prompts` with the KV cache, on the model's mesh (see
     `jaxtune.generate`; sampling None: greedy, up to 256 tokens). `stop_ids` None: EOS and the
-    template's end-of-turn tokens. `images` (a LLaVA model): each prompt's images [M, Y, X, C]
-    (see `image_prompt`), prefilled into the KV cache once."""
+    template's end-of-turn tokens; ids past the tokenizer's vocabulary are never chosen.
+    `images` (a LLaVA model): each prompt's images [M, Y, X, C] (see `image_prompt`), prefilled
+    into the KV cache once."""
     if images is not None:
       self._check_images(prompts, images)
+    has_tokenizer = self.tokenizer is not None
     if stop_ids is None:
-      has_tokenizer = self.tokenizer is not None
       stop_ids = generate.template_stop_ids(self.tokenizer, self.template) if has_tokenizer else ()
     return generate.generate(
       self.module,
@@ -124,6 +125,7 @@ class Model(loading.Loaded):
       rules=self.rules,
       progress=progress,
       images=images,
+      vocab_size=self.tokenizer.vocab_size if has_tokenizer else 0,
     )
 
 

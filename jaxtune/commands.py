@@ -287,6 +287,7 @@ def _stream_reply(model: Any, ids: list[int], sampling: Any, seed: int, images=N
     mesh=model.mesh,
     rules=model.rules,
     images=images,
+    vocab_size=model.tokenizer.vocab_size,
   ):
     tokens.append(token)
     text = model.tokenizer.decode(tokens)

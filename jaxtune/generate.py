@@ -9,7 +9,8 @@ next token then goes into the same cache slot. The batch is padded to a multiple
 data axis (with copies of its first prompt) and sharded over it like training batches, with the
 cache sharded over batch and KV heads.
 
-Each token is chosen by `sampling.pick` (penalty, greedy or temperature / top-k / top-p). Row b
+Each token is chosen by `sampling.pick` (ids past the tokenizer's `vocab_size` never; penalty,
+greedy or temperature / top-k / top-p). Row b
 draws with `fold_in(fold_in(key(seed), i_b), step)`, where
 i_b is its prompt's index in the call, so a sample does not depend on the batch it was drawn in.
 
@@ -38,7 +39,7 @@ from jaxtune import sharding
 from jaxtune.data import templates
 from jaxtune.errors import ConfigError, GenerationError
 from jaxtune.model import transformer
-from jaxtune.model.attention import CACHE_AXES
+from jaxtune.model.attention import cache_axes
 from jaxtune.sampling import Sampling, pick
 
 _DEFAULT = Sampling()  # Greedy, 256 new tokens.
@@ -71,8 +72,12 @@ def _keys(seed: jax.Array, rows_b: jax.Array, step: jax.Array) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(root, i), step))(rows_b)
 
 
-def _constrain_cache(cache: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  return {name: nn.with_logical_constraint(x, CACHE_AXES[name]) for name, x in cache.items()}
+def _constrain_cache(cache: dict[str, Any]) -> dict[str, Any]:
+  """The cache's arrays (keys and values: one per layer) constrained to their logical axes."""
+  return {
+    name: jax.tree.map(lambda x, n=name: nn.with_logical_constraint(x, cache_axes(n, x.ndim)), tree)
+    for name, tree in cache.items()
+  }
 
 
 @functools.cache
@@ -111,8 +116,10 @@ def _compiled(model: transformer.Transformer, sampling: Sampling, stop_ids: tupl
     cache, logits_bv = mutated["cache"], logits_btv[:, -1]
     if samples > 1:  # Each prompt's samples share its prefill: repeat its rows.
       cache = {
-        name: jnp.repeat(x, samples, axis=CACHE_AXES[name].index("act_batch")) if x.ndim else x
-        for name, x in cache.items()
+        name: jax.tree.map(lambda x: jnp.repeat(x, samples, axis=0), tree)
+        if name != "index"
+        else tree
+        for name, tree in cache.items()
       }
       logits_bv, tokens_bt, positions_bt, segments_bt = (
         jnp.repeat(x, samples, axis=0) for x in (logits_bv, tokens_bt, positions_bt, segments_bt)
@@ -136,6 +143,7 @@ def _compiled(model: transformer.Transformer, sampling: Sampling, stop_ids: tupl
 
   def decode(params, state: _State, limit):
     """Produces tokens until `limit` tokens are out or every row has stopped."""
+    params = transformer.unstack_layers(params)  # Once, outside the loop.
 
     def step(s: _State) -> _State:
       token_b = jax.lax.dynamic_index_in_dim(s.tokens_bo, s.step - 1, axis=1, keepdims=False)
@@ -328,17 +336,24 @@ def generate(
   rules: sharding.Rules = (),
   progress: bool = False,
   images: Sequence[np.ndarray] | None = None,
+  vocab_size: int = 0,
 ) -> list[Completion]:
   """Completions of `prompts` (token ids), in their order, `batch_size` prompts at a time
   (longest first, so that a batch's prompts are of similar lengths).
 
   With a `mesh`, `params` are sharded on it under `rules` and so is each batch. `images` (a model
   that reads them, `model/llava.py`): each prompt's images [M, Y, X, C], whose features the
-  prefill puts in the KV cache in place of the prompt's image tokens.
+  prefill puts in the KV cache in place of the prompt's image tokens. `vocab_size`: the
+  tokenizer's; ids at or past it, which it cannot decode, are never chosen (0: any id).
   """
+  sampling = _known(sampling, vocab_size)
   return _generate(
     model, params, prompts, sampling, stop_ids, seed, batch_size, mesh, rules, progress, images, 1
   )
+
+
+def _known(sampling: Sampling, vocab_size: int) -> Sampling:
+  return dataclasses.replace(sampling, vocab_size=vocab_size) if vocab_size else sampling
 
 
 def generate_samples(
@@ -354,6 +369,7 @@ def generate_samples(
   mesh: jax.sharding.Mesh | None = None,
   rules: sharding.Rules = (),
   progress: bool = False,
+  vocab_size: int = 0,
 ) -> list[list[Completion]]:
   """`num_samples` completions of each prompt (RLHF rollouts, best-of-K): each prompt is
   prefilled once and its KV cache repeated for its samples, which then decode together.
@@ -362,7 +378,7 @@ def generate_samples(
   the prompts each repeated K times: the same RNG keys, so the same tokens. `batch_size`:
   sequences decoded together (prompts x samples; at least one prompt a batch). What is saved is
   the prefill (K times fewer prompt tokens computed); each sample's rows of the cache are still
-  its own, so a decoding step reads the prompt K times.
+  its own, so a decoding step reads the prompt K times. `vocab_size`: as in `generate`.
   """
   if num_samples < 1:
     raise ConfigError(f"num_samples={num_samples} must be positive")
@@ -370,7 +386,7 @@ def generate_samples(
     model,
     params,
     prompts,
-    sampling,
+    _known(sampling, vocab_size),
     stop_ids,
     seed,
     max(1, batch_size // num_samples),
@@ -441,10 +457,12 @@ def stream(
   mesh: jax.sharding.Mesh | None = None,
   rules: sharding.Rules = (),
   images: np.ndarray | None = None,
+  vocab_size: int = 0,
 ) -> Iterator[int]:
   """The tokens of one completion as they come (the stop id is not yielded): `generate`'s
   compiled loop, run one token at a time. The same seed gives the same tokens as `generate`.
-  `images`: the prompt's images [M, Y, X, C], as in `generate`."""
+  `images`: the prompt's images [M, Y, X, C], and `vocab_size`, as in `generate`."""
+  sampling = _known(sampling, vocab_size)
   sampling.validate()
   stop_ids = tuple(int(i) for i in stop_ids)
   batch_images = None if images is None else [np.asarray(images)]

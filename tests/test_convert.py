@@ -103,7 +103,7 @@ def test_mqa_conversion_shrinks_the_kv_cache_num_heads_times(tmp_path):
 
   def cache_bytes(model):
     cache = transformer.init_cache(model.module, batch=2, max_length=32)
-    return cache["key"].nbytes + cache["value"].nbytes
+    return sum(x.nbytes for x in jax.tree.leaves((cache["key"], cache["value"])))
 
   assert cache_bytes(source) == 8 * cache_bytes(mqa)
   k_ldkh = mqa.params["layers"]["attn"]["k"]["kernel"]

@@ -99,6 +99,29 @@ def test_greedy_with_cache_equals_full_recomputation_tiny(overrides):
   assert [o.ids for o in outs] == _recomputed_greedy(model, params, prompts, 12)
 
 
+def test_ids_past_the_tokenizers_vocabulary_are_never_chosen():
+  """A model whose embedding is padded past its tokenizer's 48 ids: with `vocab_size` they are
+  never chosen, greedy or sampled, even where they hold the largest logits (`pick`), and a tiny
+  model whose padded rows are made large (so that they win often) never emits them."""
+  logits_bv = np.random.default_rng(2).normal(0, 1, (256, 64)).astype(np.float32)
+  logits_bv[:, 48:] += 3.0  # The padded ids win most draws.
+  keys = jax.random.split(jax.random.key(0), 256)
+  for sampling in (generate.Sampling(), generate.Sampling(temperature=1.0, top_p=0.95)):
+    padded = sampling_lib.pick(jnp.asarray(logits_bv), None, sampling, keys)
+    assert (np.asarray(padded) >= 48).mean() > 0.5
+    known = dataclasses.replace(sampling, vocab_size=48)
+    picked = np.asarray(sampling_lib.pick(jnp.asarray(logits_bv), None, known, keys))
+    assert picked.max() < 48
+    if sampling.temperature == 0:
+      np.testing.assert_array_equal(picked, logits_bv[:, :48].argmax(-1))
+  model, params = _tiny()
+  table = params["embed"]["embedding"]  # Boxed with its logical axes.
+  params = {**params, "embed": {"embedding": table.replace(value=table.value.at[48:].multiply(3))}}
+  sampled = dataclasses.replace(GREEDY, max_new_tokens=12, temperature=1.0)
+  outs = generate.generate(model, params, [[3, 9, 27], [5]], sampled, vocab_size=48)
+  assert max(max(o.ids) for o in outs) < 48
+
+
 def test_cache_is_sized_by_kv_heads():
   sizes = {}
   for kv in (4, 2, 1):
@@ -106,7 +129,9 @@ def test_cache_is_sized_by_kv_heads():
       ModelConfig(dim=32, num_layers=2, num_heads=4, num_kv_heads=kv, max_seq_len=48)
     )
     cache = transformer.init_cache(model, batch=3, max_length=20)
-    assert cache["key"].shape == cache["value"].shape == (2, 3, kv, 20, 8)
+    heads = (kv,) if kv > 1 else ()  # One KV head: no heads' axis.
+    for name in ("key", "value"):  # One array per layer.
+      assert [x.shape for x in cache[name]] == [(3, *heads, 20, 8)] * 2
     sizes[kv] = sum(x.size for x in jax.tree.leaves(cache))
   positions = 3 * 20 + 1  # segment ids and the index
   assert (sizes[2] - positions) * 2 == sizes[4] - positions

@@ -111,7 +111,8 @@ def test_splice_against_numpy():
 def test_generate_with_an_image_matches_transformers(imported, tmp_path, monkeypatch, capsys):
   """`jaxtune generate FOLDER --image PATH --prompt TEXT` on the 8-device mesh: the image
   preprocessed as the encoder's size says, its features prefilled into the KV cache once, then
-  greedy decoding; the same tokens as transformers' `generate`."""
+  greedy decoding; the same tokens as transformers' `generate` (both never choosing the ids past
+  the tokenizer's vocabulary)."""
   folder, cfg, _ = imported
   Image.fromarray(np.random.default_rng(5).integers(0, 256, (20, 24, 3), np.uint8)).save(
     tmp_path / "x.png"
@@ -137,6 +138,7 @@ def test_generate_with_an_image_matches_transformers(imported, tmp_path, monkeyp
       do_sample=False,
       eos_token_id=tok.eos_id,
       pad_token_id=0,
+      suppress_tokens=list(range(tok.vocab_size, cfg.text.vocab_size)),  # Past the tokenizer.
     )
   theirs = [t for t in out[0, len(ids) :].tolist()]
   theirs = theirs[: theirs.index(tok.eos_id)] if tok.eos_id in theirs else theirs

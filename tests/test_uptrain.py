@@ -115,7 +115,7 @@ def test_mqa_cache_is_num_heads_times_smaller(mha):
 
   def kv_bytes(config):
     cache = transformer.init_cache(transformer.Transformer(config), batch=2, max_length=32)
-    return cache["key"].nbytes + cache["value"].nbytes
+    return sum(x.nbytes for x in jax.tree.leaves((cache["key"], cache["value"])))
 
   assert kv_bytes(MHA) == 8 * kv_bytes(cfg)
   logits_btv = jax.jit(transformer.Transformer(cfg).apply)(variables, TOKENS_BT)

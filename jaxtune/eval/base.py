@@ -176,6 +176,7 @@ def complete(
     mesh=model.mesh,
     rules=model.rules,
     progress=True,
+    vocab_size=model.tokenizer.vocab_size,
   )
   return [generate.cut_at_stop(model.tokenizer.decode(o.ids), stop_strings)[0] for o in outs]
 

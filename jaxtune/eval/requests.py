@@ -141,6 +141,7 @@ def generate_until(
       batch_size=batch_size,
       mesh=model.mesh,
       rules=model.rules,
+      vocab_size=model.tokenizer.vocab_size,
     )
     for i, c in zip(indices, completions, strict=True):
       text = model.tokenizer.decode(c.ids)

@@ -263,10 +263,12 @@ def _causal_bwd(prefix, residuals, dout_btnh):
 causal_attention.defvjp(_causal_fwd, _causal_bwd)
 
 
-# Logical axes of the cache arrays, as `transformer.Transformer` stores them.
+# Logical axes of the cache arrays, as `transformer.Transformer` stores them: "key" and "value"
+# hold one array per layer (a tuple of L), each with these axes, less the KV heads' for one KV
+# head (see `KVCache`).
 CACHE_AXES = {
-  "key": (None, "act_batch", "act_kv_heads", "act_seq", "act_head_dim"),
-  "value": (None, "act_batch", "act_kv_heads", "act_seq", "act_head_dim"),
+  "key": ("act_batch", "act_kv_heads", "act_seq", "act_head_dim"),
+  "value": ("act_batch", "act_kv_heads", "act_seq", "act_head_dim"),
   "segment_ids": ("act_batch", "act_seq"),
   "index": (),
 }
@@ -274,43 +276,54 @@ CACHE_AXES = {
 
 @flax.struct.dataclass
 class KVCache:
-  """The KV cache as the layers of one forward pass see it.
+  """One layer's KV cache as its attention sees it: keys and values [B, K, S, H], the segment ids
+  of all S slots (the new tokens' included) and the slot of the first new token.
 
-  The keys and values of all layers are stacked, [L, B, K, S, H], and the stack is carried through
-  the layers: layer l writes its T new keys and values into it in place and its attention reads
-  its own [B, K, S, H] from it. (A cache scanned over like the weights would be sliced out for
-  each layer and written back whole: copies of the whole cache at every token, several times
-  what the attention itself reads.) The T new tokens go to slots `offset` ..;
-  `segment_ids_bs` are those of all S slots, the new tokens' included.
+  Each layer has arrays of its own (the layers run unrolled when decoding, see
+  `transformer.Transformer.decode`): the T new keys and values are written into them in place and
+  the attention reads them as they are. (One array stacked over the layers would have each
+  layer's part sliced out before its products read it: a copy of the whole cache at every token,
+  as XLA does not feed a slice into a matmul.)
+
+  With one KV head (MQA) the arrays are stored [B, S, H], without the KV heads' axis: XLA drops
+  a size-1 axis before a matmul (a bitcast), and fused the write into that bitcast as well as
+  into the array kept, two writes of one buffer that cannot both be in place: it then copied the
+  layer's cache four times a step. `keys_values` gives the [B, K, S, H] view either way.
   """
 
-  key_lbksh: jax.Array
-  value_lbksh: jax.Array
+  key: jax.Array  # [B, K, S, H], or [B, S, H] for K = 1.
+  value: jax.Array
   segment_ids_bs: jax.Array
   offset: jax.Array
 
-  def write(self, layer: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array) -> KVCache:
-    def put(cache_lbksh, x_btkh):
-      x_1bkth = jnp.swapaxes(x_btkh, 1, 2)[None].astype(cache_lbksh.dtype)
-      return jax.lax.dynamic_update_slice(cache_lbksh, x_1bkth, (layer, 0, 0, self.offset, 0))
+  def write(self, k_btkh: jax.Array, v_btkh: jax.Array) -> KVCache:
+    def put(cache, x_btkh):
+      x_bkth = jnp.swapaxes(x_btkh, 1, 2).astype(cache.dtype)
+      return jax.lax.dynamic_update_slice(
+        cache,
+        x_bkth.reshape(cache.shape[:-2] + x_bkth.shape[-2:]),
+        (0,) * (cache.ndim - 2) + (self.offset, 0),
+      )
 
-    return self.replace(
-      key_lbksh=put(self.key_lbksh, k_btkh), value_lbksh=put(self.value_lbksh, v_btkh)
-    )
+    return self.replace(key=put(self.key, k_btkh), value=put(self.value, v_btkh))
 
-  def read(self, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Layer `layer`'s keys and values [B, K, S, H]."""
-    return tuple(
-      jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)
-      for x in (self.key_lbksh, self.value_lbksh)
-    )
+  def keys_values(self) -> tuple[jax.Array, jax.Array]:
+    """The keys and values [B, K, S, H]."""
+    return tuple(x[:, None] if x.ndim == 3 else x for x in (self.key, self.value))
+
+
+def cache_axes(name: str, ndim: int) -> tuple[str | None, ...]:
+  """The logical axes of a cache array of `ndim` dims (a key or value array of one KV head has
+  no KV heads' axis)."""
+  names = CACHE_AXES[name]
+  return tuple(n for n in names if n != "act_kv_heads") if len(names) > ndim else names
 
 
 class Attention(nn.Module):
   """Self-attention with q/k/v/o projections, RoPE, packing and an optional KV cache.
 
-  With a `cache`, the keys and values of the T new tokens are written into layer `layer`'s part of
-  it and the queries attend to everything cached so far: prefill (T = prompt length) and one-token
+  With a `cache` (this layer's), the keys and values of the T new tokens are written into it and
+  the queries attend to everything cached so far: prefill (T = prompt length) and one-token
   steps are the same code. Returns the output and the cache (None without one).
   """
 
@@ -328,7 +341,6 @@ class Attention(nn.Module):
     prefix_kv: tuple[jax.Array, jax.Array] | None = None,
     adapter_ids_b: jax.Array | None = None,
     cache: KVCache | None = None,
-    layer: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     cfg = self.config
     d, n, k, h = cfg.dim, cfg.num_heads, cfg.kv_heads, cfg.head_size
@@ -357,8 +369,8 @@ class Attention(nn.Module):
       k_bksh, v_bksh = jnp.swapaxes(k_btkh, 1, 2), jnp.swapaxes(v_btkh, 1, 2)
       mask_bts = attention_mask(segment_ids_bt, segment_ids_bt)
     else:
-      cache = cache.write(layer, k_btkh, v_btkh)
-      k_bksh, v_bksh = cache.read(layer)
+      cache = cache.write(k_btkh, v_btkh)
+      k_bksh, v_bksh = cache.keys_values()
       mask_bts = attention_mask(segment_ids_bt, cache.segment_ids_bs, cache.offset)
     if prefix_kv is not None:  # Prefix tuning: P more keys and values that every query sees.
       k_bkph, v_bkph = (jnp.swapaxes(x, 1, 2).astype(k_bksh.dtype) for x in prefix_kv)

@@ -6,12 +6,14 @@ Shape letters: B batch, T length, D model dim, V vocab, L layers.
 
 Inputs are token ids, or vectors a caller built (image features spliced in place of placeholder
 tokens), with optional `segment_ids` (packed sequences; 0 = padding) and positions (default:
-restarting at each segment). Layer weights are stacked on a leading `layers` axis, and so are the
-keys and values of the KV cache (see `attention.KVCache`).
+restarting at each segment). Layer weights are stacked on a leading `layers` axis. The KV cache
+holds one key and one value array per layer (see `attention.KVCache`): a pass through the cache
+(prefill, a decoding step) runs the layers unrolled, each with its own weights and cache arrays.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -24,11 +26,11 @@ from jaxtune.config_model import ModelConfig
 from jaxtune.model import neftune
 from jaxtune.model.adapters import NONE, PREFIX, PROMPT, Adapters
 from jaxtune.model.attention import (
-  CACHE_AXES,
   CONTEXT,
   CONTEXT_LSE,
   Attention,
   KVCache,
+  cache_axes,
   segment_positions,
 )
 from jaxtune.model.heads import ScalarHead
@@ -57,7 +59,6 @@ class LayerInputs:
   """What differs per layer: scanned over (leading [L] axis)."""
 
   dropout_rate: jax.Array  # [L] residual dropout rates.
-  layer: jax.Array  # [L] layer indices (where each writes the KV cache).
   prefix_kv: tuple[jax.Array, jax.Array] | None  # Prefix keys, values: [L, B, P, K, H] each.
 
 
@@ -103,7 +104,6 @@ class Block(nn.Module):
         prefix_kv=per_layer.prefix_kv,
         adapter_ids_b=shared.adapter_ids_b,
         cache=cache,
-        layer=per_layer.layer,
       )
 
     def mlp(h_btd):
@@ -269,16 +269,45 @@ class Transformer(nn.Module):
       metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, adapters, name="layers")
     per_layer = LayerInputs(
-      dropout_rate=jnp.asarray(cfg.layer_dropout_rates, jnp.float32),
-      layer=jnp.arange(cfg.num_layers),
-      prefix_kv=prefix_kv,
+      dropout_rate=jnp.asarray(cfg.layer_dropout_rates, jnp.float32), prefix_kv=prefix_kv
     )
     shared = SharedInputs(positions_bt, segment_ids_bt, adapter_ids, deterministic)
-    kv_cache = self._cache(segment_ids_bt) if cache else None
-    (x_btd, kv_cache), _ = layers((x_btd, kv_cache), per_layer, shared)
-    if cache:
-      self._store(kv_cache, segment_ids_bt.shape[1])
+    if cache and not self.is_initializing():
+      x_btd = self._through_cache(x_btd, per_layer, shared)
+    else:  # Training, scoring; and creating the weights (and the cache) at init.
+      (x_btd, _), _ = layers((x_btd, None), per_layer, shared)
+      if cache:
+        self._cache(segment_ids_bt)
     return self.final_norm(x_btd[:, prompt:])
+
+  def _through_cache(
+    self, x_btd: jax.Array, per_layer: LayerInputs, shared: SharedInputs
+  ) -> jax.Array:
+    """The layers run one after the other (unrolled, not scanned), layer l with its slice of
+    the stacked weights and its own cache arrays, which it updates in place. (Scanned, the
+    cache would be one stacked array and each layer's part would be sliced out, a copy, before
+    its products read it.) The weights are stacked [L, ...] or, split by `unstack_layers`
+    before a decoding loop, already one tree per layer."""
+    caches = self._cache(shared.segment_ids_bt)
+    weights = {
+      col: nn.meta.unbox(tree["layers"])
+      for col, tree in self.variables.items()
+      if col not in ("cache", "intermediates") and "layers" in tree
+    }
+    block = Block(self.config, self.adapters)
+    for layer, cache in enumerate(caches):
+      this_layer = functools.partial(lambda x, i: x[i], i=layer)
+      (x_btd, caches[layer]), _ = block.apply(
+        {
+          col: tree[layer] if isinstance(tree, tuple) else jax.tree.map(this_layer, tree)
+          for col, tree in weights.items()
+        },
+        (x_btd, cache),
+        jax.tree.map(this_layer, per_layer),
+        shared,
+      )
+    self._store(caches, shared.segment_ids_bt.shape[1])
+    return x_btd
 
   def logits(self, h_btd: jax.Array) -> jax.Array:
     """Float32 logits [B, T, V] of hidden states: the output layer, tied to the embedding
@@ -298,32 +327,39 @@ class Transformer(nn.Module):
       raise ValueError("this model has no scalar head (Transformer(..., scalar_head=True))")
     return self.score_head(h_btd)
 
-  def _cache(self, segment_ids_bt: jax.Array) -> KVCache:
-    """The 'cache' collection as this pass's layers see it: the segment ids of its T tokens
+  def _cache(self, segment_ids_bt: jax.Array) -> list[KVCache]:
+    """The 'cache' collection as each layer sees it: the segment ids of this pass's T tokens
     written at the index. The cache is created, sized by its first input, when the model is
     initialized with `decode=True` (see `init_cache`)."""
     cfg = self.config
     b, t = segment_ids_bt.shape
-    shape = (cfg.num_layers, b, cfg.kv_heads, t, cfg.head_size)
+    heads = () if cfg.kv_heads == 1 else (cfg.kv_heads,)  # See `KVCache`.
+    shape, dtype = (b, *heads, t, cfg.head_size), dtypes(cfg)[0]
 
     def variable(name, init, *args):
-      return constrain(self.variable("cache", name, init, *args).value, CACHE_AXES[name])
+      value = self.variable("cache", name, init, *args).value
+      return jax.tree.map(lambda x: constrain(x, cache_axes(name, x.ndim)), value)
 
-    key_lbksh = variable("key", jnp.zeros, shape, dtypes(cfg)[0])
-    value_lbksh = variable("value", jnp.zeros, shape, dtypes(cfg)[0])
+    def per_layer():
+      return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+
+    keys, values = variable("key", per_layer), variable("value", per_layer)
     segment_ids_bs = variable("segment_ids", jnp.zeros, (b, t), jnp.int32)
     offset = variable("index", lambda: jnp.zeros((), jnp.int32))
     segment_ids_bs = jax.lax.dynamic_update_slice(
       segment_ids_bs, segment_ids_bt.astype(jnp.int32), (0, offset)
     )
-    return KVCache(key_lbksh, value_lbksh, segment_ids_bs, offset)
+    return [
+      KVCache(k_bksh, v_bksh, segment_ids_bs, offset)
+      for k_bksh, v_bksh in zip(keys, values, strict=True)
+    ]
 
-  def _store(self, cache: KVCache, t: int) -> None:
+  def _store(self, caches: list[KVCache], t: int) -> None:
     """Keeps what the layers wrote and moves the index past the T new tokens."""
-    self.put_variable("cache", "key", cache.key_lbksh)
-    self.put_variable("cache", "value", cache.value_lbksh)
-    self.put_variable("cache", "segment_ids", cache.segment_ids_bs)
-    self.put_variable("cache", "index", cache.offset + t)
+    self.put_variable("cache", "key", tuple(c.key for c in caches))
+    self.put_variable("cache", "value", tuple(c.value for c in caches))
+    self.put_variable("cache", "segment_ids", caches[0].segment_ids_bs)
+    self.put_variable("cache", "index", caches[0].offset + t)
 
 
 def _adapter_ids(model: Transformer, batch: int) -> dict[str, jax.Array]:
@@ -339,9 +375,23 @@ def init_fn(model: Transformer, length: int = 8):
   return init
 
 
+def unstack_layers(params: Any) -> Any:
+  """`params` with the layers' weights as a tuple of L trees, one per layer, in place of the
+  stacked [L, ...] arrays: for a loop of decoding steps, which then reads each layer's weights
+  where they lie (XLA does not hoist the slices out of the loop: it would copy every weight at
+  every step). Only a pass through the KV cache (`decode=True`) takes them."""
+  layers = nn.meta.unbox(params["layers"])
+  count = jax.tree.leaves(layers)[0].shape[0]
+  return {
+    **params,
+    "layers": tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(count)),
+  }
+
+
 def init_cache(model: Transformer, batch: int, max_length: int) -> Any:
-  """An empty KV cache for `batch` sequences of up to `max_length` tokens: keys and values
-  [L, B, K, S, H], segment ids [B, S] and the index of the next free slot."""
+  """An empty KV cache for `batch` sequences of up to `max_length` tokens: keys and values (a
+  tuple of L arrays [B, K, S, H] each; [B, S, H] for one KV head), segment ids [B, S] and the
+  index of the next free slot."""
   tokens = jnp.zeros((batch, max_length), jnp.int32)
   ids = _adapter_ids(model, batch)
   shapes = jax.eval_shape(

@@ -117,16 +117,9 @@ def answer(model, params, prompts: Prompts, tokenizer, template: str, mesh, rule
     mesh=mesh,
     rules=rules,
     images=prompts.images,
+    vocab_size=tokenizer.vocab_size,
   )
-  return [_text(tokenizer, c.ids) for c in completions]
-
-
-def _text(tokenizer, ids) -> str:
-  """The decoded answer. Ids past the tokenizer's (a model's vocabulary is padded past it, and
-  an untrained one samples them) decode to nothing; one U+FFFD marks them, so that such an
-  answer never matches."""
-  known = [i for i in ids if i < tokenizer.vocab_size]
-  return tokenizer.decode(known) + ("\ufffd" if len(known) < len(ids) else "")
+  return [tokenizer.decode(c.ids) for c in completions]
 
 
 def evaluate(model, params, prompts: Prompts, tokenizer, template: str, mesh, rules):
