@@ -78,7 +78,8 @@ _COT = "{rationale} So the answer is {answer}."
 # Wordings every task is trained in (Flan's lesson in miniature: many phrasings of one task make
 # a model answer phrasings it never saw). None of them begins as a held-out template does; three
 # open with a sentence of their own, so that a model learns to read past an opening it has not
-# seen (with only the first four, "Please do this." turned capitals prompts into reversals).
+# seen (in a run trained on only the first four, "Please do this." turned capitals prompts into
+# reversals).
 _WORDINGS = (
   _T("{question}", "{answer}"),
   _T("Task: {question}\nResult:", "{answer}"),
