@@ -2,8 +2,8 @@
 step's cost of quantization-aware training, and checkpoint bytes packed at 2 bits a weight.
 
 1. From scratch on the embedded task mixture (`configs/bitnet.yaml`: HF BitNet's layout), the same
-   model with `model.linear` dense (at the dense default learning rate, 3e-3), bitnet158 and
-   bitnet (at the recipe's 6e-3); the same data, batches and steps for all three.
+   model with `model.linear` dense (at 3e-3, the dense default when its figures were measured),
+   bitnet158 and bitnet (at the recipe's 6e-3); the same data, batches and steps for all three.
 2. From scratch on a real corpus: the same three on LIMA's conversations (stories260K's 512-piece
    SentencePiece tokenizer, rows of 256), the same batches for all three.
 3. QAT from the pretrained stories260K on LIMA: `configs/stories_finetune.yaml` (dense fine-tune)

@@ -76,12 +76,18 @@ def _sort(rng: np.random.Generator) -> dict[str, Any]:
 _T = TaskTemplate
 _COT = "{rationale} So the answer is {answer}."
 # Wordings every task is trained in (Flan's lesson in miniature: many phrasings of one task make
-# a model answer phrasings it never saw). None of them begins as a held-out template does.
+# a model answer phrasings it never saw). None of them begins as a held-out template does; three
+# open with a sentence of their own, so that a model learns to read past an opening it has not
+# seen (in a run trained on only the first four, "Please do this." turned capitals prompts into
+# reversals).
 _WORDINGS = (
   _T("{question}", "{answer}"),
   _T("Task: {question}\nResult:", "{answer}"),
   _T("Q: {question}\nA:", "{answer}"),
   _T("Here is a question. {question}", "{answer}"),
+  _T("Read carefully. {question}", "{answer}"),
+  _T("New task! {question}", "{answer}"),
+  _T("Instruction: {question}", "{answer}"),
 )
 _OPTIONS = _T("{question}\nOptions:\n{options}", "{answer}")
 # (make, training templates, held-out templates). A held-out template is a new wording (an
