@@ -50,8 +50,8 @@ WHY = {
   "paper saw",
   "longer_helps": "the shortest and the longest prefix end within the seeds' spread: 40 steps "
   "are too few for the extra positions to pay off (the paper trained for thousands)",
-  "words_help": "the random and the real-word starts end within the seeds' spread (one seed "
-  "each); the paper saw the gap in its low-data settings",
+  "words_help": "the random and the real-word starts end within the seeds' spread (the random "
+  "start one seed); the paper saw the gap in its low-data settings",
 }
 
 
