@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -109,6 +110,9 @@ def write(out: pathlib.Path, name: str, result: dict[str, Any], quick: bool) -> 
   return path
 
 
+# What every smoke run sets, whatever its model: one warm-up step, and a nominal peak FLOP/s for
+# the MFU it reports (measuring the host's takes seconds, and a smoke run's figures mean nothing).
+QUICK_RUN = ("train.warmup_steps=1", "train.peak_flops=1e12")
 # A smoke run's model and data: small enough that `--quick` compiles and steps in seconds.
 QUICK = (
   "model.dim=32",
@@ -122,7 +126,7 @@ QUICK = (
   "train.batch_size=8",
   "data.synthetic_examples=40",
   "train.held_out_prompts=0",
-  "train.warmup_steps=1",
+  *QUICK_RUN,
 )
 
 
@@ -191,7 +195,7 @@ def lima_finetune(work: pathlib.Path, sizes: dict[str, Any], lr: float, quick: b
     "train.log_every=5",
     f"train.learning_rate={lr}",
     f"train.end_learning_rate={lr / 10}",
-    *(["train.warmup_steps=1"] if quick else []),
+    *(QUICK_RUN if quick else ()),
   ]
 
 
@@ -216,12 +220,21 @@ def errorbars(ax, xs: Sequence[Any], spreads: Sequence[dict[str, Any]], **kwargs
 def param_counts(files: Sequence[str], overrides: Sequence[str]) -> dict[str, int]:
   """The parameters of a run's model (`params`, with any adapters), those it trains
   (`trainable`) and those of its base model alone (`base`), from shapes only."""
+  params, trainable = _counts(tuple(files), _settings(overrides))
+  base, _ = _counts(tuple(files), _settings([*overrides, "peft.method=none"]))
+  return {"params": params, "trainable": trainable, "base": base}
+
+
+def _settings(overrides: Sequence[str]) -> tuple[str, ...]:
+  """`overrides` as the settings they make (the last of a key wins), in one order: the same
+  model is counted once (`_counts`)."""
+  return tuple(sorted({o.split("=", 1)[0]: o for o in overrides}.values()))
+
+
+@functools.cache
+def _counts(files: tuple[str, ...], overrides: tuple[str, ...]) -> tuple[int, int]:
   from jaxtune import sharding
 
-  def counts(extra: Sequence[str]) -> tuple[int, int]:
-    cfg = load(files, [*overrides, *extra])
-    t = loop.build(cfg, sharding.make_mesh(cfg.mesh), 1, shapes_only=True)
-    return t.n_params, t.n_trainable
-
-  params, trainable = counts([])
-  return {"params": params, "trainable": trainable, "base": counts(["peft.method=none"])[0]}
+  cfg = load(files, overrides)
+  t = loop.build(cfg, sharding.make_mesh(cfg.mesh), 1, shapes_only=True)
+  return t.n_params, t.n_trainable

@@ -29,6 +29,7 @@ from jaxtune.eval import base, responses
 
 NAME = "lima"
 HELD_OUT = 64
+QUICK_HELD_OUT = 8  # A smoke run's: one batch of the loop's held-out loss.
 SOURCES = ("lima", "flan_cot")
 STATS = ("eval_loss", "length_words", "rep_2", "log_diversity", "rouge_l")
 
@@ -88,7 +89,7 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> None:
     ax.tick_params(axis="x", labelsize=8)
   fig.suptitle(
     f"stories260K fine-tuned on {result['examples']} examples of each source, "
-    f"{result['steps']} steps, {result['seeds']} seeds; {HELD_OUT} held-out LIMA prompts",
+    f"{result['steps']} steps, {result['seeds']} seeds; {result['held_out']} held-out LIMA prompts",
     fontsize=10,
   )
   fig.tight_layout()
@@ -148,13 +149,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   pairs = lima_pairs(data)
   order = np.random.default_rng(0).permutation(len(pairs))
   held_out = tmp / "lima_held_out.jsonl"
-  write_messages([pairs[i] for i in order[:HELD_OUT]], held_out)
+  kept = QUICK_HELD_OUT if args.quick else HELD_OUT
+  write_messages([pairs[i] for i in order[:kept]], held_out)
   n = 32 if args.quick else len(pairs) - HELD_OUT
   files = {
     "lima": [pairs[i] for i in order[HELD_OUT : HELD_OUT + n]],
     "flan_cot": flan_pairs(data, n, 0),
   }
-  steps = 2 if args.quick else 120
+  steps = 1 if args.quick else 120
   limit, new_tokens = (2, 8) if args.quick else (HELD_OUT, 128)
   common = [
     f"data.eval_path={held_out}",
@@ -166,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "train.held_out_prompts=0",
     f"train.eval_every={steps}",
     f"train.checkpoint_every={steps}",
-    *(["train.batch_size=8", "train.warmup_steps=1"] if args.quick else []),
+    *(["train.batch_size=8", "data.max_length=128", *claimlib.QUICK_RUN] if args.quick else []),
   ]
   if not args.quick:
     claimlib.share_compiles(tmp / "compiled")
@@ -191,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "steps": steps,
     "seeds": args.seeds,
     "examples": n,
-    "held_out": HELD_OUT,
+    "held_out": kept,
     "max_new_tokens": new_tokens,
     # Before fine-tuning: stories260K's held-out loss (the same for each run: the same weights).
     "base": {"eval_loss": claimlib.spread(base_loss)},
@@ -208,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ),
     setting=(
       f"stories260K (pretrained) fine-tuned {steps} steps on {n} LIMA examples vs {n} Flan CoT "
-      f"examples, NEFTune off, {args.seeds} seeds; {HELD_OUT} held-out LIMA examples: loss, "
+      f"examples, NEFTune off, {args.seeds} seeds; {kept} held-out LIMA examples: loss, "
       f"greedy responses up to {new_tokens} tokens"
     ),
     ours=ours,

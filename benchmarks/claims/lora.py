@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import claimlib
 
 RECIPE = ["configs/stories_finetune.yaml"]
-FULL = dict(steps=40, ranks=(1, 4, 64), held_out=48, train_records=320, length=128)
+FULL = dict(steps=40, ranks=(1, 2, 4, 8, 16, 32, 64), held_out=48, train_records=320, length=128)
 QUICK = dict(steps=1, ranks=(4,), held_out=4, train_records=32, length=128)
 FULL_LR, LORA_LR = 2e-3, 1e-2
 PAPER = (
