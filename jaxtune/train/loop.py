@@ -7,25 +7,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import yaml
 from flax import traverse_util
-from tqdm import tqdm
 
 from jaxtune import checkpoint, runs, sharding
 from jaxtune.config import Config
 from jaxtune.convert import hf, llama2c
 from jaxtune.data import pipeline
-from jaxtune.errors import ConfigError, DataError, TrainingError
+from jaxtune.errors import ConfigError, DataError
 from jaxtune.model import transformer
 from jaxtune.peft import methods, partition
 from jaxtune.train import held_out as held_out_eval
-from jaxtune.train import llava_run, metrics, objective, optim, precomputed, reference, reward
-from jaxtune.train import peak as peak_lib
+from jaxtune.train import llava_run, objective, optim, precomputed, reference, reward
+from jaxtune.train import report as report_lib
 from jaxtune.train.feed import Feed, held_out_batches, make_feed, with_saved_tokenizer
 from jaxtune.train.step import TrainState, make_eval_step, make_train_step
 
@@ -314,7 +312,7 @@ def run(cfg: Config) -> dict[str, Any]:
       state, summary = _train(cfg, t, state, feed, ckpt, answers)
     finally:
       ckpt.close()
-  _check_skipped(summary)
+  report_lib.check_skipped(summary)
   metric = t.objective.eval_metric  # The reward model's is its pairwise accuracy.
   log.info(
     "held-out %s %.4f -> %.4f; checkpoints in %s",
@@ -360,7 +358,7 @@ def _train(
     return total / count
 
   steps, first = feed.steps, int(state.step)
-  report = _reporter(cfg, t, steps, first)
+  report = report_lib.make(cfg, t.lr, t.n_params, steps, first)
   summary = {"eval_loss_start": held_out_loss(state.params), "steps": steps, "start_step": first}
   start = {"eval_loss": summary["eval_loss_start"], **answers(first, state.params)}
   if report.peak:
@@ -382,7 +380,7 @@ def _train(
       if step % cfg.train.eval_every == 0 and step != steps:
         report.writer.write(step, {"eval_loss": held_out_loss(state.params)})
       if step % cfg.train.checkpoint_every == 0 and step != steps:
-        _check_finite(*pending, cfg)
+        report_lib.check_finite(*pending, cfg)
         ckpt.save(step, state, feed.batches.state())
     if pending is not None:
       report(*pending)
@@ -397,105 +395,3 @@ def _train(
   summary["tokens_per_s"] = report.tokens_per_s() if steps > first else 0.0
   summary["skipped_steps"] = report.skipped
   return state, summary
-
-
-def _reporter(cfg: Config, t: Trainer, steps: int, first: int) -> Reporter:
-  """The run's Reporter (process 0 shows and writes), from step `first` of `steps`."""
-  chief = jax.process_index() == 0
-  return Reporter(
-    cfg,
-    lr=t.lr,
-    writer=metrics.Writer(cfg.train.output_dir, enabled=chief),
-    bar=tqdm(total=steps, initial=first, unit="step", disable=not chief, mininterval=1.0),
-    flops_per_token=metrics.flops_per_token(cfg.model, t.n_params, cfg.data.max_length),
-    peak=peak_lib.peak(cfg.model.dtype, cfg.train.peak_flops) if chief else None,
-  )
-
-
-def _check_finite(step: int, step_metrics: dict[str, jax.Array], cfg: Config) -> None:
-  if not bool(step_metrics["update_finite"]):  # Applied in place: no state to skip back to.
-    raise TrainingError(
-      f"step {step}: the update made the parameters non-finite (loss "
-      f"{float(step_metrics['loss'])}, gradient norm {float(step_metrics['grad_norm'])}); "
-      "check train.learning_rate. No checkpoint holds them, and the run stops whatever "
-      "train.nonfinite says"
-    )
-  if not bool(step_metrics["finite"]) and cfg.train.nonfinite == "stop":
-    raise TrainingError(
-      f"step {step}: non-finite loss ({float(step_metrics['loss'])}) or gradient "
-      f"norm ({float(step_metrics['grad_norm'])}); the step was not applied and "
-      "no checkpoint holds it. Set train.nonfinite=skip to skip such steps"
-    )
-
-
-def _check_skipped(summary: dict[str, Any]) -> None:
-  """With `train.nonfinite=skip`, a few skipped steps are a warning; half or more of the run's
-  steps skipped is an error (its checkpoints are saved, but it barely trained)."""
-  skipped, ran = summary["skipped_steps"], summary["steps"] - summary["start_step"]
-  if not skipped:
-    return
-  message = f"{skipped} of the {ran} steps run were skipped: non-finite loss or gradient"
-  if 2 * skipped >= ran:
-    raise TrainingError(f"{message}; check train.learning_rate and the data")
-  log.warning(message)
-
-
-# What every step reports besides the objective's metrics (`step.make_train_step`).
-_STEP_INTERNALS = ("loss", "grad_norm", "finite", "update_finite", "tokens", "supervised_tokens")
-
-
-@dataclasses.dataclass
-class Reporter:
-  """Reports each step's metrics (progress bar, metrics.jsonl, TensorBoard) and counts the real
-  (non-padding) tokens of the global batches trained on since it started, as the steps count
-  them (each process builds only its part of a batch)."""
-
-  cfg: Config
-  lr: Any  # step -> learning rate
-  writer: metrics.Writer
-  bar: Any  # tqdm
-  flops_per_token: float
-  peak: peak_lib.Peak | None  # Of all the devices together.
-  t0: float = dataclasses.field(default_factory=time.perf_counter)
-  tokens: int = 0
-  skipped: int = 0  # Steps not applied (non-finite), with train.nonfinite=skip.
-
-  def tokens_per_s(self) -> float:
-    return self.tokens / (time.perf_counter() - self.t0)
-
-  def __call__(self, step: int, step_metrics: dict[str, jax.Array]) -> None:
-    _check_finite(step, step_metrics, self.cfg)
-    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-    self.tokens += int(values.get("tokens", 0))
-    self.skipped += not values["finite"]
-    bar = self.bar
-    if bar.disable:  # Not process 0: nothing to show or write.
-      return
-    if not values["finite"]:
-      log.warning("step %d: non-finite loss or gradient; step skipped", step)
-    bar.update(step - bar.n)
-    if step % self.cfg.train.log_every and step != bar.total:
-      return
-    record = {
-      "loss": values["loss"],
-      "grad_norm": values["grad_norm"],
-      "lr": float(self.lr(step - 1)),
-      "tokens_per_s": self.tokens_per_s(),
-      "step_time_s": (time.perf_counter() - self.t0) / max(bar.n - bar.initial, 1),
-    }
-    # The objective's own metrics (a DPO step's rewards, margin, accuracy and KL; SFT's nll).
-    record.update({k: v for k, v in values.items() if k not in _STEP_INTERNALS})
-    if self.peak:
-      record["mfu"] = record["tokens_per_s"] * self.flops_per_token / self.peak.flops
-    self.writer.write(step, record)
-    bar.set_postfix(
-      loss=f"{record['loss']:.3f}",
-      lr=f"{record['lr']:.1e}",
-      gnorm=f"{record['grad_norm']:.2f}",
-      tok_s=f"{record['tokens_per_s']:.0f}",
-      **({"mfu": f"{100 * record['mfu']:.1f}%"} if self.peak else {}),
-    )
-
-  def close(self) -> None:
-    self.bar.close()
-    self.writer.close()

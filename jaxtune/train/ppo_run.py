@@ -40,6 +40,7 @@ from jaxtune.errors import ConfigError
 from jaxtune.peft import partition, prefix
 from jaxtune.train import held_out as held_out_eval
 from jaxtune.train import loading, loop, ppo, reference, reward, rewards
+from jaxtune.train import report as report_lib
 from jaxtune.train.feed import make_feed, with_saved_tokenizer
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ class Driver:
     cfg, t = self.cfg, self.t
     per = updates_per_iteration(cfg)
     first, steps = int(state.step), self.feed.steps
-    report = loop._reporter(cfg, t, steps, first)
+    report = report_lib.make(cfg, t.lr, t.n_params, steps, first)
     summary: dict[str, Any] = {"steps": steps, "start_step": first, "rollouts": []}
     report.writer.write(first, answers(first, state.params))
     try:
