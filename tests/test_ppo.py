@@ -257,3 +257,40 @@ def test_k3_is_an_unbiased_nonnegative_estimate_of_the_kl():
   assert float(per_token.min()) >= 0.0
   kl = np.sum(np.exp(log_p) * (log_p - log_q), -1)
   np.testing.assert_allclose(np.sum(np.exp(log_p) * per_token, -1), kl, rtol=1e-5)
+
+
+def test_scored_log_probs_are_of_the_distribution_the_rollouts_are_sampled_from():
+  """At a temperature, with a tokenizer smaller than the model's vocabulary, the policy's and the
+  reference's log-probabilities are those `sampling.pick` draws from: log softmax of the known
+  ids' logits over the temperature (NumPy), not of the raw logits."""
+  cfg = _cfg((1, 1), temperature=0.7)
+  known = VOCAB - 3
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  t = loop.build(cfg, mesh, 100, make_goal=lambda m: ppo.PPO(m, cfg.ppo, known))
+  rng = np.random.default_rng(5)
+  prompts = [rng.integers(2, known, 4).tolist() for _ in range(ROWS)]
+  completions = [generate.Completion(rng.integers(2, known, 3).tolist(), "stop")] * ROWS
+  rows = ppo_run.rollout_rows(prompts, completions, 1, LENGTH)
+  params = partition.combine(t.state.params, t.frozen)
+  with sharding.use(mesh, t.rules):
+    scored, _ = jax.device_get(t.objective.score(params, rows, jnp.zeros(ROWS), jnp.float32(0.1)))
+    logits = np.asarray(
+      t.model.apply(
+        {"params": ppo.reference.without_copy(params)},
+        rows["inputs"],
+        rows["positions"],
+        rows["segment_ids"],
+      )
+    )
+  z = logits[..., :known].astype(np.float64) / 0.7
+  log_p = z - z.max(-1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+  want = np.take_along_axis(log_p, rows["targets"][..., None], -1)[..., 0] * rows["weights"]
+  for key in ("old_log_probs", "reference_log_probs"):  # The reference is the start's copy.
+    np.testing.assert_allclose(scored[key], want, rtol=1e-5, atol=1e-5, err_msg=key)
+  raw = jax.nn.log_softmax(logits, -1)
+  assert not np.allclose(
+    np.take_along_axis(raw, rows["targets"][..., None], -1)[..., 0] * rows["weights"],
+    want,
+    atol=1e-3,
+  )

@@ -25,6 +25,12 @@ The policy and the value share the trunk (and, under LoRA, the adapters): the va
 head (`model/heads.py`) on the policy's hidden states, started from the reward model's head.
 The reference is `train/reference.py`'s (the base with the adapters off under LoRA: no copy).
 
+Every log-probability (the policy's, old and new, and the reference's) is of the distribution the
+rollouts were sampled from: the logits divided by `ppo.temperature` and with the ids past the
+tokenizer's `vocab_size` removed, as `sampling.pick` draws them. Otherwise the ratio rho and the KL
+would compare a distribution nothing was drawn from (TRL scales by the temperature likewise).
+`top_k` is not applied: truncation has no log-probability for the ids it removes.
+
 Shape letters: B rollouts (rows), T length, V vocab.
 """
 
@@ -36,6 +42,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from jaxtune import sampling
 from jaxtune.config_ppo import PpoConfig
 from jaxtune.model import transformer
 from jaxtune.train import preference, reference, sft
@@ -103,6 +110,7 @@ class PPO:
 
   model: transformer.Transformer
   cfg: PpoConfig = PpoConfig()
+  vocab_size: int = 0  # The tokenizer's ids; 0: every id of the model's vocabulary.
 
   eval_metric: ClassVar[str] = "loss"
   needs_reference: ClassVar[bool] = True  # The loop attaches a frozen copy under full FT.
@@ -113,6 +121,15 @@ class PPO:
 
   def normalizer(self, batch: Batch) -> jax.Array:
     return jnp.sum(batch["weights"])
+
+  def _log_probs(self, logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
+    """[B, T]: log-probabilities of `targets_bt` as the rollouts' sampler draws them."""
+    logits_btv = logits_btv.astype(jnp.float32)
+    if 0 < self.vocab_size < logits_btv.shape[-1]:
+      logits_btv = sampling.known_only(logits_btv, self.vocab_size)
+    if self.cfg.temperature > 0:
+      logits_btv = logits_btv / self.cfg.temperature
+    return preference.token_log_probs(logits_btv, targets_bt)
 
   def _forward(self, params: Any, batch: Batch, rng: jax.Array | None, prefix: str = ""):
     """(logits [B, T, V], values [B, T]) of the policy: one pass through the trunk."""
@@ -135,10 +152,10 @@ class PPO:
     mask_bt = batch["weights"]
     policy, ref_model, ref_params = reference.split(self.model, params)
     logits_btv, values_bt = self._forward(policy, batch, None)
-    log_p_bt = preference.token_log_probs(logits_btv, batch["targets"]) * mask_bt
+    log_p_bt = self._log_probs(logits_btv, batch["targets"]) * mask_bt
     inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
     ref_btv = ref_model.apply({"params": ref_params}, *inputs)
-    ref_bt = preference.token_log_probs(ref_btv, batch["targets"]) * mask_bt
+    ref_bt = self._log_probs(ref_btv, batch["targets"]) * mask_bt
     kl_bt = (log_p_bt - ref_bt) * mask_bt  # k1 per token: its sum is the response's log ratio.
     penalty_bt = -beta * kl_bt if self.cfg.kl == "k1" else jnp.zeros_like(kl_bt)
     token_rewards_bt = penalty_bt + rewards_b[:, None] * last_response_token(mask_bt)
@@ -161,7 +178,7 @@ class PPO:
     cfg, mask_bt = self.cfg, batch["weights"]
     policy = reference.without_copy(params)
     logits_btv, values_bt = self._forward(policy, batch, rng)
-    log_p_bt = preference.token_log_probs(logits_btv, batch["targets"])
+    log_p_bt = self._log_probs(logits_btv, batch["targets"])
     ratio_bt = jnp.exp(log_p_bt - batch["old_log_probs"])
     adv_bt = batch["advantages"]
     clipped_bt = jnp.clip(ratio_bt, 1.0 - cfg.clip, 1.0 + cfg.clip)

@@ -155,7 +155,9 @@ def run(cfg: Config) -> dict[str, Any]:
   feed = make_feed(cfg, mesh)
   check(cfg, feed.steps)
   tok = feed.data.tokenizer
-  t = loop.build(cfg, mesh, feed.steps, tok, make_goal=lambda m: ppo.PPO(m, cfg.ppo))
+  t = loop.build(
+    cfg, mesh, feed.steps, tok, make_goal=lambda m: ppo.PPO(m, cfg.ppo, tok.vocab_size)
+  )
   loop._log_model(cfg, t, mesh)
   prompts = Prompts.of(cfg, tok)
   reward_of = Rewards(cfg, mesh)
@@ -200,7 +202,10 @@ class Driver:
     tok, template = feed.data.tokenizer, cfg.data.template
     self.tokenizer, self.stop_ids = tok, generate.template_stop_ids(tok, template)
     p = cfg.ppo
-    self.sampling = generate.Sampling(p.max_new_tokens, p.temperature, p.top_k)
+    # Drawn as `ppo.PPO` scores them: the tokenizer's ids only, at `temperature`.
+    self.sampling = generate.Sampling(
+      p.max_new_tokens, p.temperature, p.top_k, vocab_size=tok.vocab_size
+    )
     goal: ppo.PPO = t.objective
     self.score = jax.jit(
       lambda trainable, frozen, batch, rewards_b, beta: goal.score(
@@ -232,9 +237,7 @@ class Driver:
       rules=t.rules,
     )
     rows = rollout_rows(ids, completions, self.stop_ids[0], cfg.data.max_length)
-    # A model's vocabulary may be padded past the tokenizer's: such ids have no text.
-    known = self.tokenizer.vocab_size
-    texts = [self.tokenizer.decode([i for i in c.ids if i < known]) for c in completions]
+    texts = [self.tokenizer.decode(c.ids) for c in completions]
     return rows, chosen, texts
 
   def iteration(self, state, iteration: int, beta: float):
