@@ -204,7 +204,7 @@ def _with_reference(cfg: Config, t: Trainer, feed: Feed, mesh, resuming: bool) -
   examples, and its batches (same plans) built from them."""
   rows = sharding.batch_rows(mesh, cfg.train.batch_size)
   params = partition.combine(t.state.params, t.frozen)  # The initial ones: before any step.
-  put = _batch_putter(cfg, t)
+  put = batch_putter(cfg, t)
   data = precomputed.attach(cfg, feed.data, t.model, params, put, rows, resuming)
   batches = pipeline.training_batches(data, cfg, rows)
   return dataclasses.replace(
@@ -212,7 +212,7 @@ def _with_reference(cfg: Config, t: Trainer, feed: Feed, mesh, resuming: bool) -
   )
 
 
-def _log_model(cfg: Config, t: Trainer, mesh: jax.sharding.Mesh) -> None:
+def log_model(cfg: Config, t: Trainer, mesh: jax.sharding.Mesh) -> None:
   log.info(
     "model: %s parameters on mesh %s; trainable (peft.method=%s): %s (%.4f%%)",
     f"{t.n_params:,}",
@@ -223,7 +223,7 @@ def _log_model(cfg: Config, t: Trainer, mesh: jax.sharding.Mesh) -> None:
   )
 
 
-def _restore(
+def restore(
   cfg: Config, ckpt: checkpoint.Checkpointer, t: Trainer, feed: Feed
 ) -> tuple[TrainState, dict[str, Any]]:
   """The initial state and the saved data state: the newest good checkpoint's with
@@ -262,7 +262,7 @@ def _with_bitnet_groups(cfg: Config, mesh: jax.sharding.Mesh) -> Config:
   return dataclasses.replace(cfg, model=model)
 
 
-def _write_run_files(cfg: Config, tokenizer) -> None:
+def write_run_files(cfg: Config, tokenizer) -> None:
   """The run's resolved config and tokenizer (process 0 alone)."""
   if jax.process_index() != 0:
     return
@@ -272,7 +272,7 @@ def _write_run_files(cfg: Config, tokenizer) -> None:
   tokenizer.save(os.path.join(cfg.train.output_dir, runs.TOKENIZER))
 
 
-def _batch_putter(cfg: Config, t: Trainer, keys: tuple[str, ...] | None = None):
+def batch_putter(cfg: Config, t: Trainer, keys: tuple[str, ...] | None = None):
   """This process's rows of a batch -> the global batch on the mesh (`keys`, else the
   objective's)."""
 
@@ -298,7 +298,7 @@ def run(cfg: Config) -> dict[str, Any]:
   cfg = llava_run.with_image_token(cfg, feed.data.tokenizer)
   t = build(cfg, mesh, feed.steps, feed.data.tokenizer, segments=feed.segments)
   objective.check_data(cfg.train, t.objective, feed.data.train)
-  _log_model(cfg, t, mesh)
+  log_model(cfg, t, mesh)
   with sharding.use(mesh, t.rules):
     ckpt = checkpoint.Checkpointer(
       os.path.join(cfg.train.output_dir, runs.CHECKPOINTS), cfg.train.keep_checkpoints
@@ -306,8 +306,8 @@ def run(cfg: Config) -> dict[str, Any]:
     try:
       if "reference" in t.objective.batch_keys:  # train.reference=precomputed
         feed = _with_reference(cfg, t, feed, mesh, resuming=ckpt.latest_step() is not None)
-      state, _ = _restore(cfg, ckpt, t, feed)
-      _write_run_files(cfg, feed.data.tokenizer)
+      state, _ = restore(cfg, ckpt, t, feed)
+      write_run_files(cfg, feed.data.tokenizer)
       answers = held_out_eval.Answers(cfg, t, feed.data, mesh)
       state, summary = _train(cfg, t, state, feed, ckpt, answers)
     finally:
@@ -340,7 +340,7 @@ def _train(
 ) -> tuple[TrainState, dict[str, Any]]:
   """Steps from the state's step to the last, with held-out losses and answers, metrics and
   checkpoints."""
-  put = _batch_putter(cfg, t)
+  put = batch_putter(cfg, t)
   held_out = [put(next(feed.held_out)) for _ in range(feed.held_out_batches)]
 
   def held_out_loss(trainable) -> float:

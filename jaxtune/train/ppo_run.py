@@ -158,7 +158,7 @@ def run(cfg: Config) -> dict[str, Any]:
   t = loop.build(
     cfg, mesh, feed.steps, tok, make_goal=lambda m: ppo.PPO(m, cfg.ppo, tok.vocab_size)
   )
-  loop._log_model(cfg, t, mesh)
+  loop.log_model(cfg, t, mesh)
   prompts = Prompts.of(cfg, tok)
   reward_of = Rewards(cfg, mesh)
   with sharding.use(mesh, t.rules):
@@ -166,11 +166,11 @@ def run(cfg: Config) -> dict[str, Any]:
       os.path.join(cfg.train.output_dir, runs.CHECKPOINTS), cfg.train.keep_checkpoints
     )
     try:
-      state, data_state = loop._restore(cfg, ckpt, t, feed)
+      state, data_state = loop.restore(cfg, ckpt, t, feed)
       if not data_state and reward_of.value_head() is not None:
         state = _with_value_head(t, state, reward_of.value_head())
         log.info("value head from the reward model %s", cfg.ppo.reward_model)
-      loop._write_run_files(cfg, tok)
+      loop.write_run_files(cfg, tok)
       answers = held_out_eval.Answers(cfg, t, feed.data, mesh)
       driver = Driver(cfg, t, mesh, prompts, reward_of, feed)
       state, summary = driver.train(state, data_state.get(KL_COEF, cfg.ppo.kl_coef), ckpt, answers)
@@ -215,7 +215,7 @@ class Driver:
     self.select = jax.jit(
       lambda full, idx: {k: v[idx] for k, v in full.items()}, out_shardings=t.batch_sharding
     )
-    self.ptx = loop._batch_putter(cfg, t, ppo.ROLLOUT_KEYS) if p.ptx_coef else None
+    self.ptx = loop.batch_putter(cfg, t, ppo.ROLLOUT_KEYS) if p.ptx_coef else None
 
   def rollouts(self, state, iteration: int) -> tuple[dict[str, np.ndarray], list[int], list[str]]:
     """The iteration's rows, the prompts' indices and the responses' text."""
