@@ -24,6 +24,7 @@ import common  # noqa: F401  (sets the host's malloc before JAX starts)
 from jaxtune import api, config, generate
 from jaxtune.data import packing, pipeline
 from jaxtune.data.packing import Stats
+from jaxtune.train import held_out as held_out_eval
 from jaxtune.train import loop
 
 
@@ -39,8 +40,9 @@ def answers(model, convs, sampling, seed=0) -> list[str]:
 
 
 def exact(convs, answers) -> float:
-  right = [a == c.messages[-1].content.strip() for c, a in zip(convs, answers, strict=True)]
-  return sum(right) / len(right)
+  """The share of answers that are their conversation's reference, as the default run scores."""
+  pairs = zip(answers, convs, strict=True)
+  return sum(held_out_eval.exact_match(a, c.messages[-1].content) for a, c in pairs) / len(convs)
 
 
 def main() -> None:
