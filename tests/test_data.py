@@ -111,6 +111,9 @@ def test_held_out_templates_are_never_trained_on():
   eval_prefixes = {"Compute the sum.", "Spell backwards.", "Please do this.", "Letter count."}
   assert all(any(c.messages[0].content.startswith(p) for p in eval_prefixes) for c in held)
   assert not any(t.startswith(tuple(eval_prefixes)) for t in train)
+  # The openings drawn for training never use a held-out opening's words.
+  held_words = {w.strip(".").lower() for p in eval_prefixes for w in p.split()}
+  assert not held_words & set(synthetic._OPENING_WORDS)
 
 
 def test_held_out_prompts_are_new_wordings_of_trained_requests():
@@ -118,8 +121,9 @@ def test_held_out_prompts_are_new_wordings_of_trained_requests():
   that prompt's trained answer form: the prompt says what form its reference takes."""
   from jaxtune.data import synthetic
 
-  for name, (_, trained, held) in synthetic._TASKS.items():
-    for t in held:
+  for name, spec in synthetic._TASKS.items():
+    for t in spec.held_out:
+      trained = spec.templates
       same = [x for x in trained if x.response == t.response and t.prompt.endswith(x.prompt)]
       assert same and all(x.prompt != t.prompt for x in trained), (name, t)
 

@@ -9,6 +9,7 @@ falling held-out loss means real learning.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -75,11 +76,30 @@ def _sort(rng: np.random.Generator) -> dict[str, Any]:
 
 _T = TaskTemplate
 _COT = "{rationale} So the answer is {answer}."
+# Openings of trained prompts, drawn per record: one to three of these words and a stop. None of
+# the held-out openings' words is here ("Please do this.", "Compute the sum.", "Spell backwards.",
+# "Letter count."): those words are never trained on, and the tokenizer, trained on the training
+# text, splits them into letters. With three fixed openings only, "Please do this." halved
+# capitals (8 of 16 held-out prompts right; the same prompts without it: 16 of 16).
+_OPENING_WORDS = (
+  "now here next one more question answer solve look try quick simple kindly below following "
+  "item problem exercise your turn go ahead again another easy short today okay good luck ready "
+  "begin start check note hello there friend listen consider request puzzle example a an is of "
+  "for me you we let us see first then very small fine"
+).split()
+_STOPS = (".", "!", ":")
+
+
+def _opening(rng: np.random.Generator) -> str:
+  words = [_OPENING_WORDS[i] for i in rng.integers(len(_OPENING_WORDS), size=rng.integers(1, 4))]
+  return " ".join(words).capitalize() + _STOPS[rng.integers(len(_STOPS))]
+
+
 # Wordings every task is trained in (Flan's lesson in miniature: many phrasings of one task make
-# a model answer phrasings it never saw). None of them begins as a held-out template does; three
-# open with a sentence of their own, so that a model learns to read past an opening it has not
-# seen (in a run trained on only the first four, "Please do this." turned capitals prompts into
-# reversals).
+# a model answer phrasings it never saw). None of them begins as a held-out template does; four
+# open with a sentence of their own (one drawn per record), so that a model learns to read past
+# an opening it has not seen (in a run trained on only the first four, "Please do this." turned
+# capitals prompts into reversals).
 _WORDINGS = (
   _T("{question}", "{answer}"),
   _T("Task: {question}\nResult:", "{answer}"),
@@ -88,45 +108,67 @@ _WORDINGS = (
   _T("Read carefully. {question}", "{answer}"),
   _T("New task! {question}", "{answer}"),
   _T("Instruction: {question}", "{answer}"),
+  _T("{opening} {question}", "{answer}"),
 )
 _OPTIONS = _T("{question}\nOptions:\n{options}", "{answer}")
-# (make, training templates, held-out templates). A held-out template is a new wording (an
-# instruction never trained on) of a trained request: its answer's form is the one the same
-# request is trained to give (a worked answer only where the prompt asks for one).
-_TASKS: dict[str, tuple[Callable[[np.random.Generator], dict[str, Any]], tuple, tuple]] = {
-  "arithmetic": (
+
+
+def _worked(instruction: str) -> tuple[TaskTemplate, ...]:
+  """Every trained wording asking for a worked answer: `instruction` follows the question."""
+  return tuple(
+    _T(t.prompt.replace("{question}", f"{{question}} {instruction}"), _COT) for t in _WORDINGS
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  make: Callable[[np.random.Generator], dict[str, Any]]
+  templates: tuple[TaskTemplate, ...]
+  # New wordings (an instruction never trained on) of a trained request, used only to evaluate:
+  # the answer's form is the one the same request is trained to give (a worked answer only where
+  # the prompt asks for one).
+  held_out: tuple[TaskTemplate, ...]
+  # Records relative to `examples_per_task`. Reverse and counting (lookups over 40 words, every
+  # held-out prompt right from 2,000 records) and arithmetic (the longest answers) take fewer,
+  # sorting (ordering a multiset, the slowest learned) more: of the mixture's tokens, arithmetic
+  # has 19%, reverse 10%, capitals 16%, counting 11%, sorting 44%.
+  share: float = 1.0
+
+
+_TASKS: dict[str, _Spec] = {
+  # Worked answers in every wording, as the held-out prompt asks for one (with the worked form in
+  # a single wording, a held-out opening sentence turned it into a bare, wrong sum).
+  "arithmetic": _Spec(
     _add,
-    (*_WORDINGS, _T("{question} Show your work.", _COT), _OPTIONS),
+    (*_WORDINGS, *_worked("Show your work."), _OPTIONS),
     (_T("Compute the sum. {question} Show your work.", _COT),),
+    share=0.6,
   ),
-  "reverse": (
+  "reverse": _Spec(
     _reverse,
     (*_WORDINGS, _T("{question} Think step by step.", _COT)),
     (_T("Spell backwards. {question}", "{answer}"),),
+    share=0.6,
   ),
-  "capitals": (
-    _capitals,
-    _WORDINGS,
-    (_T("Please do this. {question}", "{answer}"),),
-  ),
-  "counting": (
+  "capitals": _Spec(_capitals, _WORDINGS, (_T("Please do this. {question}", "{answer}"),)),
+  "counting": _Spec(
     _count,
     (*_WORDINGS, _T("{question} Count one by one.", _COT), _OPTIONS),
     (_T("Letter count. {question}", "{answer}"),),
+    share=0.6,
   ),
-  "sorting": (
-    _sort,
-    _WORDINGS,
-    (_T("Please do this. {question}", "{answer}"),),
-  ),
+  "sorting": _Spec(_sort, _WORDINGS, (_T("Please do this. {question}", "{answer}"),), share=1.4),
 }
 
 
 def tasks(seed: int, examples_per_task: int) -> list[Task]:
-  """The embedded tasks, `examples_per_task` records each, generated from `seed`."""
+  """The embedded tasks, `examples_per_task` records times the task's share each, generated
+  from `seed`."""
   out = []
-  for i, (name, (make, templates, eval_templates)) in enumerate(_TASKS.items()):
+  for i, (name, spec) in enumerate(_TASKS.items()):
     rng = np.random.default_rng([seed, i])
-    records = [make(rng) for _ in range(examples_per_task)]
-    out.append(Task(name, records, templates, eval_templates))
+    records = [spec.make(rng) for _ in range(max(round(examples_per_task * spec.share), 1))]
+    openings = np.random.default_rng([seed, i, 1])  # Apart: the records do not depend on it.
+    records = [{**r, "opening": _opening(openings)} for r in records]
+    out.append(Task(name, records, spec.templates, spec.held_out))
   return out
