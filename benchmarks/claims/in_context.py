@@ -33,7 +33,6 @@ from jaxtune.train import held_out
 NAME = "in_context"
 SHOTS = (0, 1, 2, 4)
 MMLU_SHOTS = ("0", "1", "k")  # k: MMLU's 5.
-STEPS = 200  # Of the default run (for time on a shared 2-core machine).
 
 
 def few_shot(task: mixtures.Task, index: int, k: int, rng: np.random.Generator) -> Conversation:
@@ -193,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   default = config.load([], [])
   tmp = pathlib.Path(tempfile.mkdtemp(prefix="claim_in_context_"))
   quick = [*claimlib.QUICK, "train.steps=2"] if args.quick else []
-  steps = 2 if args.quick else STEPS
+  steps = 2 if args.quick else default.train.steps  # The default run, all of it.
   run = claimlib.train(
     [], [*quick, f"train.steps={steps}", "train.held_out_prompts=0"], tmp / "default"
   )
@@ -229,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     holds=holds,
     why=why,
   )
-  claimlib.write(args.out, NAME, result, args.quick)
+  claimlib.write(args, NAME, result)
   plot(result, args.out / f"claim_{NAME}.png")
   return result
 
