@@ -54,12 +54,20 @@ def arguments(doc: str, argv: Sequence[str] | None, seeds: int = 3) -> argparse.
   args.argv = list(sys.argv[1:] if argv is None else argv)  # As run: `write` records them.
   if args.quick:
     args.seeds = 1
-    # A smoke run's arms that run the same program compile it once, into a new folder: no
-    # earlier run's programs make a smoke run look cheaper than a fresh checkout's.
-    compiled = pathlib.Path(tempfile.mkdtemp(prefix="claims_compiled_"))
-    atexit.register(shutil.rmtree, compiled, True)
-    share_compiles(compiled)
+    smoke_compiles()
   return args
+
+
+def smoke_compiles() -> None:
+  """A smoke run's programs: compiled without XLA's backend optimizations (compiling is most of
+  a smoke run's time, and its figures mean nothing), and those its arms share compiled once, into
+  a new folder (no earlier run's programs make it look cheaper than a fresh checkout's)."""
+  import jax
+
+  jax.config.update("jax_disable_most_optimizations", True)
+  compiled = pathlib.Path(tempfile.mkdtemp(prefix="claims_compiled_"))
+  atexit.register(shutil.rmtree, compiled, True)
+  share_compiles(compiled)
 
 
 def load(files: Sequence[str], overrides: Sequence[str]) -> config.Config:
