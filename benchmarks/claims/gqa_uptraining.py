@@ -163,6 +163,7 @@ def uptrain_arm(
 
 def main(argv: Sequence[str] | None = None) -> dict:
   args = claimlib.arguments(__doc__, argv, seeds=3)
+  commit = claimlib.commit()  # Before the runs: the code they run.
   sizes = QUICK if args.quick else FULL
   if not args.quick:
     claimlib.share_compiles()
@@ -268,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     "holds": verdict,
     "why": "; ".join(reasons[k] for k, held in checks.items() if not held),
     "checks": checks,
-    "commit": claimlib.commit(),
+    "commit": commit,
     "source": {"steps": steps, "held_out_loss": source_loss, "eval_curve": src["eval"]},
     "uptraining": {
       "steps": uptrain_steps,
