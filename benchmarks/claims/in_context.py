@@ -171,11 +171,17 @@ def verdict(result: dict[str, Any]) -> tuple[str, str, str]:
   holds = "yes" if rises and mmlu_rises else "partly" if rises or mmlu_rises else "no"
   why = []
   if not rises:
+    most = max(ks)
+    falls = em[most]["mean"] < em[0]["mean"] - 2 * max(em[k]["std"] for k in ks)
+    shots = result["trained_few_shot"]
     why.append(
-      "the default model's accuracy does not rise with exemplars: it was trained on at most one "
-      f"exemplar per prompt and on {result['trained_row_length']}-token rows, and in-context "
-      "learning emerges with scale "
-      "(GPT-3's few-shot gains grow with model size, Fig. 1.2)"
+      f"the default model's accuracy {'falls' if falls else 'does not rise'} with exemplars "
+      f"({100 * em[0]['mean']:.0f}% at 0, {100 * em[most]['mean']:.0f}% at {most}): it was "
+      + (f"trained with up to {shots} exemplars" if shots else "trained zero-shot only")
+      + f" (data.few_shot={shots}) on {result['trained_row_length']}-token rows ({most}-shot "
+      f"prompts are {emb[str(most)]['prompt_tokens']:.0f} tokens), so exemplars are text it "
+      "never learned to use, and in-context learning emerges with scale (GPT-3's few-shot "
+      "gains grow with model size, Fig. 1.2)"
     )
   if not mmlu_rises:
     why.append(
@@ -206,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "trained_steps": run["steps"],
     "trained_eval_loss": run["eval_loss_end"],
     "trained_row_length": default.data.max_length,
+    "trained_few_shot": default.data.few_shot,
     "embedded": embedded(model, 2 if args.quick else 20, shots, args.seeds),
     "mmlu": mmlu(2 if args.quick else 6, subjects),
     "mmlu_subjects": len(subjects),
