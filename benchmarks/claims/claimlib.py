@@ -7,7 +7,8 @@ it runs alone (`python benchmarks/claims/NAME.py [--quick] [--out DIR] [--seeds 
 `benchmarks/README.md`: `claim`, `paper` (the paper's figure, quoted with its source),
 `setting`, `ours` (our figure, as text) and `holds` ("yes", "no" or "partly"), with `why` where the
 answer is not yes, plus whatever the script measured. `--quick` is a smoke run (tiny sizes, a few
-steps) that `tests/test_claims.py` runs so no script rots; its figures mean nothing.
+steps, compiled without XLA's optimizations: `smoke_compiles`) that `tests/test_claims.py` runs
+so no script rots; its figures mean nothing.
 """
 
 from __future__ import annotations
