@@ -89,7 +89,7 @@ def train(model: dict, sizes: dict, method: str, best: peak.Peak) -> dict:
   times = []
   for i in range(sizes["steps"] + 1):
     t0 = time.perf_counter()
-    state, step_metrics = compiled(state, t.frozen, batch)
+    state, step_metrics = compiled(state, t.frozen, batch, t.train_step.key)
     loss = float(step_metrics["loss"])  # Waits for the step.
     if i:
       times.append(time.perf_counter() - t0)

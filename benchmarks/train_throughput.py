@@ -147,7 +147,8 @@ def measure(size: str, layout: str, method: str, length: int, steps: int, peak: 
 
   def step():
     nonlocal state, step_metrics
-    state, step_metrics = compiled(state, t.frozen, batch)  # Waited for by `timed`.
+    # Waited for by `timed`.
+    state, step_metrics = compiled(state, t.frozen, batch, t.train_step.key)
     return step_metrics
 
   timing = timed(step, warmup=1, iters=steps)

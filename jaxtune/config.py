@@ -144,6 +144,9 @@ class TrainConfig:
   held_out_prompts: int = 16
   checkpoint_every: int = 200
   keep_checkpoints: int = 2
+  # False: no checkpoint of the last step, for runs measured by their metrics alone (a sweep's
+  # arms); `jaxtune.load`, `train.resume` and `train.init_from` need the checkpoint.
+  final_checkpoint: bool = True
   resume: bool = False  # Continue from the latest checkpoint in output_dir.
   # Pretrained weights: a llama2.c .bin, a Hugging Face folder or a jaxtune run directory.
   init_from: str = ""

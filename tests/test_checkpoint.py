@@ -224,6 +224,16 @@ def test_resume_from_flipped_bytes_trains_on_from_the_previous_checkpoint(traine
   )
 
 
+def test_a_run_without_a_final_checkpoint_keeps_the_earlier_ones(trained, tmp_path):
+  """train.final_checkpoint=false (a run measured by its metrics alone): the run trains and is
+  measured to its last step, and writes no checkpoint of it; those before it stay."""
+  run = trained.copy(tmp_path)
+  cfg = _config(run, "train.resume=true", "train.steps=4", "train.final_checkpoint=false")
+  summary = loop.run(cfg)
+  assert summary["start_step"] == 3 and np.isfinite(summary["eval_loss_end"])
+  assert checkpoint.steps(run / "checkpoints") == [3, 2, 1]
+
+
 def test_no_good_checkpoint_left_is_one_clear_error(trained, tmp_path):
   checkpoints = trained.copy(tmp_path) / "checkpoints"
   for step in (1, 2, 3):

@@ -5,6 +5,7 @@ device (on the suite's 8 emulated devices a smoke run took twice as long)."""
 
 import json
 import pathlib
+import shlex
 import subprocess
 import sys
 
@@ -17,8 +18,9 @@ SCRIPTS = sorted(p for p in CLAIMS_DIR.glob("*.py") if p.stem != "claimlib")
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
 def test_quick_mode_writes_its_row(script, tmp_path, data_dir):
+  argv = ["--quick", "--out", str(tmp_path)]
   result = subprocess.run(
-    [sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+    [sys.executable, str(script), *argv],
     capture_output=True,
     text=True,
     timeout=600,
@@ -28,6 +30,7 @@ def test_quick_mode_writes_its_row(script, tmp_path, data_dir):
   assert result.returncode == 0, result.stderr[-3000:]
   row = json.loads((tmp_path / f"claim_{script.stem}.json").read_text())
   assert row["quick"] is True
+  assert row["command"] == shlex.join(["python", f"benchmarks/claims/{script.name}", *argv])
   assert row["holds"] in ("yes", "no", "partly")
   assert all(isinstance(row[k], str) and row[k] for k in ("claim", "paper", "setting", "ours"))
   assert (tmp_path / f"claim_{script.stem}.png").stat().st_size > 0

@@ -115,7 +115,7 @@ def _scored_steps(trainer):
     rewards = sharding.put_global(rewards_b, mesh, t.rules, ("act_batch",))
     scored, stats = jax.device_get(score(initial.params, put, rewards, jnp.float32(0.1)))
     _, steps = _update(t, jax.tree.map(jnp.copy, initial), rows, scored)
-  assert t.train_step._cache_size() == 1 and score._cache_size() == 1  # Compiled once each.
+  assert t.train_step.jitted._cache_size() == 1 and score._cache_size() == 1  # Compiled once each.
   return stats, scored, steps
 
 

@@ -399,6 +399,28 @@ def test_train_step_compiles_once():
   assert int(state.step) == 5 and len(set(losses)) == 5
 
 
+def test_runs_that_differ_in_seed_share_the_loops_step():
+  """The loop's step takes the seed's key as an input, not a constant: two runs that differ only
+  in `train.seed` lower to one program (a sweep's seeds compile once with a persistent cache),
+  and the key still reaches the noise (NEFTune's, on the same state and batch)."""
+  cfgs = [
+    config.load(None, [*TINY_RUN, "train.batch_size=8", "train.neftune_alpha=5", f"train.seed={s}"])
+    for s in (0, 1)
+  ]
+  mesh = sharding.make_mesh(cfgs[0].mesh, jax.devices()[:1])  # One device: a cheap compile.
+  t = loop.build(cfgs[0], mesh, steps=4)
+  other = loop.build(cfgs[1], mesh, steps=4, shapes_only=True)
+  batch = {k: jax.device_put(v, t.batch_sharding) for k, v in _batch(0).items()}
+  with sharding.use(mesh, t.rules):
+    lowered = [x.train_step.lower(x.state, x.frozen, batch).as_text() for x in (t, other)]
+    assert lowered[0] == lowered[1]
+    losses = [
+      float(t.train_step.jitted(jax.tree.map(jnp.copy, t.state), t.frozen, batch, key)[1]["loss"])
+      for key in (t.train_step.key, other.train_step.key)
+    ]
+  assert t.train_step.key is not other.train_step.key and losses[0] != losses[1]
+
+
 # 6. Optimizers and schedules.
 
 GPT2 = dataclasses.replace(

@@ -7,20 +7,25 @@ it runs alone (`python benchmarks/claims/NAME.py [--quick] [--out DIR] [--seeds 
 `benchmarks/README.md`: `claim`, `paper` (the paper's figure, quoted with its source),
 `setting`, `ours` (our figure, as text) and `holds` ("yes", "no" or "partly"), with `why` where the
 answer is not yes, plus whatever the script measured. `--quick` is a smoke run (tiny sizes, a few
-steps) that `tests/test_claims.py` runs so no script rots; its figures mean nothing.
+steps, compiled without XLA's optimizations: `smoke_compiles`) that `tests/test_claims.py` runs
+so no script rots; its figures mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import functools
 import json
 import os
 import pathlib
+import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -47,9 +52,23 @@ def arguments(doc: str, argv: Sequence[str] | None, seeds: int = 3) -> argparse.
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="the JSON and plot")
   parser.add_argument("--seeds", type=int, default=seeds, help="seeds where noise could decide")
   args = parser.parse_args(argv)
+  args.argv = list(sys.argv[1:] if argv is None else argv)  # As run: `write` records them.
   if args.quick:
     args.seeds = 1
+    smoke_compiles()
   return args
+
+
+def smoke_compiles() -> None:
+  """A smoke run's programs: compiled without XLA's backend optimizations (compiling is most of
+  a smoke run's time, and its figures mean nothing), and those its arms share compiled once, into
+  a new folder (no earlier run's programs make it look cheaper than a fresh checkout's)."""
+  import jax
+
+  jax.config.update("jax_disable_most_optimizations", True)
+  compiled = pathlib.Path(tempfile.mkdtemp(prefix="claims_compiled_"))
+  atexit.register(shutil.rmtree, compiled, True)
+  share_compiles(compiled)
 
 
 def load(files: Sequence[str], overrides: Sequence[str]) -> config.Config:
@@ -92,19 +111,19 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
   return {"mean": statistics.fmean(values), "std": std, "values": values}
 
 
-def write(out: pathlib.Path, name: str, result: dict[str, Any], quick: bool) -> pathlib.Path:
-  """Writes `result` (a table row and its measurements) to `out/claim_NAME.json`, stamped with
-  the machine, the date and the command; returns the path."""
+def write(args: argparse.Namespace, name: str, result: dict[str, Any]) -> pathlib.Path:
+  """Writes `result` (a table row and its measurements) to `args.out/claim_NAME.json`, stamped
+  with the machine, the date and the command as it was run; returns the path."""
   missing = [k for k in ROW if k not in result]
   if missing or result["holds"] not in VERDICTS:
     raise ValueError(f"claim {name}: a row needs {ROW}, holds in {VERDICTS}; missing {missing}")
-  out.mkdir(parents=True, exist_ok=True)
-  path = out / f"claim_{name}.json"
+  args.out.mkdir(parents=True, exist_ok=True)
+  path = args.out / f"claim_{name}.json"
   stamp = {
     "machine": bench.machine(),
     "date": datetime.date.today().isoformat(),
-    "command": f"python benchmarks/claims/{name}.py" + (" --quick" if quick else ""),
-    "quick": quick,
+    "command": shlex.join(["python", f"benchmarks/claims/{name}.py", *args.argv]),
+    "quick": args.quick,
   }
   path.write_text(json.dumps({**stamp, **result}, indent=1))
   return path
@@ -144,9 +163,12 @@ def commit() -> str:
 def share_compiles(directory: pathlib.Path = COMPILED) -> None:
   """Keeps compiled programs in `directory` (JAX's persistent cache), so that runs of the same
   shapes (seeds of one setting, the arms of a sweep that share a step) compile once. Call before
-  the first run."""
+  the first run. A cache the environment names (`JAX_COMPILATION_CACHE_DIR`: the test suite's,
+  shared by its processes) is kept."""
   import jax
 
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
   jax.config.update("jax_compilation_cache_dir", str(directory))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -178,8 +200,8 @@ def lima_split(
 
 def lima_finetune(work: pathlib.Path, sizes: dict[str, Any], lr: float, quick: bool) -> list[str]:
   """Overrides of a stories260K fine-tune on a LIMA split written under `work` (`sizes`:
-  held_out, train_records, length, steps), NEFTune off, learning rate `lr` decaying to a tenth:
-  the setting the LoRA and prefix-tuning claims compare methods in."""
+  held_out, train_records, length, steps), NEFTune off, learning rate `lr` decaying to a tenth,
+  no final checkpoint: the setting the LoRA and prefix-tuning claims compare methods in."""
   train_path, eval_path = lima_split(work, sizes["held_out"], sizes["train_records"])
   return [
     f"data.path={train_path}",
@@ -192,6 +214,7 @@ def lima_finetune(work: pathlib.Path, sizes: dict[str, Any], lr: float, quick: b
     "train.neftune_alpha=0",
     "train.held_out_prompts=0",
     "train.checkpoint_every=100000",
+    "train.final_checkpoint=false",  # Measured by the loop's held-out losses alone.
     "train.log_every=5",
     f"train.learning_rate={lr}",
     f"train.end_learning_rate={lr / 10}",

@@ -305,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     holds=holds,
     why=why,
   )
-  claimlib.write(args.out, NAME, result, args.quick)
+  claimlib.write(args, NAME, result)
   plot(result, args.out / f"claim_{NAME}.png")
   return result
 

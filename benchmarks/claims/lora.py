@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     "arms": table,
     "runs": runs,
   }
-  claimlib.write(args.out, "lora", result, args.quick)
+  claimlib.write(args, "lora", result)
   plot(table, runs, sizes["ranks"], args.out / "claim_lora.png")
   return result
 

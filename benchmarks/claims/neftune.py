@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     "commit": claimlib.commit(),
     "runs": {setting: r["runs"] for setting, r in found.items()},
   }
-  claimlib.write(args.out, "neftune", result, args.quick)
+  claimlib.write(args, "neftune", result)
   plot(found, args.out / "claim_neftune.png")
   return result
 

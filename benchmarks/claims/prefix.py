@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     "arms": table,
     "runs": runs,
   }
-  claimlib.write(args.out, "prefix", result, args.quick)
+  claimlib.write(args, "prefix", result)
   plot(table, runs, sizes, args.out / "claim_prefix.png")
   return result
 

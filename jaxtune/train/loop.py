@@ -25,7 +25,7 @@ from jaxtune.train import held_out as held_out_eval
 from jaxtune.train import llava_run, objective, optim, precomputed, reference, reward
 from jaxtune.train import report as report_lib
 from jaxtune.train.feed import Feed, held_out_batches, make_feed, with_saved_tokenizer
-from jaxtune.train.step import TrainState, make_eval_step, make_train_step
+from jaxtune.train.step import Bound, TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Trainer:
   state_sharding: Any
   frozen: Any
   objective: objective.Objective
-  train_step: Any  # jitted (state, frozen, batch) -> (state, metrics)
+  train_step: Bound  # jitted (state, frozen, batch) -> (state, metrics)
   eval_step: Any  # jitted (trainable, frozen, batch) -> (metric sums, normalizer)
   batch_sharding: jax.sharding.NamedSharding
   lr: Any  # step -> learning rate
@@ -174,9 +174,11 @@ def build(
       state = checkpoint.abstract(jax.eval_shape(init_state, trainable), state_sharding)
     else:
       state = init_state(trainable)
+    # The seed's key is an input of the step, not a constant in it: runs that differ only in
+    # their seed (a sweep's seeds, with a persistent compilation cache) share one program.
     train_step = jax.jit(
-      make_train_step(goal, optimizer, step_rng, micro_batches=cfg.train.micro_batches),
-      in_shardings=(state_sharding, frozen_sharding, batch_sharding),
+      make_train_step(goal, optimizer, micro_batches=cfg.train.micro_batches),
+      in_shardings=(state_sharding, frozen_sharding, batch_sharding, replicated),
       out_shardings=(state_sharding, replicated),
       donate_argnums=0,
     )
@@ -190,7 +192,7 @@ def build(
     state_sharding=state_sharding,
     frozen=frozen,
     objective=goal,
-    train_step=train_step,
+    train_step=Bound(train_step, step_rng),
     eval_step=eval_step,
     batch_sharding=batch_sharding,
     lr=optim.schedule(cfg.train, steps),
@@ -386,7 +388,8 @@ def _train(
       report(*pending)
     if hasattr(t.objective, "finish"):  # A reward model's offset (`train/reward.py`).
       state = state.replace(params=t.objective.finish(state.params, t.frozen, held_out))
-    ckpt.save(steps, state, feed.batches.state())
+    if cfg.train.final_checkpoint:
+      ckpt.save(steps, state, feed.batches.state())
     summary["eval_loss_end"] = held_out_loss(state.params)
     end = {"eval_loss": summary["eval_loss_end"], **answers(steps, state.params)}
     report.writer.write(steps, end)

@@ -18,6 +18,7 @@ Shape letters: B batch, C micro-batches (chunks of the batch).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -59,15 +60,17 @@ def _counts(batch: Batch) -> dict[str, jax.Array]:
 def make_train_step(
   objective: Objective,
   optimizer: optax.GradientTransformation,
-  rng: jax.Array,
+  rng: jax.Array | None = None,
   *,
   micro_batches: int = 1,
-) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """`(state, frozen params, batch) -> (state, metrics)`. Noise (dropout, NEFTune) is
-  `fold_in(rng, step)`, then `fold_in` of the micro-batch."""
+  `fold_in(rng, step)`, then `fold_in` of the micro-batch. `rng` None: the step takes the key as
+  a fourth argument instead of holding it as a constant, so that runs that differ only in their
+  seed share one compiled program (`Bound` gives it back the three-argument form)."""
 
-  def train_step(state: TrainState, frozen: Any, batch: Batch):
-    step_rng = jax.random.fold_in(rng, state.step)
+  def train_step(state: TrainState, frozen: Any, batch: Batch, step_key: jax.Array = rng):
+    step_rng = jax.random.fold_in(step_key, state.step)
     total = jnp.maximum(objective.normalizer(batch), 1.0)
 
     def loss_share(trainable, micro, i):
@@ -120,6 +123,22 @@ def make_train_step(
     }
 
   return train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+  """A jitted step of `(state, frozen, batch, key)` with its run's key bound: called and lowered
+  as a step of `(state, frozen, batch)`. The key stays an input of the program: a compiled
+  `lower(...).compile()` is called with `key` as its fourth argument."""
+
+  jitted: Any
+  key: jax.Array
+
+  def __call__(self, state: TrainState, frozen: Any, batch: Batch):
+    return self.jitted(state, frozen, batch, self.key)
+
+  def lower(self, state: TrainState, frozen: Any, batch: Batch):
+    return self.jitted.lower(state, frozen, batch, self.key)
 
 
 def make_eval_step(
