@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import jax
 
@@ -50,6 +51,7 @@ def test_measured_peak_is_cached_per_machine(monkeypatch, tmp_path):
     return peak.Peak(5e10, "numpy", dtype, {"xla": 4e10, "numpy": 5e10})
 
   monkeypatch.setattr(peak, "measure", fake_measure)
+  monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # An idle machine.
   path = tmp_path / "cache" / "peak.json"
   monkeypatch.setenv("JAXTUNE_PEAK_CACHE", str(path))
   first = peak.cached_measure("float32")
@@ -71,3 +73,27 @@ def test_measured_peak_is_cached_per_machine(monkeypatch, tmp_path):
   monkeypatch.setenv("JAXTUNE_PEAK_CACHE", "off")
   peak.cached_measure("float32")
   assert len(calls) == 5
+
+
+def test_a_peak_measured_busy_is_measured_again_when_idle(monkeypatch, tmp_path):
+  """A measurement under load is too low: kept while the machine stays busy (no run measures
+  again), replaced by the faster one the first idle run makes."""
+  rates = iter([{"xla": 4e10, "numpy": 3e10}, {"xla": 1.5e11, "numpy": 2e11}])
+
+  def fake_measure(dtype, size):
+    r = next(rates)
+    best = max(r, key=r.get)
+    return peak.Peak(r[best], best, dtype, r)
+
+  monkeypatch.setattr(peak, "measure", fake_measure)
+  monkeypatch.setattr(os, "cpu_count", lambda: 2)
+  monkeypatch.setenv("JAXTUNE_PEAK_CACHE", str(tmp_path / "peak.json"))
+  load = [6.0]
+  monkeypatch.setattr(os, "getloadavg", lambda: (load[0], 0.0, 0.0))
+  busy = peak.cached_measure("float32")
+  assert busy.flops == 4e10 and "load 6.0" not in busy.origin
+  assert peak.cached_measure("float32").flops == 4e10, "still busy: read from the cache"
+  load[0] = 0.5
+  idle = peak.cached_measure("float32")
+  assert (idle.flops, idle.source) == (2e11, "numpy") and idle.origin == ""
+  assert "load 0.5" in peak.cached_measure("float32").origin  # Cached now, not measured again.

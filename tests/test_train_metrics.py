@@ -2,17 +2,20 @@
 XLA counts in the compiled train step of a one-layer model (a scanned stack is counted once)."""
 
 import dataclasses
+import io
 
 import jax
 import jax.numpy as jnp
 import pytest
+from tqdm import tqdm
 
 from jaxtune import config, sharding
 from jaxtune.config import PeftConfig
 from jaxtune.config_model import ModelConfig
 from jaxtune.model import transformer
 from jaxtune.peft import methods, partition
-from jaxtune.train import loop, metrics
+from jaxtune.train import loop, metrics, report
+from jaxtune.train import peak as peak_lib
 
 # D=64, L=2, N=8 query heads of Q=8, K=2 KV heads, F=128, V=512, untied; rows of T=32.
 SMALL = config.load(None, ["model.preset=tiny"]).model
@@ -105,3 +108,25 @@ def test_hardware_flops_match_xla_count(method):
   frozen = t.n_params - t.n_trainable
   want = metrics.hardware_flops_per_token(cfg.model, t.n_params, length, frozen)
   assert counted / (rows * length) == pytest.approx(want, rel=0.03)
+
+
+def test_an_mfu_above_one_warns_once_naming_the_peak(tmp_path, caplog):
+  """A step faster than the peak proves the peak too low (measured on a busy machine): the
+  report says so once, naming the peak and how to measure it again."""
+  cfg = config.load(None, [f"train.output_dir={tmp_path}", "train.log_every=1"])
+  too_low = peak_lib.Peak(1e3, "numpy", "float32", {"numpy": 1e3}, "measured at load 9.0")
+  reporter = report.Reporter(
+    cfg,
+    lr=lambda step: 1e-3,
+    writer=metrics.Writer(str(tmp_path), enabled=True),
+    bar=tqdm(total=3, disable=False, file=io.StringIO()),
+    flops_per_token=1e6,
+    peak=too_low,
+  )
+  step = {k: jnp.float32(1.0) for k in ("loss", "grad_norm", "finite", "update_finite")}
+  with caplog.at_level("WARNING", logger=report.__name__):
+    for i in (1, 2, 3):
+      reporter(i, {**step, "tokens": jnp.float32(1000)})
+  reporter.close()
+  warnings = [r.getMessage() for r in caplog.records if "above 100%" in r.getMessage()]
+  assert len(warnings) == 1 and "measured at load 9.0" in warnings[0], warnings

@@ -17,7 +17,10 @@ not spend ~3 s (and torch's import) measuring it again: in `$JAXTUNE_PEAK_CACHE`
 `$XDG_CACHE_HOME/jaxtune/peak.json`, i.e. `~/.cache/jaxtune/peak.json`; "off" measures every
 time), keyed by everything the rates depend on: the CPU model, the CPUs this process may use, the
 dtype and size, and the versions of jax, jaxlib, NumPy and torch. `Peak.origin` then says where
-and when it was measured. Benchmarks measure afresh (`measure`).
+and when it was measured. Load only ever slows a measurement, and a peak kept too low puts every
+later run's MFU above its truth, so an entry measured while the machine was busy (a load average
+above its CPU count) is measured again by the first run that starts on an idle machine, keeping
+the faster. Benchmarks measure afresh (`measure`).
 """
 
 from __future__ import annotations
@@ -179,9 +182,14 @@ def cache_key(dtype: str, size: int) -> str:
   return key + (f"; XLA_FLAGS {flags}" if flags else "")
 
 
+def _busy(load: float) -> bool:
+  return load > (os.cpu_count() or 1)
+
+
 def cached_measure(dtype: str = "float32", size: int = 2048) -> Peak:
   """`measure(dtype, size)`, read from the cache when this machine has measured it (its
-  `origin` says so), else measured and stored there."""
+  `origin` says so), else measured and stored there; measured again when the entry was
+  measured busy and the machine is idle now."""
   path = cache_path()
   if path is None:
     return measure(dtype, size)
@@ -193,17 +201,30 @@ def cached_measure(dtype: str = "float32", size: int = 2048) -> Peak:
         entries = json.load(f)
     except (OSError, ValueError) as e:
       log.warning("peak cache %s unreadable (%s): measuring again and rewriting it", path, e)
-  if key in entries:
-    hit = entries[key]
-    origin = f"measured {hit['measured']}, cached in {path}"
+  load = os.getloadavg()[0]
+  hit = entries.get(key)
+  if hit is not None and not (_busy(hit.get("load", 0.0)) and not _busy(load)):
+    origin = f"measured {hit['measured']} at load {hit.get('load', 0.0):.1f}, cached in {path}"
     return Peak(hit["flops"], hit["source"], dtype, hit["rates"], origin)
   measured = measure(dtype, size)
+  if hit is not None:  # Measured busy before: the faster of the two, each source its best.
+    rates = {k: max(v, hit["rates"].get(k, 0.0)) for k, v in measured.rates.items()}
+    best = max(rates, key=rates.get)
+    measured = Peak(rates[best], best, dtype, rates)
   entries[key] = {
     "flops": measured.flops,
     "source": measured.source,
     "rates": measured.rates,
     "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "load": load,
   }
+  if _busy(load):
+    log.warning(
+      "peak measured at a load average of %.1f on %d CPUs: MFU may read high until a run on an "
+      "idle machine measures it again",
+      load,
+      os.cpu_count() or 1,
+    )
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = f"{path}.{os.getpid()}"

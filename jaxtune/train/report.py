@@ -81,6 +81,7 @@ class Reporter:
   t0: float = dataclasses.field(default_factory=time.perf_counter)
   tokens: int = 0
   skipped: int = 0  # Steps not applied (non-finite), with train.nonfinite=skip.
+  warned_mfu: bool = False
 
   def tokens_per_s(self) -> float:
     return self.tokens / (time.perf_counter() - self.t0)
@@ -109,6 +110,15 @@ class Reporter:
     record.update({k: v for k, v in values.items() if k not in _STEP_INTERNALS})
     if self.peak:
       record["mfu"] = record["tokens_per_s"] * self.flops_per_token / self.peak.flops
+      if record["mfu"] > 1 and not self.warned_mfu:
+        self.warned_mfu = True
+        log.warning(
+          "MFU %.0f%% is above 100%%: the peak (%s) is too low; set train.peak_flops, or delete "
+          "the peak cache (%s) to measure it again on an idle machine",
+          100 * record["mfu"],
+          self.peak.describe(),
+          peak_lib.cache_path(),
+        )
     self.writer.write(step, record)
     bar.set_postfix(
       loss=f"{record['loss']:.3f}",
