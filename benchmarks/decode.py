@@ -7,16 +7,19 @@ dominates the bytes read, and it shrinks with the number of KV heads.
 
 One Llama-style MHA model (random weights) is converted to GQA and MQA the paper's way, by
 mean-pooling K/V heads (`jaxtune.convert.uptrain.to_kv_heads`). Each version generates, greedily
-and without stop ids, `new` tokens after prompts of `prompt` random tokens, on one CPU device
-through jaxtune's own engine (`jaxtune.generate`: the jitted prefill, then the compiled decode
-loop, here called one after the other as `generate.generate` calls them for a batch), so prefill
-and decode are timed apart:
+and without stop ids, `new` tokens after prompts of `prompt` random tokens, at two contexts
+(`CONTEXTS`: 512 prompt tokens, and the paper's 2048), on one CPU device through jaxtune's own
+engine (`jaxtune.generate`: the jitted prefill, then the compiled decode loop, here called one
+after the other as `generate.generate` calls them for a batch), so prefill and decode are timed
+apart:
 
-- prefill: one timed run after a first one that compiles (it also picks the first new token);
-- decode: the loop making the other `new - 1` tokens of every row, compiled first on a copy of
-  the prefilled state, then `runs` timed runs each on a fresh copy; median. Decode tokens/s is
-  batch * (new - 1) / decode time. The variants take turns run by run, so that the load of a
-  shared machine falls on all alike.
+- prefill: the engine's prefill in calls of as many rows as keep a call's attention scores
+  within `PREFILL_SCORES_BYTES` (64 rows of 512 tokens take 4 calls, of 2048 tokens 32),
+  written into one state; timed after a first call that compiles;
+- decode: the loop making the other `new - 1` tokens of every row, compiled first, then `runs`
+  timed runs, each from the prefilled state (the cache arrays reused, see `rewind`); median.
+  Decode tokens/s is batch * (new - 1) / decode time. The variants take turns run by run, so
+  that the load of a shared machine falls on all alike (`same_tokens_every_run` in the JSON).
 
 KV-cache bytes are those of the key and value arrays the engine allocates
 (`transformer.init_cache`), checked against 2 * L * B * S * K * H * bytes per element (S: the
@@ -34,7 +37,9 @@ part of the step by the op's source (its HLO `op_name`): the weights' matmuls (q
 the attention over the cache (products and softmax), the cache write, the output layer, and the
 rest (norms, RoPE, sampling, the loop). Shares of the ops' summed time, and ms a step.
 
-  python benchmarks/decode.py [--quick] [--runs N] [--bitnet] [--profile]
+With `--long`, only the longer prompts (with `--profile`, the profile at them).
+
+  python benchmarks/decode.py [--quick] [--long] [--runs N] [--bitnet] [--profile]
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ CONTEXTS = ((dict(prompt=512, new=128), (1, 16, 64)), (dict(prompt=2048, new=32)
 QUICK_CONTEXTS = ((dict(prompt=32, new=16), (1, 16, 64)), (dict(prompt=64, new=8), (1, 64)))
 BATCH = 64  # The batch the variants are compared at.
 # A prefill call takes as many rows as keep its attention scores [rows, N, T, S] within this.
-PREFILL_SCORES_BYTES = 1.2e9
+PREFILL_SCORES_BYTES = 0.3e9
 KV_HEADS = {"MHA": 8, "GQA": 2, "MQA": 1}
 # --bitnet: HF BitNet's layout; dense, ternary fake-quantized from float weights (QAT), packed.
 BITNET = dict(mlp="relu2", sub_norm=True, tie_embeddings=False)
@@ -154,12 +159,15 @@ def prefill(model, params, prompts: list[list[int]], sizes: dict) -> Prefilled:
     )
 
   def empty(part):
-    return jax.tree.map(lambda x: jnp.zeros((batch, *x.shape[1:]), x.dtype) if x.ndim else x, part)
+    def zeros(x):
+      return jnp.zeros((batch, *x.shape[1:]), x.dtype) if x.ndim else jnp.copy(x)
+
+    return jax.tree.map(zeros, part)
 
   t0 = time.perf_counter()
-  run = call(0)  # Compiles, and `_place` too.
+  run = call(0)  # Compiles; and `_place`, on a whole batch's state dropped at once.
   if rows < batch:
-    run.state = _place(empty(run.state), run.state, 0)
+    jax.block_until_ready(_place(empty(run.state), run.state, 0))
   jax.block_until_ready(run.state)
   t1 = time.perf_counter()
   state = None
@@ -366,14 +374,14 @@ def main() -> None:
   parser.add_argument(
     "--profile", action="store_true", help="where a decoding step's time goes, at batch 64"
   )
-  parser.add_argument("--long", action="store_true", help="--profile: the longer prompts")
+  parser.add_argument("--long", action="store_true", help="only the longer prompts")
   args = parser.parse_args()
   if args.bitnet:
     return main_bitnet(args)
   if args.profile:
     return main_profile(args)
   model = QUICK_MODEL if args.quick else MODEL
-  contexts = QUICK_CONTEXTS if args.quick else CONTEXTS
+  contexts = (QUICK_CONTEXTS if args.quick else CONTEXTS)[1 if args.long else 0 :]
   cfg = ModelConfig(**model)
   cfg.validate()
   models = variants(cfg)
@@ -384,7 +392,7 @@ def main() -> None:
     for batch in batches:
       rows += measure_batch(models, batch, sizes, args.runs, bandwidth["best"])
 
-  name = "decode_quick" if args.quick else "decode"
+  name = "decode" + ("_long" if args.long else "") + ("_quick" if args.quick else "")
   summary, latency = [], []
   for sizes, _ in contexts:
     mine = [r for r in rows if r["prompt"] == sizes["prompt"]]
