@@ -7,16 +7,19 @@ dominates the bytes read, and it shrinks with the number of KV heads.
 
 One Llama-style MHA model (random weights) is converted to GQA and MQA the paper's way, by
 mean-pooling K/V heads (`jaxtune.convert.uptrain.to_kv_heads`). Each version generates, greedily
-and without stop ids, `new` tokens after prompts of `prompt` random tokens, on one CPU device
-through jaxtune's own engine (`jaxtune.generate`: the jitted prefill, then the compiled decode
-loop, here called one after the other as `generate.generate` calls them for a batch), so prefill
-and decode are timed apart:
+and without stop ids, `new` tokens after prompts of `prompt` random tokens, at two contexts
+(`CONTEXTS`: 512 prompt tokens, and the paper's 2048), on one CPU device through jaxtune's own
+engine (`jaxtune.generate`: the jitted prefill, then the compiled decode loop, here called one
+after the other as `generate.generate` calls them for a batch), so prefill and decode are timed
+apart:
 
-- prefill: one timed run after a first one that compiles (it also picks the first new token);
-- decode: the loop making the other `new - 1` tokens of every row, compiled first on a copy of
-  the prefilled state, then `runs` timed runs each on a fresh copy; median. Decode tokens/s is
-  batch * (new - 1) / decode time. The variants take turns run by run, so that the load of a
-  shared machine falls on all alike.
+- prefill: the engine's prefill in calls of as many rows as keep a call's attention scores
+  within `PREFILL_SCORES_BYTES` (64 rows of 512 tokens take 4 calls, of 2048 tokens 32),
+  written into one state; timed after a first call that compiles;
+- decode: the loop making the other `new - 1` tokens of every row, compiled first, then `runs`
+  timed runs, each from the prefilled state (the cache arrays reused, see `rewind`); median.
+  Decode tokens/s is batch * (new - 1) / decode time. The variants take turns run by run, so
+  that the load of a shared machine falls on all alike (`same_tokens_every_run` in the JSON).
 
 KV-cache bytes are those of the key and value arrays the engine allocates
 (`transformer.init_cache`), checked against 2 * L * B * S * K * H * bytes per element (S: the
@@ -34,7 +37,9 @@ part of the step by the op's source (its HLO `op_name`): the weights' matmuls (q
 the attention over the cache (products and softmax), the cache write, the output layer, and the
 rest (norms, RoPE, sampling, the loop). Shares of the ops' summed time, and ms a step.
 
-  python benchmarks/decode.py [--quick] [--runs N] [--bitnet] [--profile]
+With `--long`, only the longer prompts (with `--profile`, the profile at them).
+
+  python benchmarks/decode.py [--quick] [--long] [--runs N] [--bitnet] [--profile]
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import glob
 import gzip
 import json
@@ -66,11 +72,16 @@ from jaxtune.model import transformer
 # dim 512 with 8 heads of 64 keeps the prefill of 64 prompts of 512 tokens within seconds on two
 # cores while the MHA cache at batch 64 (1.3 GB) is 13 times the weights. A small vocabulary keeps
 # the output layer from dominating a step.
-MODEL = dict(vocab_size=512, dim=512, num_layers=8, num_heads=8, mlp_dim=1408, max_seq_len=1024)
+MODEL = dict(vocab_size=512, dim=512, num_layers=8, num_heads=8, mlp_dim=1408, max_seq_len=2080)
 QUICK_MODEL = dict(vocab_size=128, dim=64, num_layers=2, num_heads=8, mlp_dim=128, max_seq_len=96)
-SIZES = dict(prompt=512, new=128)
-QUICK_SIZES = dict(prompt=32, new=16)
-BATCHES = (1, 16, 64)
+# (prompt and new tokens, batches): a short context, and the GQA paper's inputs of 2048 tokens,
+# where the MHA cache at batch 64 (4.4 GB) is 43 times the weights. Fewer new tokens there: its
+# prefill (64 x 2048 tokens a variant) is most of the run's time.
+CONTEXTS = ((dict(prompt=512, new=128), (1, 16, 64)), (dict(prompt=2048, new=32), (1, 64)))
+QUICK_CONTEXTS = ((dict(prompt=32, new=16), (1, 16, 64)), (dict(prompt=64, new=8), (1, 64)))
+BATCH = 64  # The batch the variants are compared at.
+# A prefill call takes as many rows as keep its attention scores [rows, N, T, S] within this.
+PREFILL_SCORES_BYTES = 0.3e9
 KV_HEADS = {"MHA": 8, "GQA": 2, "MQA": 1}
 # --bitnet: HF BitNet's layout; dense, ternary fake-quantized from float weights (QAT), packed.
 BITNET = dict(mlp="relu2", sub_norm=True, tie_embeddings=False)
@@ -112,54 +123,118 @@ def copy(state: Any) -> Any:
   return jax.tree.map(jnp.copy, state)
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _place(full: Any, part: Any, start: jax.Array) -> Any:
+  """`part` (a prefilled state of some rows) written into `full` (the whole batch's) at row
+  `start`, in place; scalars (the cache index, the step) are every part's alike."""
+  return jax.tree.map(
+    lambda f, p: jax.lax.dynamic_update_slice_in_dim(f, p, start, 0) if f.ndim else p, full, part
+  )
+
+
+@dataclasses.dataclass
+class Prefilled:
+  run: generate._Run  # Decodes the whole batch (`advance`); its state is the prefilled one.
+  start: Any  # A copy of the prefilled state without the cache's keys and values.
+  first_s: float  # The first prefill call's seconds (it compiles).
+  prefill_s: float  # Seconds of the prefill of every row, compiled.
+  rows_per_call: int
+
+
+def prefill(model, params, prompts: list[list[int]], sizes: dict) -> Prefilled:
+  """The engine's prefill of `prompts`, in calls of as many rows (a power of 2) as keep a
+  call's attention scores [rows, N, T, S] (float32) within `PREFILL_SCORES_BYTES`, written into
+  one state for the whole batch. (The engine prefills a batch in one call: at batch 64 and
+  2048 prompt tokens its scores would take 8.7 GB a layer.)"""
+  cfg, batch, t = model.config, len(prompts), sizes["prompt"]
+  sampling = generate.Sampling(max_new_tokens=sizes["new"])
+  rows = batch
+  while rows > 1 and rows * cfg.num_heads * t * (t + sizes["new"] - 1) * 4 > PREFILL_SCORES_BYTES:
+    rows //= 2
+
+  def call(i):
+    part = prompts[i : i + rows]
+    return generate._Run(
+      model, params, part, range(i, i + rows), sampling, (), 0, None, (), images=None
+    )
+
+  def empty(part):
+    def zeros(x):
+      return jnp.zeros((batch, *x.shape[1:]), x.dtype) if x.ndim else jnp.copy(x)
+
+    return jax.tree.map(zeros, part)
+
+  t0 = time.perf_counter()
+  run = call(0)  # Compiles; and `_place`, on a whole batch's state dropped at once.
+  if rows < batch:
+    jax.block_until_ready(_place(empty(run.state), run.state, 0))
+  jax.block_until_ready(run.state)
+  t1 = time.perf_counter()
+  state = None
+  for i in range(0, batch, rows):
+    part = call(i)
+    if rows == batch:
+      state = part.state
+    else:
+      state = _place(empty(part.state) if state is None else state, part.state, i)
+  jax.block_until_ready(state)
+  t2 = time.perf_counter()
+  run.state, run.count = state, batch
+  start = copy(state.replace(cache=dict(state.cache, key=None, value=None)))
+  return Prefilled(run, start, t1 - t0, t2 - t1, rows)
+
+
+def rewind(prefilled: Prefilled) -> None:
+  """Puts the run back at its prefilled state, reusing the cache arrays of its last run (no
+  second copy of a cache that can take 4 GB): the slots past the prompts keep that run's keys
+  and values, masked until each step writes its own slot, so the tokens are the same."""
+  run, start = prefilled.run, copy(prefilled.start)  # The decode loop takes (donated) all of it.
+  cache = dict(start.cache, key=run.state.cache["key"], value=run.state.cache["value"])
+  run.state = start.replace(cache=cache)
+
+
 def measure_batch(
   models: dict, batch: int, sizes: dict, runs: int, bandwidth: float
 ) -> list[dict[str, Any]]:
   """Prefill and decode timings of every variant at one batch size; `bandwidth`: the host's
   measured memory bandwidth (bytes/s), which the decode read rates are divided by."""
-  prompts = np.random.default_rng(batch).integers(1, 100, (batch, sizes["prompt"])).tolist()
-  sampling = generate.Sampling(max_new_tokens=sizes["new"])
+  rng = np.random.default_rng([batch, sizes["prompt"]])
+  prompts = rng.integers(1, 100, (batch, sizes["prompt"])).tolist()
   engines, rows = {}, {}
   for name, (model, params) in models.items():
-
-    def prefill(model=model, params=params):
-      return generate._Run(
-        model, params, prompts, range(batch), sampling, (), 0, None, (), images=None
-      )
-
-    t0 = time.perf_counter()
-    jax.block_until_ready(prefill().state)  # Compiles.
-    t1 = time.perf_counter()
-    run = prefill()
-    jax.block_until_ready(run.state)
-    t2 = time.perf_counter()
-    prefilled = run.state
-    run.state = copy(prefilled)
-    run.advance(2)  # Compiles the decode loop (the limit is an argument, not a shape).
-    engines[name] = (run, prefilled)
-    cfg = model.config
+    done = prefill(model, params, prompts, sizes)
+    cfg, run = model.config, done.run
     slots = run.plan.cache_len
     elements = 2 * cfg.num_layers * batch * slots * cfg.kv_heads * cfg.head_size
     rows[name] = {
       "batch": batch,
+      "prompt": sizes["prompt"],
+      "new": sizes["new"],
       "variant": name,
       "kv_heads": cfg.kv_heads,
-      "kv_cache_mb": kv_bytes(prefilled.cache) / 1e6,
+      "kv_cache_mb": kv_bytes(run.state.cache) / 1e6,
       "kv_formula_mb": elements * jnp.dtype(cfg.dtype).itemsize / 1e6,
       "cache_slots": slots,
       "params_mb": sum(x.nbytes for x in jax.tree.leaves(params)) / 1e6,
-      "prefill_first_s": t1 - t0,
-      "prefill_s": t2 - t1,
+      "prefill_first_s": done.first_s,
+      "prefill_s": done.prefill_s,
+      "prefill_rows_per_call": done.rows_per_call,
       "decode_runs_s": [],
     }
+    run.advance(2)  # Compiles the decode loop (the limit is an argument, not a shape).
+    engines[name] = done
+  tokens = {}
   for _ in range(runs):
-    for name, (run, prefilled) in engines.items():
-      run.state = copy(prefilled)
-      jax.block_until_ready(run.state)
+    for name, done in engines.items():
+      rewind(done)
+      jax.block_until_ready(done.run.state)
       t0 = time.perf_counter()
-      tokens_bn = run.advance(sizes["new"])
+      tokens_bn = done.run.advance(sizes["new"])
       rows[name]["decode_runs_s"].append(time.perf_counter() - t0)
       assert tokens_bn.shape == (batch, sizes["new"]), tokens_bn.shape
+      same = np.array_equal(tokens.setdefault(name, tokens_bn), tokens_bn)
+      rows[name]["same_tokens_every_run"] = rows[name].get("same_tokens_every_run", True) and same
+  del engines  # The caches: up to 4.4 GB (MHA, batch 64, 2079 slots).
   for row in rows.values():
     steps = sizes["new"] - 1
     row["decode_s"] = statistics.median(row["decode_runs_s"])
@@ -172,11 +247,13 @@ def measure_batch(
     row["roofline_frac"] = row["read_gb_per_s"] * 1e9 / bandwidth
     row["prefill_tokens_per_s"] = batch * sizes["prompt"] / row["prefill_s"]
     print(
-      f"batch {batch:3d} {row['variant']}: {row['decode_tokens_per_s']:9.1f} tokens/s "
+      f"prompt {sizes['prompt']} batch {batch:3d} {row['variant']}: "
+      f"{row['decode_tokens_per_s']:9.1f} tokens/s "
       f"({row['ms_per_step']:.1f} ms/step, x{row['speedup_vs_mha']:.2f} MHA), "
       f"reads {row['read_gb_per_s']:.1f} GB/s ({100 * row['roofline_frac']:.0f}% of the "
       f"bandwidth), prefill {row['prefill_tokens_per_s']:.0f} tokens/s, "
-      f"KV cache {row['kv_cache_mb']:.1f} MB",
+      f"KV cache {row['kv_cache_mb']:.1f} MB, same tokens every run: "
+      f"{row['same_tokens_every_run']}",
       flush=True,
     )
   return list(rows.values())
@@ -212,19 +289,16 @@ def op_parts(hlo_text: str) -> dict[str, str]:
 
 def profile_batch(models: dict, batch: int, sizes: dict) -> list[dict[str, Any]]:
   """Each variant's decode loop under the profiler: ms a step in each part (`PARTS`)."""
-  prompts = np.random.default_rng(batch).integers(1, 100, (batch, sizes["prompt"])).tolist()
-  sampling = generate.Sampling(max_new_tokens=sizes["new"])
+  rng = np.random.default_rng([batch, sizes["prompt"]])
+  prompts = rng.integers(1, 100, (batch, sizes["prompt"])).tolist()
   rows = []
   for name, (model, params) in models.items():
-    run = generate._Run(
-      model, params, prompts, range(batch), sampling, (), 0, None, (), images=None
-    )
-    prefilled = run.state
-    run.state = copy(prefilled)
+    done = prefill(model, params, prompts, sizes)
+    run = done.run
+    hlo = run.decode.lower(params, run.state, np.int32(2)).compile().as_text()
     run.advance(2)  # Compiles.
-    hlo = run.decode.lower(params, prefilled, np.int32(2)).compile().as_text()
     parts = op_parts(hlo)
-    run.state = copy(prefilled)
+    rewind(done)
     jax.block_until_ready(run.state)
     folder = tempfile.mkdtemp()
     t0 = time.perf_counter()
@@ -252,35 +326,39 @@ def profile_batch(models: dict, batch: int, sizes: dict) -> list[dict[str, Any]]
 
 def plot(rows: list[dict[str, Any]], path: str, title: str, bandwidth: float | None = None) -> None:
   """Decode tokens/s against batch, and (with `bandwidth`) the bytes each step must read per
-  second against the measured memory bandwidth: the roofline a decoding step is bound by."""
+  second against the measured memory bandwidth: the roofline a decoding step is bound by. One
+  line a variant and prompt length (dashed: the longer prompts)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   batches = sorted({r["batch"] for r in rows})
+  prompts = sorted({r.get("prompt", 0) for r in rows})
+  names = list(dict.fromkeys(r["variant"] for r in rows))
+  colors = {name: f"C{i}" for i, name in enumerate(names)}
   panels = 2 if bandwidth else 1
-  fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
-  for name in dict.fromkeys(r["variant"] for r in rows):
-    mine = [r for r in rows if r["variant"] == name]
-    label = (
-      f"{name} (KV heads: {mine[0].get('kv_heads', '-')}, weights {mine[0]['params_mb']:.1f} MB)"
+  fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
+  for name, prompt in dict.fromkeys((r["variant"], r.get("prompt", 0)) for r in rows):
+    mine = [r for r in rows if r["variant"] == name and r.get("prompt", 0) == prompt]
+    style = dict(marker="o", ls="--" if prompt != prompts[0] else "-", color=colors[name])
+    label = f"{name} (KV heads: {mine[0].get('kv_heads', '-')})"
+    label += (
+      f", prompt {prompt}" if len(prompts) > 1 else f", weights {mine[0]['params_mb']:.1f} MB"
     )
     x = [r["batch"] for r in mine]
-    axes[0, 0].plot(x, [r["decode_tokens_per_s"] for r in mine], marker="o", label=label)
+    axes[0, 0].plot(x, [r["decode_tokens_per_s"] for r in mine], label=label, **style)
     if bandwidth:
-      axes[0, 1].plot(x, [r["read_gb_per_s"] for r in mine], marker="o", label=name)
+      axes[0, 1].plot(x, [r["read_gb_per_s"] for r in mine], label=label, **style)
   axes[0, 0].set(ylabel="decode tokens/s", title=title)
   if bandwidth:
-    axes[0, 1].axhline(
-      bandwidth / 1e9, color="k", ls="--", label="measured bandwidth (STREAM copy)"
-    )
+    axes[0, 1].axhline(bandwidth / 1e9, color="k", ls=":", label="measured bandwidth (STREAM copy)")
     axes[0, 1].set(ylabel="GB/s read (weights + KV cache per step)", title="Memory roofline")
   for ax in axes[0]:
     ax.set(xscale="log", yscale="log", xlabel="batch")
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -296,27 +374,39 @@ def main() -> None:
   parser.add_argument(
     "--profile", action="store_true", help="where a decoding step's time goes, at batch 64"
   )
+  parser.add_argument("--long", action="store_true", help="only the longer prompts")
   args = parser.parse_args()
   if args.bitnet:
     return main_bitnet(args)
   if args.profile:
     return main_profile(args)
   model = QUICK_MODEL if args.quick else MODEL
-  sizes = QUICK_SIZES if args.quick else SIZES
+  contexts = (QUICK_CONTEXTS if args.quick else CONTEXTS)[1 if args.long else 0 :]
   cfg = ModelConfig(**model)
   cfg.validate()
   models = variants(cfg)
   bandwidth = common.memory_bandwidth(64 if args.quick else 256)
   print(f"memory bandwidth (STREAM copy): {bandwidth['best'] / 1e9:.1f} GB/s", flush=True)
   rows = []
-  for batch in BATCHES:
-    rows += measure_batch(models, batch, sizes, args.runs, bandwidth["best"])
+  for sizes, batches in contexts:
+    for batch in batches:
+      rows += measure_batch(models, batch, sizes, args.runs, bandwidth["best"])
 
-  name = "decode_quick" if args.quick else "decode"
-  at_64 = {r["variant"]: r["speedup_vs_mha"] for r in rows if r["batch"] == BATCHES[-1]}
-  summary = ", ".join(f"{v} x{at_64[v]:.2f}" for v in ("GQA", "MQA"))
-  latency = ", ".join(f"{r['variant']} {r['ms_per_step']:.1f} ms" for r in rows if r["batch"] == 1)
+  name = "decode" + ("_long" if args.long else "") + ("_quick" if args.quick else "")
+  summary, latency = [], []
+  for sizes, _ in contexts:
+    mine = [r for r in rows if r["prompt"] == sizes["prompt"]]
+    at = {r["variant"]: r["speedup_vs_mha"] for r in mine if r["batch"] == BATCH}
+    summary.append(
+      f"prompts of {sizes['prompt']}: " + ", ".join(f"{v} x{at[v]:.2f}" for v in ("GQA", "MQA"))
+    )
+    latency.append(
+      f"prompts of {sizes['prompt']}: "
+      + ", ".join(f"{r['variant']} {r['ms_per_step']:.1f} ms" for r in mine if r["batch"] == 1)
+    )
   columns = [
+    "prompt",
+    "new",
     "batch",
     "variant",
     "kv_heads",
@@ -332,16 +422,19 @@ def main() -> None:
   ]
   shape = ", ".join(f"{k} {v}" for k, v in model.items())
   title = f"Decoding with the KV cache ({'quick' if args.quick else 'full'})"
+  contexts_text = "; ".join(
+    f"prompts of {c['prompt']} tokens, {c['new']} new tokens, batch {', '.join(map(str, b))}"
+    for c, b in contexts
+  )
   markdown = "\n\n".join(
     [
       f"# {title}",
-      f"Model: {shape}; float32; {KV_HEADS['GQA']} KV heads for GQA, pooled from MHA. Prompts of "
-      f"{sizes['prompt']} tokens, {sizes['new']} new tokens (greedy); {args.runs} decode runs, "
-      "median. One CPU device.",
-      f"Decode tokens/s against MHA at batch {BATCHES[-1]}: {summary}. Batch-1 latency per "
-      f"token: {latency}. Memory bandwidth measured in this run (STREAM copy, best of NumPy "
-      f"{bandwidth['numpy_copy'] / 1e9:.1f} and XLA {bandwidth['xla_scale'] / 1e9:.1f}): "
-      f"{bandwidth['best'] / 1e9:.1f} GB/s; read_gb_per_s is what a decoding step must read "
+      f"Model: {shape}; float32; {KV_HEADS['GQA']} KV heads for GQA, pooled from MHA. "
+      f"{contexts_text} (greedy); {args.runs} decode runs, median. One CPU device.",
+      f"Decode tokens/s against MHA at batch {BATCH}: {'; '.join(summary)}. Batch-1 latency per "
+      f"token: {'; '.join(latency)}. Memory bandwidth measured in this run (STREAM copy, best "
+      f"of NumPy {bandwidth['numpy_copy'] / 1e9:.1f} and XLA {bandwidth['xla_scale'] / 1e9:.1f}"
+      f"): {bandwidth['best'] / 1e9:.1f} GB/s; read_gb_per_s is what a decoding step must read "
       "(the weights once and the whole KV cache) over its time, roofline_frac that over the "
       "bandwidth.",
       common.markdown_table(rows, columns),
@@ -350,7 +443,7 @@ def main() -> None:
   )
   results = {
     "model": model,
-    "sizes": sizes,
+    "contexts": [dict(c, batches=list(b)) for c, b in contexts],
     "kv_heads": KV_HEADS,
     "memory_bandwidth": bandwidth,
     "rows": rows,
@@ -363,11 +456,12 @@ def main() -> None:
 
 def main_profile(args: argparse.Namespace) -> None:
   model = QUICK_MODEL if args.quick else MODEL
-  sizes = QUICK_SIZES if args.quick else dict(SIZES, new=32)
+  sizes = (QUICK_CONTEXTS if args.quick else CONTEXTS)[1 if args.long else 0][0]
+  sizes = dict(sizes, new=min(sizes["new"], 32))
   cfg = ModelConfig(**model)
   cfg.validate()
-  rows = profile_batch(variants(cfg), BATCHES[-1], sizes)
-  name = "decode_profile_quick" if args.quick else "decode_profile"
+  rows = profile_batch(variants(cfg), BATCH, sizes)
+  name = "decode_profile" + ("_long" if args.long else "") + ("_quick" if args.quick else "")
   parts = [*PARTS, OTHER]
   columns = ["batch", "variant", "ms_per_step_traced", *(f"{p} ms" for p in parts)]
   shares = ["variant", *(f"{p} %" for p in parts)]
@@ -376,7 +470,7 @@ def main_profile(args: argparse.Namespace) -> None:
     [
       "# Where a decoding step's time goes",
       f"Model: {shape}; float32. Prompts of {sizes['prompt']} tokens, {sizes['new']} new tokens, "
-      f"batch {BATCHES[-1]}; one decode loop a variant under `jax.profiler.trace`. Each XLA op's "
+      f"batch {BATCH}; one decode loop a variant under `jax.profiler.trace`. Each XLA op's "
       "time is put in a part of the step by its HLO op_name; ms a step, then shares of the ops' "
       "summed time.",
       common.markdown_table(rows, columns),
@@ -390,7 +484,7 @@ def main_profile(args: argparse.Namespace) -> None:
 
 def main_bitnet(args: argparse.Namespace) -> None:
   model = dict(QUICK_MODEL if args.quick else MODEL, **BITNET)
-  sizes = QUICK_SIZES if args.quick else dict(prompt=128, new=64)
+  sizes = QUICK_CONTEXTS[0][0] if args.quick else dict(prompt=128, new=64)
   cfg = ModelConfig(**model)
   cfg.validate()
   models = bitnet_variants(cfg)

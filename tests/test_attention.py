@@ -38,7 +38,7 @@ def test_grouped_attention_equals_repeated_kv(kv_heads):
   real = segments != 0  # Padding queries see no key: zeros.
   np.testing.assert_allclose(out[real], ref[real], atol=1e-5, rtol=1e-5)
   assert np.all(out[~real] == 0)
-  # One query a row, as a decoding step attends to the cache (key-major products).
+  # One query a row, as a decoding step attends to the cache (keys-major scores for G > 1).
   step = jax.jit(attention.dot_product_attention)
   out_1 = np.concatenate(
     [np.asarray(step(q[:, i : i + 1], k_bksh, v_bksh, mask[:, i : i + 1])) for i in range(t)], 1
