@@ -79,23 +79,25 @@ def matmul_peak(size: int = 2048, dtype: str = "float32", iters: int = 5) -> pea
 
 
 def memory_bandwidth(megabytes: int = 256, iters: int = 5) -> dict[str, float]:
-  """The host's memory bandwidth in bytes/s, STREAM's way ("copy": a read and a write of each
-  element, 2 x the array's bytes per pass, on arrays far larger than the caches): NumPy's copy
-  and XLA's (a jitted x * 2, "scale", on the default device), each its best pass, and the best
-  of the two ("best"): the roofline of a step bound by reading memory."""
+  """The host's memory bandwidth in bytes/s, on arrays far larger than the caches, each pass its
+  best of `iters`: STREAM's "copy" (a read and a write of each element, 2 x the array's bytes a
+  pass) by NumPy and by XLA (a jitted x * 2, STREAM's "scale", on the default device), and a
+  read alone (a sum: 1 x the bytes) by both; "best", the fastest of the four, is the roofline of
+  a step bound by reading memory (a decoding step reads far more than it writes)."""
   n = megabytes * 2**20 // 4
   src, dst = np.ones(n, np.float32), np.empty(n, np.float32)
   x = jnp.ones(n, jnp.float32)
-  scale = jax.jit(lambda x: x * 2)
-  passes = {
-    "numpy_copy": lambda: np.copyto(dst, src),
-    "xla_scale": lambda: scale(x).block_until_ready(),
+  scale, total = jax.jit(lambda x: x * 2), jax.jit(jnp.sum)
+  passes = {  # name: (pass, bytes moved)
+    "numpy_copy": (lambda: np.copyto(dst, src), 2 * n * 4),
+    "xla_scale": (lambda: scale(x).block_until_ready(), 2 * n * 4),
+    "numpy_read": (lambda: src.sum(), n * 4),
+    "xla_read": (lambda: total(x).block_until_ready(), n * 4),
   }
   rates = {}
-  for name, fn in passes.items():
+  for name, (fn, moved) in passes.items():
     fn()
-    best = min(timed_once(fn) for _ in range(iters))
-    rates[name] = 2 * n * 4 / best
+    rates[name] = moved / min(timed_once(fn) for _ in range(iters))
   return {**rates, "best": max(rates.values())}
 
 

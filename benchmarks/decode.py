@@ -68,6 +68,7 @@ from jaxtune import generate
 from jaxtune.config_model import ModelConfig
 from jaxtune.convert import ternary, uptrain
 from jaxtune.model import transformer
+from jaxtune.train import metrics
 
 # dim 512 with 8 heads of 64 keeps the prefill of 64 prompts of 512 tokens within seconds on two
 # cores while the MHA cache at batch 64 (1.3 GB) is 13 times the weights. A small vocabulary keeps
@@ -191,6 +192,28 @@ def rewind(prefilled: Prefilled) -> None:
   run, start = prefilled.run, copy(prefilled.start)  # The decode loop takes (donated) all of it.
   cache = dict(start.cache, key=run.state.cache["key"], value=run.state.cache["value"])
   run.state = start.replace(cache=cache)
+
+
+def roofline(rows: list[dict[str, Any]], models: dict, peak: float, bandwidth: float) -> None:
+  """Adds each row's roofline: a decoding step takes at least its FLOPs at the `peak` (FLOP/s)
+  and at least its bytes at the `bandwidth` (bytes/s); `roofline_ms` is the larger, `bound` says
+  which, `of_roofline` is roofline_ms over the measured step. FLOPs of a step (forward only,
+  `metrics`' convention): per row, 2 per matmul weight, and 4 * L * heads * head size per cache
+  slot (q k^T and p v; every slot, as the step computes them, masked or not). Bytes: the
+  weights once and the whole cache (`read_gb_per_s`)."""
+  for row in rows:
+    model, params = models[row["variant"]]
+    cfg = model.config
+    total = sum(x.size for x in jax.tree.leaves(params))
+    attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_size * row["cache_slots"]
+    flops = row["batch"] * (2 * metrics.matmul_params(cfg, total) + attention)
+    compute_ms = 1e3 * flops / peak
+    memory_ms = 1e3 * (row["params_mb"] + row["kv_cache_mb"]) * 1e6 / bandwidth
+    row["gflop_per_step"] = flops / 1e9
+    row["gflop_per_s"] = flops / 1e9 / (row["ms_per_step"] / 1e3)
+    row["roofline_ms"] = max(compute_ms, memory_ms)
+    row["bound"] = "compute" if compute_ms > memory_ms else "memory"
+    row["of_roofline"] = row["roofline_ms"] / row["ms_per_step"]
 
 
 def measure_batch(
@@ -386,19 +409,28 @@ def main() -> None:
   cfg.validate()
   models = variants(cfg)
   bandwidth = common.memory_bandwidth(64 if args.quick else 256)
-  print(f"memory bandwidth (STREAM copy): {bandwidth['best'] / 1e9:.1f} GB/s", flush=True)
+  rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bandwidth.items())
+  print(f"memory bandwidth (GB/s): {rates}", flush=True)
+  peak = common.matmul_peak(512 if args.quick else 2048)
+  print(f"peak: {peak.describe()}", flush=True)
   rows = []
   for sizes, batches in contexts:
     for batch in batches:
       rows += measure_batch(models, batch, sizes, args.runs, bandwidth["best"])
+  roofline(rows, models, peak.flops, bandwidth["best"])
 
   name = "decode" + ("_long" if args.long else "") + ("_quick" if args.quick else "")
   summary, latency = [], []
   for sizes, _ in contexts:
     mine = [r for r in rows if r["prompt"] == sizes["prompt"]]
-    at = {r["variant"]: r["speedup_vs_mha"] for r in mine if r["batch"] == BATCH}
+    at = {r["variant"]: r for r in mine if r["batch"] == BATCH}
     summary.append(
-      f"prompts of {sizes['prompt']}: " + ", ".join(f"{v} x{at[v]:.2f}" for v in ("GQA", "MQA"))
+      f"prompts of {sizes['prompt']}: "
+      + ", ".join(
+        f"{v} x{at[v]['speedup_vs_mha']:.2f} (the roofline allows "
+        f"x{at['MHA']['roofline_ms'] / at[v]['roofline_ms']:.2f})"
+        for v in ("GQA", "MQA")
+      )
     )
     latency.append(
       f"prompts of {sizes['prompt']}: "
@@ -415,6 +447,10 @@ def main() -> None:
     "ms_per_step",
     "read_gb_per_s",
     "roofline_frac",
+    "gflop_per_s",
+    "bound",
+    "roofline_ms",
+    "of_roofline",
     "prefill_s",
     "prefill_tokens_per_s",
     "kv_cache_mb",
@@ -432,11 +468,15 @@ def main() -> None:
       f"Model: {shape}; float32; {KV_HEADS['GQA']} KV heads for GQA, pooled from MHA. "
       f"{contexts_text} (greedy); {args.runs} decode runs, median. One CPU device.",
       f"Decode tokens/s against MHA at batch {BATCH}: {'; '.join(summary)}. Batch-1 latency per "
-      f"token: {'; '.join(latency)}. Memory bandwidth measured in this run (STREAM copy, best "
-      f"of NumPy {bandwidth['numpy_copy'] / 1e9:.1f} and XLA {bandwidth['xla_scale'] / 1e9:.1f}"
-      f"): {bandwidth['best'] / 1e9:.1f} GB/s; read_gb_per_s is what a decoding step must read "
-      "(the weights once and the whole KV cache) over its time, roofline_frac that over the "
-      "bandwidth.",
+      f"token: {'; '.join(latency)}. Memory bandwidth measured in this run (GB/s; STREAM copy "
+      f"by NumPy {bandwidth['numpy_copy'] / 1e9:.1f} and XLA {bandwidth['xla_scale'] / 1e9:.1f}, "
+      f"a read alone by NumPy {bandwidth['numpy_read'] / 1e9:.1f} and XLA "
+      f"{bandwidth['xla_read'] / 1e9:.1f}): the best, {bandwidth['best'] / 1e9:.1f} GB/s; "
+      "read_gb_per_s is what a decoding step must read (the weights once and the whole KV "
+      f"cache) over its time, roofline_frac that over the bandwidth. Peak: {peak.describe()}; "
+      "gflop_per_s is a step's FLOPs (forward: 2 per matmul weight a row, 4 * layers * heads * "
+      "head size per cache slot) over its time. roofline_ms: the larger of the FLOPs at the peak "
+      "and the bytes at the bandwidth (bound: which); of_roofline: that over ms_per_step.",
       common.markdown_table(rows, columns),
       f"![decode tokens/s]({name}.png)",
     ]
@@ -446,6 +486,7 @@ def main() -> None:
     "contexts": [dict(c, batches=list(b)) for c, b in contexts],
     "kv_heads": KV_HEADS,
     "memory_bandwidth": bandwidth,
+    "peak": dataclasses.asdict(peak),
     "rows": rows,
   }
   path = common.write(name, results, markdown)

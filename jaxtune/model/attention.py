@@ -127,9 +127,13 @@ def _attend(
     scores_bkgts = jnp.moveaxis(scores_bksgt, 2, -1) * scale
   else:
     scores_bkgts = _einsum_f32("bkgth,bksh->bkgts", q_bkgth, k_bksh) * scale
-  scores_bkgts = jnp.where(mask_b11ts, scores_bkgts, jnp.finfo(jnp.float32).min)
+  lowest = jnp.finfo(jnp.float32).min
+  scores_bkgts = jnp.where(mask_b11ts, scores_bkgts, lowest)
   max_bkgt1 = jnp.max(scores_bkgts, axis=-1, keepdims=True)
-  exp_bkgts = jnp.where(mask_b11ts, jnp.exp(scores_bkgts - max_bkgt1), 0.0)
+  # A masked score (`lowest`) less any finite max is below -1e38: its exp is exactly 0, so the
+  # mask need not be applied again (a second pass over the scores). A row with no visible key
+  # has max `lowest`; subtracting 0 instead gives it zeros too.
+  exp_bkgts = jnp.exp(scores_bkgts - jnp.where(max_bkgt1 == lowest, 0.0, max_bkgt1))
   sum_bkgt1 = jnp.sum(exp_bkgts, axis=-1, keepdims=True)
   sum_bkgt1 = jnp.where(sum_bkgt1 == 0.0, 1.0, sum_bkgt1)  # Padding queries.
   out_bkgth = _einsum_f32(
