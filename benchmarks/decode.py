@@ -349,8 +349,10 @@ def profile_batch(models: dict, batch: int, sizes: dict) -> list[dict[str, Any]]
 
 def plot(rows: list[dict[str, Any]], path: str, title: str, bandwidth: float | None = None) -> None:
   """Decode tokens/s against batch, and (with `bandwidth`) the bytes each step must read per
-  second against the measured memory bandwidth: the roofline a decoding step is bound by. One
-  line a variant and prompt length (dashed: the longer prompts)."""
+  second against the measured memory bandwidth, and the share of its roofline each step reaches
+  (`roofline`: 1 is the larger of its FLOPs at the peak and its bytes at the bandwidth; hollow
+  markers: bound by compute). One line a variant and prompt length (dashed: the longer
+  prompts)."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -360,7 +362,7 @@ def plot(rows: list[dict[str, Any]], path: str, title: str, bandwidth: float | N
   prompts = sorted({r.get("prompt", 0) for r in rows})
   names = list(dict.fromkeys(r["variant"] for r in rows))
   colors = {name: f"C{i}" for i, name in enumerate(names)}
-  panels = 2 if bandwidth else 1
+  panels = 3 if bandwidth else 1
   fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
   for name, prompt in dict.fromkeys((r["variant"], r.get("prompt", 0)) for r in rows):
     mine = [r for r in rows if r["variant"] == name and r.get("prompt", 0) == prompt]
@@ -373,12 +375,27 @@ def plot(rows: list[dict[str, Any]], path: str, title: str, bandwidth: float | N
     axes[0, 0].plot(x, [r["decode_tokens_per_s"] for r in mine], label=label, **style)
     if bandwidth:
       axes[0, 1].plot(x, [r["read_gb_per_s"] for r in mine], label=label, **style)
+      axes[0, 2].plot(x, [r["of_roofline"] for r in mine], label=label, **style)
+      compute = [r for r in mine if r["bound"] == "compute"]
+      axes[0, 2].scatter(
+        [r["batch"] for r in compute],
+        [r["of_roofline"] for r in compute],
+        s=70,
+        facecolors="white",
+        edgecolors=colors[name],
+        zorder=3,
+      )
   axes[0, 0].set(ylabel="decode tokens/s", title=title)
   if bandwidth:
-    axes[0, 1].axhline(bandwidth / 1e9, color="k", ls=":", label="measured bandwidth (STREAM copy)")
+    axes[0, 1].axhline(bandwidth / 1e9, color="k", ls=":", label="measured bandwidth")
     axes[0, 1].set(ylabel="GB/s read (weights + KV cache per step)", title="Memory roofline")
-  for ax in axes[0]:
-    ax.set(xscale="log", yscale="log", xlabel="batch")
+    axes[0, 2].set(
+      ylabel="roofline time / step time",
+      title="Share of the roofline (hollow: compute-bound)",
+      ylim=(0, 1.05),
+    )
+  for i, ax in enumerate(axes[0]):
+    ax.set(xscale="log", yscale="log" if i < 2 else "linear", xlabel="batch")
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
