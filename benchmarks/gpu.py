@@ -11,7 +11,7 @@ the device reports it) and XLA's memory analysis of the compiled step.
 Decoding (`decode.measure_batch`: jaxtune's jitted prefill and compiled decode loop): batch 64
 prompts of 1024 tokens, 128 new tokens, bfloat16 weights and KV cache; tokens/s and the bytes a
 step must read (weights + cache) per second, against the HBM bandwidth of the vendor's data sheet
-(on a CPU: the STREAM copy that `common.memory_bandwidth` measures).
+(on a CPU: the best bandwidth `common.memory_bandwidth` measures, copy or read).
 
   python benchmarks/gpu.py            # ~1B model: needs an accelerator (tens of GB)
   python benchmarks/gpu.py --quick    # tiny sizes: checks the script on a CPU in a minute
