@@ -145,8 +145,9 @@ class Prefilled:
 def prefill(model, params, prompts: list[list[int]], sizes: dict) -> Prefilled:
   """The engine's prefill of `prompts`, in calls of as many rows (a power of 2) as keep a
   call's attention scores [rows, N, T, S] (float32) within `PREFILL_SCORES_BYTES`, written into
-  one state for the whole batch. (The engine prefills a batch in one call: at batch 64 and
-  2048 prompt tokens its scores would take 8.7 GB a layer.)"""
+  one state for the whole batch: the first call compiles, and a small one keeps that short.
+  (The engine prefills a batch in one call, its attention in blocks of queries, so that its
+  scores stay within [B, N, 256, S] a layer.)"""
   cfg, batch, t = model.config, len(prompts), sizes["prompt"]
   sampling = generate.Sampling(max_new_tokens=sizes["new"])
   rows = batch

@@ -24,7 +24,7 @@ def _reference_attention(q, k, v, mask):
 
 
 @pytest.mark.parametrize("kv_heads", [8, 2, 1], ids=["mha", "gqa", "mqa"])
-def test_grouped_attention_equals_repeated_kv(kv_heads):
+def test_grouped_attention_equals_repeated_kv(kv_heads, monkeypatch):
   rng = np.random.default_rng(0)
   b, t, n, h = 2, 7, 8, 16
   q = rng.standard_normal((b, t, n, h)).astype(np.float32)
@@ -45,6 +45,11 @@ def test_grouped_attention_equals_repeated_kv(kv_heads):
   )
   np.testing.assert_allclose(out_1[real], ref[real], atol=1e-5, rtol=1e-5)
   assert np.all(out_1[~real] == 0)
+  # A prefill's queries run in blocks, one after the other: here 3, 3 and 1 (padded to 3).
+  monkeypatch.setattr(attention, "PREFILL_BLOCK", 3)
+  blocked = np.asarray(attention.dot_product_attention(q, k_bksh, v_bksh, jnp.asarray(mask)))
+  np.testing.assert_allclose(blocked[real], ref[real], atol=1e-5, rtol=1e-5)
+  assert np.all(blocked[~real] == 0)
 
 
 @pytest.mark.parametrize(
