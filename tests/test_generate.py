@@ -18,7 +18,7 @@ from jaxtune.config_model import ModelConfig
 from jaxtune.convert import llama2c
 from jaxtune.data import llama2c_tokenizer
 from jaxtune.errors import ConfigError
-from jaxtune.model import transformer
+from jaxtune.model import attention, transformer
 
 GREEDY = generate.Sampling(max_new_tokens=24)
 SAMPLED = generate.Sampling(
@@ -207,7 +207,7 @@ def test_generation_stops_at_the_models_positions():
     generate.generate(model, params, [[1]], dataclasses.replace(SAMPLED, top_p=0.0))
 
 
-def test_sharded_generation_equals_single_device(stories):
+def test_sharded_generation_equals_single_device(stories, monkeypatch):
   model, params, _, prompts = stories
   mesh = sharding.make_mesh(MeshConfig(data=2, model=4))
   abstract = jax.eval_shape(transformer.init_fn(model), jax.random.key(0))
@@ -216,6 +216,17 @@ def test_sharded_generation_equals_single_device(stories):
   sharded = jax.tree.map(jax.device_put, params, shardings)
   on_mesh = generate.generate(model, sharded, prompts, SAMPLED, mesh=mesh, rules=rules)
   assert on_mesh == generate.generate(model, params, prompts, SAMPLED)
+  # A prefill longer than a block of queries (here 4: the longest prompt makes 3 blocks, the
+  # last one padded) attends block by block, on the mesh and off it, to the same tokens.
+  monkeypatch.setattr(attention, "PREFILL_BLOCK", 4)
+  generate._compiled.cache_clear()  # Compiled with blocks of 4 from here on ...
+  try:
+    assert max(map(len, prompts)) > 2 * attention.PREFILL_BLOCK
+    blocked = generate.generate(model, sharded, prompts, SAMPLED, mesh=mesh, rules=rules)
+    assert blocked == on_mesh
+    assert generate.generate(model, params, prompts, SAMPLED) == on_mesh
+  finally:
+    generate._compiled.cache_clear()  # ... and no further.
 
 
 # The sampling transforms against Hugging Face's logits processors.
