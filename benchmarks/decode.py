@@ -25,7 +25,9 @@ KV-cache bytes are those of the key and value arrays the engine allocates
 (`transformer.init_cache`), checked against 2 * L * B * S * K * H * bytes per element (S: the
 cache slots, prompt + new - 1). "GB/s" is what one decoding step must read at least, the
 weights once plus the whole cache, over its time: near the machine's memory bandwidth when
-decoding is bound by it.
+decoding is bound by it. Each step is also set against its roofline (`roofline`): the larger of
+its FLOPs at the honest matmul peak and its bytes at the measured bandwidth, which says whether
+it is bound by compute or by memory and how close it comes.
 
 With `--bitnet`, the variants are one random BitNet b1.58 model (HF BitNet's layout) computed
 dense, fake-quantized (as QAT trains it) and with its weights packed at 2 bits each
