@@ -200,18 +200,15 @@ def rewind(prefilled: Prefilled) -> None:
 def roofline(rows: list[dict[str, Any]], models: dict, peak: float, bandwidth: float) -> None:
   """Adds each row's roofline: a decoding step takes at least its FLOPs at the `peak` (FLOP/s)
   and at least its bytes at the `bandwidth` (bytes/s); `roofline_ms` is the larger, `bound` says
-  which, `of_roofline` is roofline_ms over the measured step. FLOPs of a step (forward only,
-  `metrics`' convention): per row, 2 per matmul weight, and 4 * L * heads * head size per cache
-  slot (q k^T and p v; every slot, as the step computes them, masked or not). Bytes: the
-  weights once and the whole cache (`read_gb_per_s`)."""
+  which, `of_roofline` is roofline_ms over the measured step. FLOPs of a step: a forward pass
+  per row (`metrics.forward_flops_per_token`) attending to every cache slot, as the step
+  computes them, masked or not. Bytes: the weights once and the whole cache (`read_mb`)."""
   for row in rows:
     model, params = models[row["variant"]]
-    cfg = model.config
     total = sum(x.size for x in jax.tree.leaves(params))
-    attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_size * row["cache_slots"]
-    flops = row["batch"] * (2 * metrics.matmul_params(cfg, total) + attention)
+    flops = row["batch"] * metrics.forward_flops_per_token(model.config, total, row["cache_slots"])
     compute_ms = 1e3 * flops / peak
-    memory_ms = 1e3 * (row["params_mb"] + row["kv_cache_mb"]) * 1e6 / bandwidth
+    memory_ms = 1e3 * row["read_mb"] * 1e6 / bandwidth
     row["gflop_per_step"] = flops / 1e9
     row["gflop_per_s"] = flops / 1e9 / (row["ms_per_step"] / 1e3)
     row["roofline_ms"] = max(compute_ms, memory_ms)
@@ -268,8 +265,8 @@ def measure_batch(
     row["decode_tokens_per_s"] = batch * steps / row["decode_s"]
     baseline = rows[next(iter(rows))]  # MHA, or dense.
     row["speedup_vs_mha"] = row["decode_tokens_per_s"] / baseline["decode_tokens_per_s"]
-    read_bytes = (row["params_mb"] + row["kv_cache_mb"]) * 1e6
-    row["read_gb_per_s"] = read_bytes / (row["ms_per_step"] / 1e3) / 1e9
+    row["read_mb"] = row["params_mb"] + row["kv_cache_mb"]
+    row["read_gb_per_s"] = row["read_mb"] / 1e3 / (row["ms_per_step"] / 1e3)
     row["roofline_frac"] = row["read_gb_per_s"] * 1e9 / bandwidth
     row["prefill_tokens_per_s"] = batch * sizes["prompt"] / row["prefill_s"]
     print(

@@ -149,7 +149,7 @@ def main() -> None:
   if decode_rows:
     parts += [
       f"Decoding ({DTYPE} weights and cache), against {bandwidth / 1e9:.1f} GB/s of memory "
-      "bandwidth (the vendor's HBM figure; on a CPU the measured STREAM copy):",
+      "bandwidth (the vendor's HBM figure; on a CPU the best measured copy or read):",
       common.markdown_table(
         decode_rows,
         ["batch", "decode_tokens_per_s", "ms_per_step", "read_gb_per_s", "roofline_frac",

@@ -27,10 +27,17 @@ def matmul_params(cfg: ModelConfig, total_params: int) -> int:
   return total_params - lookup
 
 
+def forward_flops_per_token(cfg: ModelConfig, total_params: int, keys: int) -> float:
+  """Forward FLOPs per token attending to `keys` keys: 2N + 4*L*H*Q*keys (a decoding step's
+  token attends to every slot of the cache)."""
+  return (
+    2 * matmul_params(cfg, total_params) + 4 * cfg.num_layers * cfg.num_heads * cfg.head_size * keys
+  )
+
+
 def flops_per_token(cfg: ModelConfig, total_params: int, row_length: int) -> float:
-  """Training FLOPs per token: 6N + 12*L*H*Q*T."""
-  attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * row_length
-  return 6 * matmul_params(cfg, total_params) + attention
+  """Training FLOPs per token: 6N + 12*L*H*Q*T, three times the forward pass's."""
+  return 3 * forward_flops_per_token(cfg, total_params, row_length)
 
 
 def hardware_flops_per_token(
